@@ -1,0 +1,278 @@
+"""Numerical parity of a jaxtl model with the torchvision model it was converted from.
+
+Checks eval-mode logits, train-mode logits and the BatchNorm running statistics after one forward,
+the cross-entropy gradient of every parameter, and the logits of the model exported back to
+torchvision, each against the tolerances of the numerics contract (DESIGN.md). When logits differ,
+the report names the first stage where the two models part, from per-stage activations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+import torchvision
+from flax import nnx
+
+from convert.torchvision_state import to_torchvision, torch_to_jaxtl_layout
+
+# (max abs diff, relative L2) per check; None where the contract sets no bound.
+TOLERANCES: dict[str, tuple[float | None, float | None]] = {
+    "eval logits": (1e-4, 1e-5),
+    "train logits": (1e-4, 1e-5),
+    "running stats": (1e-4, 1e-5),
+    "gradients": (None, 1e-4),  # compared in float64, see check_parity
+    "export logits": (1e-5, None),
+}
+
+
+def relative_l2(expected: np.ndarray, actual: np.ndarray) -> float:
+    """||actual - expected|| / ||expected|| (the plain norm of the difference when expected is zero)."""
+    expected = np.asarray(expected, np.float64)
+    difference = np.linalg.norm(np.asarray(actual, np.float64) - expected)
+    norm = np.linalg.norm(expected)
+    return float(difference / norm) if norm > 0 else float(difference)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One tensor compared between torch (expected) and jaxtl (actual)."""
+
+    check: str
+    name: str
+    max_abs: float
+    rel_l2: float
+    max_abs_limit: float | None
+    rel_l2_limit: float | None
+
+    @property
+    def passed(self) -> bool:
+        within_abs = self.max_abs_limit is None or self.max_abs <= self.max_abs_limit
+        within_rel = self.rel_l2_limit is None or self.rel_l2 <= self.rel_l2_limit
+        return within_abs and within_rel
+
+
+def compare(check: str, name: str, expected, actual, limits: tuple[float | None, float | None] | None = None) -> Comparison:
+    """Compares two arrays of the same shape; ``limits`` default to ``TOLERANCES[check]``."""
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.shape != actual.shape:
+        raise ValueError(f"{check} {name}: torch shape {expected.shape} != jaxtl shape {actual.shape}")
+    max_abs_limit, rel_limit = limits if limits is not None else TOLERANCES[check]
+    max_abs = float(np.max(np.abs(expected.astype(np.float64) - actual))) if expected.size else 0.0
+    return Comparison(check, name, max_abs, relative_l2(expected, actual), max_abs_limit, rel_limit)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """All comparisons of one parity run, and where the models first diverge if they do."""
+
+    arch: str
+    input_shape: tuple[int, ...]
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
+    divergence: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    @property
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.passed]
+
+    def worst(self, check: str) -> Comparison:
+        """The comparison of ``check`` with the largest relative L2 difference."""
+        return max((c for c in self.comparisons if c.check == check), key=lambda c: c.rel_l2)
+
+    def format(self) -> str:
+        """A table: per check the number of tensors, the worst max-abs and relative L2, and the bounds."""
+        lines = [f"parity {self.arch} on input {self.input_shape} (NHWC): {'PASS' if self.passed else 'FAIL'}"]
+        lines.append(f"  {'check':<14} {'tensors':>7} {'max |diff|':>11} {'rel L2':>10}   bound (abs, rel)   result")
+        for check in dict.fromkeys(c.check for c in self.comparisons):
+            group = [c for c in self.comparisons if c.check == check]
+            max_abs = max(c.max_abs for c in group)
+            rel = max(c.rel_l2 for c in group)
+            bound = ", ".join("-" if b is None else f"{b:.0e}" for b in TOLERANCES.get(check, (None, None)))
+            result = "ok" if all(c.passed for c in group) else f"FAIL ({sum(not c.passed for c in group)})"
+            lines.append(f"  {check:<14} {len(group):>7} {max_abs:>11.2e} {rel:>10.2e}   ({bound:<13})    {result}")
+        for failure in self.failures[:10]:
+            lines.append(f"  failed: {failure.check} {failure.name}: max|diff| {failure.max_abs:.3e}, rel L2 {failure.rel_l2:.3e}")
+        lines.extend(f"  {line}" for line in self.notes + self.divergence)
+        return "\n".join(lines)
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+    """A torch activation in jaxtl's layout: NCHW -> NHWC; (N, C, 1, 1) pooled features -> (N, C)."""
+    array = x.detach().float().numpy().copy()  # a copy: torchvision applies ReLU in place after the hook
+    return np.transpose(array, (0, 2, 3, 1)) if array.ndim == 4 else array
+
+
+def torch_intermediates(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    """Outputs of the submodules ``names`` during one forward of ``model``, in jaxtl layout."""
+    captured: dict[str, np.ndarray] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: captured.__setitem__(name, to_nhwc(output))
+        )
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: captured[name] for name in names}
+
+
+def first_divergence(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], limits) -> list[str]:
+    """Lines naming the first stage (in forward order) whose activations differ beyond ``limits``."""
+    lines = []
+    for name, reference in expected.items():
+        candidate = np.asarray(actual[name])
+        # torch's pooled features are (N, C, 1, 1) where jaxtl's are (N, C).
+        result = compare("stage", name, reference.reshape(candidate.shape), candidate, limits)
+        lines.append(f"{name:<10} max|diff| {result.max_abs:.3e}  rel L2 {result.rel_l2:.3e}")
+        if not result.passed:
+            return [f"first diverging stage: {name} (stage outputs up to it:)", *("  " + line for line in lines)]
+    return ["no stage diverges beyond the bounds; the difference is in the final layer only"]
+
+
+def _jax_forward(model: nnx.Module) -> Callable:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        module = nnx.merge(graphdef, state, copy=True)
+        return module(x), nnx.state(module, nnx.BatchStat)
+
+    return lambda x: forward(state, x)
+
+
+def _jax_loss_and_grads(model: nnx.Module) -> Callable:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def loss_and_grads(params, rest, x, labels):
+        def loss_fn(params):
+            # copy=True: BatchNorm writes its statistics inside a differentiated function (PITFALLS 18).
+            module = nnx.merge(graphdef, params, rest, copy=True)
+            logits = module(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, (logits, nnx.state(module, nnx.BatchStat))
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return lambda x, labels: loss_and_grads(params, rest, x, labels)
+
+
+def _flat(state: nnx.State) -> dict[str, np.ndarray]:
+    return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+def check_parity(
+    torch_model: torch.nn.Module, jax_model: nnx.Module, arch: str, x: torch.Tensor, labels: torch.Tensor
+) -> ParityReport:
+    """Compares ``jax_model`` with ``torch_model`` on the batch ``x`` (NCHW), leaving both unchanged.
+
+    Logits and BatchNorm statistics are compared in float32 at the highest matmul precision on
+    both sides (no TF32 on GPUs). Gradients are compared in float64: a ReLU whose input lies within
+    float32 rounding of zero (and there are such units in every ResNet at these sizes) passes or
+    blocks its gradient depending on the last bit, which moves whole gradient tensors by ~1e-3 in
+    either framework. In float64 no unit lies that close, so the comparison tests the backward
+    pass itself. The float32 gradient agreement is reported alongside.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    x_nhwc = jnp.asarray(to_nhwc(x))
+    report = ParityReport(arch, tuple(x_nhwc.shape))
+    with jax.default_matmul_precision("highest"):
+        expected = _check_eval(report, torch_model, jax_model, x, x_nhwc)
+        float32_grads = _check_train(report, torch_model, jax_model, x, x_nhwc, labels)
+        torch_grads, jax_grads = _gradients(torch_model, jax_model, x, labels, torch.float64)
+        for name in torch_grads:  # torch's order: the first failure listed is the earliest layer.
+            report.comparisons.append(compare("gradients", name, torch_grads[name], jax_grads[name]))
+        torch32, jax32 = float32_grads
+        worst = max((compare("gradients", n, torch32[n], jax32[n]) for n in torch32), key=lambda c: c.rel_l2)
+        within = sum(relative_l2(torch32[n], jax32[n]) <= TOLERANCES["gradients"][1] for n in torch32)
+        report.notes.append(
+            f"float32 gradients: {within}/{len(torch32)} tensors within rel L2 {TOLERANCES['gradients'][1]:.0e}, "
+            f"worst {worst.name} {worst.rel_l2:.2e}"
+        )
+        _check_export(report, torch_model, jax_model, arch, x, expected)
+    return report
+
+
+def _check_eval(report: ParityReport, torch_model, jax_model, x, x_nhwc) -> np.ndarray:
+    reference = copy.deepcopy(torch_model).eval()
+    candidate = nnx.clone(jax_model)
+    candidate.eval()
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    actual, _ = _jax_forward(candidate)(x_nhwc)
+    report.comparisons.append(compare("eval logits", "logits", expected, actual))
+    if not report.comparisons[-1].passed:
+        report.divergence += _locate_divergence("eval", torch_model, jax_model, x, x_nhwc)
+    return expected
+
+
+def _check_train(report: ParityReport, torch_model, jax_model, x, x_nhwc, labels):
+    """Train-mode logits and BN running statistics after one forward; returns the float32 gradients."""
+    reference = copy.deepcopy(torch_model).train()
+    candidate = nnx.clone(jax_model)
+    candidate.train()
+    logits = reference(x)
+    F.cross_entropy(logits, labels).backward()
+    (_, (jax_logits, jax_stats)), jax_grads = _jax_loss_and_grads(candidate)(x_nhwc, jnp.asarray(labels.numpy()))
+    report.comparisons.append(compare("train logits", "logits", logits.detach().numpy(), jax_logits))
+    if not report.comparisons[-1].passed:
+        report.divergence += _locate_divergence("train", torch_model, jax_model, x, x_nhwc)
+    torch_stats = reference.state_dict()
+    for key, value in _flat(jax_stats).items():
+        report.comparisons.append(compare("running stats", key, torch_stats[key].numpy(), value))
+    torch_grads = torch_to_jaxtl_layout(candidate, {n: p.grad for n, p in reference.named_parameters()})
+    return torch_grads, _flat(jax_grads)
+
+
+def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
+    """Cross-entropy gradients of every parameter in train mode, both frameworks, in ``dtype``."""
+    reference = copy.deepcopy(torch_model).to(dtype).train()
+    F.cross_entropy(reference(x.to(dtype)), labels).backward()
+    with jax.enable_x64(dtype == torch.float64):
+        candidate = nnx.clone(jax_model)
+        candidate.train()
+        jax_dtype = jnp.float64 if dtype == torch.float64 else jnp.float32
+        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(a, jax_dtype), nnx.state(candidate)))
+        x_nhwc = jnp.asarray(to_nhwc(x.to(dtype)), jax_dtype)
+        _, jax_grads = _jax_loss_and_grads(candidate)(x_nhwc, jnp.asarray(labels.numpy()))
+        jax_grads = _flat(jax_grads)
+    torch_grads = torch_to_jaxtl_layout(candidate, {n: p.grad for n, p in reference.named_parameters()})
+    return torch_grads, jax_grads
+
+
+def _check_export(report: ParityReport, torch_model, jax_model, arch: str, x, expected: np.ndarray) -> None:
+    exported = torchvision.models.get_model(arch, weights=None, num_classes=_num_classes(torch_model))
+    exported.load_state_dict(to_torchvision(jax_model), strict=True)
+    with torch.no_grad():
+        report.comparisons.append(compare("export logits", "logits", expected, exported.eval()(x).numpy()))
+
+
+def _locate_divergence(mode: str, torch_model, jax_model, x: torch.Tensor, x_nhwc: jax.Array) -> list[str]:
+    reference = copy.deepcopy(torch_model).train(mode == "train")
+    candidate = nnx.clone(jax_model)
+    candidate.train() if mode == "train" else candidate.eval()
+    with torch.no_grad():
+        actual = candidate.forward_intermediates(x_nhwc)
+    expected = torch_intermediates(reference, x, list(actual))
+    return [f"{mode} mode:", *first_divergence(expected, actual, TOLERANCES[f"{mode} logits"])]
+
+
+def _num_classes(torch_model: torch.nn.Module) -> int:
+    return [m for m in torch_model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features

@@ -1,0 +1,72 @@
+"""Random-init torchvision models with randomised BatchNorm statistics, for parity checks without downloads.
+
+A freshly built torchvision model has running_mean = 0 and running_var = 1 everywhere, which hides
+any mistake in how statistics are used. Here every BN gets random affine parameters and running
+statistics taken from a real batch (so activations stay of order one through deep networks) and
+then perturbed, so that eval mode and train mode compute different things.
+
+The last BN of each residual branch gets a small scale (0.1 to 0.3), as trained ResNets have and
+as torchvision's zero_init_residual takes to its limit. With unit scales a randomly initialised
+BatchNorm network is chaotic in train mode (arXiv:1902.08129): every block amplifies rounding
+error by a few percent, so that torch's own float32 logits of a ResNet-152 differ from its
+float64 logits by 3e-4, and a float32 comparison would measure that, not the conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _residual_branch_ends(model: torch.nn.Module) -> set[int]:
+    """ids of the last BN of each residual branch (ResNet's bn2 / bn3)."""
+    ends = set()
+    for module in model.modules():
+        if isinstance(module, torchvision.models.resnet.Bottleneck):
+            ends.add(id(module.bn3))
+        elif isinstance(module, torchvision.models.resnet.BasicBlock):
+            ends.add(id(module.bn2))
+    return ends
+
+
+@torch.no_grad()
+def randomized_torchvision_model(
+    arch: str, *, num_classes: int = 10, seed: int = 0, calibration_shape: tuple[int, int] = (64, 64)
+) -> torch.nn.Module:
+    """torchvision's ``arch`` with random weights and randomised BN affine parameters and statistics.
+
+    Args:
+        arch: a torchvision builder name, e.g. ``"resnet50"``.
+        num_classes: head width.
+        seed: seeds torch's generator; the same seed gives the same model.
+        calibration_shape: (H, W) of the random batch the running statistics are taken from.
+
+    Returns:
+        The model in eval mode, float32, on CPU.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    norms = _batch_norms(model)
+    branch_ends = _residual_branch_ends(model)
+    for bn in norms:
+        low, high = (0.1, 0.3) if id(bn) in branch_ends else (0.6, 1.4)
+        bn.weight.copy_(torch.empty_like(bn.weight).uniform_(low, high, generator=generator))
+        bn.bias.copy_(torch.empty_like(bn.bias).uniform_(-0.3, 0.3, generator=generator))
+    # Running statistics from a real batch: momentum 1 makes one train-mode forward copy them in.
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.momentum = 1.0
+    model.train()
+    model(torch.randn(8, 3, *calibration_shape, generator=generator))
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+        std = bn.running_var.sqrt()
+        bn.running_mean.add_(0.2 * std * torch.randn(bn.running_mean.shape, generator=generator))
+        bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.7, 1.4, generator=generator))
+        bn.num_batches_tracked.zero_()
+    return model.eval()

@@ -1,0 +1,129 @@
+"""torchvision modules and state_dicts <-> jaxtl models: a layout change, never a renaming table."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from functools import cache
+
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxtl.errors import WeightsMismatchError
+from jaxtl.models import list_models
+from jaxtl.models.registry import get_builder
+from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
+
+BN_COUNTER = ".num_batches_tracked"
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.detach().cpu()
+    if array.is_floating_point():
+        array = array.float()
+    return array.numpy()
+
+
+def _drop_bn_counters(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """num_batches_tracked has no jaxtl counterpart: torchvision's BNs use a fixed momentum, so it is unused."""
+    return {
+        key: value
+        for key, value in state.items()
+        if not (key.endswith(BN_COUNTER) and key[: -len(BN_COUNTER)] + ".running_mean" in state)
+    }
+
+
+def torch_to_jaxtl_layout(model: nnx.Module, state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A torch state_dict as numpy arrays in ``model``'s layout (conv OIHW -> HWIO, linear (out, in) -> (in, out))."""
+    permutations = torch_permutations(model)
+    arrays = {}
+    for key, tensor in _drop_bn_counters(state).items():
+        array = _to_numpy(tensor)
+        if key in permutations and array.ndim == len(permutations[key]):
+            array = np.transpose(array, permutations[key])
+        arrays[key] = array
+    return arrays
+
+
+@cache
+def _abstract_model(arch: str, num_classes: int) -> nnx.Module:
+    return nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(0)))
+
+
+def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
+    head = _abstract_model(arch, 1000).head_name
+    weight = state.get(f"{head}.weight")
+    return None if weight is None or weight.ndim != 2 else int(weight.shape[0])
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """The registered architecture whose keys and shapes a torchvision state_dict fits exactly."""
+    state = _drop_bn_counters(state)
+    for arch in list_models():
+        num_classes = _head_width(arch, state)
+        if num_classes is None:
+            continue
+        model = _abstract_model(arch, num_classes)
+        try:
+            check_state_dict(model, torch_to_jaxtl_layout(model, state), source="the state_dict")
+        except WeightsMismatchError:
+            continue
+        return arch
+    raise WeightsMismatchError(
+        f"the state_dict ({len(state)} keys, first {list(state)[:3]}) fits none of jaxtl's architectures "
+        f"({', '.join(list_models())}); pass arch= to see which keys differ"
+    )
+
+
+def from_torchvision(
+    module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], arch: str | None = None, *, source: str = "torchvision"
+) -> nnx.Module:
+    """A jaxtl model computing what the torchvision model computes.
+
+    Args:
+        module_or_state_dict: a torchvision model or its ``state_dict()``.
+        arch: the registry name (``"resnet50"``); inferred from the keys and shapes when None.
+        source: what the weights came from, for error messages.
+
+    Returns:
+        The jaxtl model in train mode, with the torch module's head width. BatchNorm running
+        statistics are carried over; ``num_batches_tracked`` is dropped.
+
+    Raises:
+        WeightsMismatchError: listing missing, unexpected and mis-shaped keys.
+    """
+    if isinstance(module_or_state_dict, torch.nn.Module):
+        state = module_or_state_dict.state_dict()
+    else:
+        state = module_or_state_dict
+    arch = arch or infer_arch(state)
+    num_classes = _head_width(arch, state)
+    if num_classes is None:
+        head = _abstract_model(arch, 1000).head_name
+        raise WeightsMismatchError(
+            f"weights from {source} have no 2-D {head}.weight, so they are not a {arch} state_dict "
+            f"(first keys: {list(state)[:5]})",
+            missing=[f"{head}.weight"],
+        )
+    # Shapes only: every array is about to be replaced, so no random init is spent on them.
+    model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(0)))
+    load_state_dict(model, torch_to_jaxtl_layout(model, state), source=source)
+    return model
+
+
+def to_torchvision(model: nnx.Module) -> OrderedDict[str, torch.Tensor]:
+    """``model``'s state as a torchvision state_dict, loadable with ``load_state_dict(strict=True)``.
+
+    Each BatchNorm gets ``num_batches_tracked = 0``: torchvision's BNs use a fixed momentum, so the
+    counter does not enter any computation.
+    """
+    permutations = torch_permutations(model)
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, array in state_dict(model).items():
+        if key in permutations:
+            array = np.transpose(array, np.argsort(permutations[key]))
+        out[key] = torch.from_numpy(np.array(array, order="C", copy=True))
+        if key.endswith(".running_var"):
+            out[key[: -len(".running_var")] + BN_COUNTER] = torch.tensor(0, dtype=torch.long)
+    return out

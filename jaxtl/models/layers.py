@@ -1,0 +1,203 @@
+"""Torch-faithful layers: Conv2d, BatchNorm2d, Linear, pooling and their torch initialisers.
+
+Every layer stores its parameters under torch's attribute names (``weight``, ``bias``,
+``running_mean``, ``running_var``) so that the dotted path of a parameter is the torchvision
+state_dict key. Layout is NHWC for activations, HWIO for conv kernels and (in, out) for linear
+weights; ``TORCH_LAYOUT`` on each layer says how a torch tensor is permuted into that layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def kaiming_normal_fan_out(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """torch ``kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`` for an HWIO kernel.
+
+    torch's fan_out of a conv weight (O, I/groups, kh, kw) is O * kh * kw, groups not divided out.
+    """
+    kh, kw, _, out_channels = shape
+    std = math.sqrt(2.0) / math.sqrt(out_channels * kh * kw)
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def torch_default_uniform(fan_in: int) -> Initializer:
+    """torch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    The same bound is torch's default for the bias (nn.Linear.reset_parameters).
+    """
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv2d(nnx.Module):
+    """torch.nn.Conv2d on NHWC input with explicit, symmetric padding (never 'SAME').
+
+    Attributes:
+        weight: kernel, shape (kh, kw, in_channels // groups, out_channels).
+        bias: shape (out_channels,), or None.
+    """
+
+    TORCH_LAYOUT: ClassVar[dict[str, tuple[int, ...]]] = {"weight": (2, 3, 1, 0)}  # OIHW -> HWIO
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must divide by groups={groups}")
+        kh, kw = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        fan_in = in_channels // groups * kh * kw
+        kernel_init = kernel_init or torch_default_uniform(fan_in)
+        self.weight = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_channels // groups, out_channels), jnp.float32))
+        self.bias = nnx.Param(torch_default_uniform(fan_in)(rngs.params(), (out_channels,))) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        """(N, H, W, C_in) -> (N, H', W', C_out)."""
+        (ph, pw) = self.padding
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.weight[...].astype(x.dtype),
+            window_strides=self.stride,
+            padding=((ph, ph), (pw, pw)),
+            rhs_dilation=self.dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """torch.nn.BatchNorm2d over the channel (last) axis, with torch's conventions.
+
+    - momentum is torch's: running = (1 - momentum) * running + momentum * batch_statistic.
+    - The batch is normalised with the biased variance, but running_var stores the unbiased one
+      (n / (n - 1), n = N * H * W), as torch does (BatchNorm2d docs).
+    - Variance is computed in two passes, mean((x - mean)^2), never E[x^2] - E[x]^2.
+    - Statistics are computed in float32 at least, whatever the activation dtype.
+
+    ``use_running_average`` is the mode: ``model.eval()`` sets it True, ``model.train()`` False,
+    on this layer or on any enclosing module (per-module BN mode).
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, use_running_average: bool = False):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm2d momentum must be in [0, 1] (torch convention), got {momentum}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = use_running_average
+        self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        """(N, H, W, C) -> (N, H, W, C); in train mode also updates running_mean / running_var."""
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var = self.running_mean[...], self.running_var[...]
+        else:
+            count = math.prod(x.shape[:-1])
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm2d in train mode needs more than 1 value per channel, got input shape {x.shape}; "
+                    "use a larger batch or put this module in eval mode (module.eval())"
+                )
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            # d(var)/d(mean) = -2 * mean(x - mean) is exactly zero, but evaluating it in float32 leaves
+            # rounding noise of order eps * |mean| that swamps small gradients; stop it (torch's
+            # closed-form BN backward has no such term either).
+            var = jnp.mean(jnp.square(x32 - jax.lax.stop_gradient(mean)), axis=axes)
+            m = self.momentum
+            self.running_mean[...] = (1.0 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
+            unbiased = jax.lax.stop_gradient(var) * (count / (count - 1))
+            self.running_var[...] = (1.0 - m) * self.running_var[...] + m * unbiased
+        scale = self.weight[...] * jax.lax.rsqrt(var + self.eps)
+        return ((x32 - mean) * scale + self.bias[...]).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """torch.nn.Linear with torch's default init.
+
+    Attributes:
+        weight: shape (in_features, out_features) (torch stores (out, in)).
+        bias: shape (out_features,), or None.
+    """
+
+    TORCH_LAYOUT: ClassVar[dict[str, tuple[int, ...]]] = {"weight": (1, 0)}
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.out_features = out_features
+        init = torch_default_uniform(in_features)
+        self.weight = nnx.Param(init(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(init(rngs.params(), (out_features,))) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        """(..., in_features) -> (..., out_features)."""
+        y = x @ self.weight[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Sequential(nnx.List):
+    """torch.nn.Sequential: children are addressed by index, so paths read ``layer1.0.conv1.weight``."""
+
+    def __call__(self, x: Array) -> Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def max_pool2d(x: Array, *, kernel_size: int, stride: int, padding: int) -> Array:
+    """torch.nn.functional.max_pool2d on NHWC: padding counts as -inf, never as zeros."""
+    return jax.lax.reduce_window(
+        x,
+        np.array(-np.inf, x.dtype),  # a concrete value, so JAX picks the differentiable max reducer
+        jax.lax.max,
+        window_dimensions=(1, kernel_size, kernel_size, 1),
+        window_strides=(1, stride, stride, 1),
+        padding=((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
+
+
+def global_avg_pool(x: Array) -> Array:
+    """AdaptiveAvgPool2d(1) + flatten: the mean over H and W. (N, H, W, C) -> (N, C)."""
+    return jnp.mean(x, axis=(1, 2))

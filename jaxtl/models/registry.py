@@ -1,0 +1,102 @@
+"""The model registry: builders by torchvision name, and ``create`` that builds one with its weights."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from flax import nnx
+
+from jaxtl.errors import UnknownModelError, WeightsError
+from jaxtl.models.state_dict import load_state_dict
+
+_BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
+
+
+def register_model(builder: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
+    """Registers a builder under its function name, which is the torchvision builder's name."""
+    _BUILDERS[builder.__name__] = builder
+    return builder
+
+
+def list_models() -> list[str]:
+    """The architectures jaxtl can build, in natural order (resnet18 before resnet101)."""
+    return sorted(_BUILDERS, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+
+
+def get_builder(arch: str) -> Callable[..., nnx.Module]:
+    """The builder of ``arch``; an unknown name raises with the closest known names."""
+    try:
+        return _BUILDERS[arch]
+    except KeyError:
+        close = difflib.get_close_matches(arch, _BUILDERS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown architecture {arch!r}.{hint} Known: {', '.join(list_models())}"
+        ) from None
+
+
+def resolve_weights(arch: str, weights: str | os.PathLike) -> Path:
+    """The converted-weights directory that ``weights`` names for ``arch``.
+
+    ``weights`` is a converted-weights directory, or a torchvision weight name (``"DEFAULT"``,
+    ``"IMAGENET1K_V1"``) that has been converted into the cache. Raises WeightsError with the
+    command that fixes it otherwise.
+    """
+    from jaxtl import weights as weights_module
+
+    path = Path(weights)
+    if weights_module.is_converted_weights(path):
+        return path
+    if path.is_file():
+        raise WeightsError(
+            f"{path} is a file; jaxtl.models.create reads converted weights, which need no torch. Convert it once "
+            f"with `jaxtl convert {arch} --weights {path} --out DIR` and pass DIR, or call "
+            f"convert.create_model({arch!r}, weights={str(path)!r}) from Python"
+        )
+    if path.exists() or os.sep in str(weights) or str(weights).endswith((".pth", ".pt")):
+        raise WeightsError(f"weights path {path} is not a converted-weights directory or does not exist")
+    cached = weights_module.converted_weights_path(arch, str(weights))  # raises for an unknown name
+    if not weights_module.is_converted_weights(cached):
+        raise WeightsError(
+            f"weights {weights!r} for {arch} are not converted yet (looked in {cached}). Run once "
+            f"`jaxtl convert {arch} --weights {weights}` (downloads through torchvision, needs torch), "
+            f"or call convert.create_model({arch!r}, weights={str(weights)!r})"
+        )
+    return cached
+
+
+def create(
+    arch: str, *, num_classes: int | None = None, weights: str | os.PathLike | None = None, seed: int = 0
+) -> nnx.Module:
+    """Builds ``arch``, optionally with pretrained weights, with a head of ``num_classes``.
+
+    Args:
+        arch: a name from ``list_models()``, e.g. ``"resnet50"``.
+        num_classes: width of the classifier head. Defaults to the weights' (1000 without weights).
+            With weights of another width, the backbone is loaded and the head freshly initialised
+            with torch's default init from ``seed``.
+        weights: None for torchvision's own random init; a converted-weights directory; or a
+            torchvision weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) already in the cache.
+        seed: seed of the random initialisation.
+
+    Returns:
+        The model, in train mode (as a freshly built torch module is).
+    """
+    from jaxtl import weights as weights_module
+
+    builder = get_builder(arch)
+    if weights is None:
+        return builder(num_classes=1000 if num_classes is None else num_classes, rngs=nnx.Rngs(seed))
+    path = resolve_weights(arch, weights)
+    state, spec = weights_module.load_converted_weights(path)
+    if spec.arch != arch:
+        raise WeightsError(f"weights in {path} are for {spec.arch}, not {arch}; use create({spec.arch!r}, ...)")
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    model = builder(num_classes=num_classes, rngs=nnx.Rngs(seed))
+    fresh_head = (f"{model.head_name}.",) if num_classes != spec.num_classes else ()
+    load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
+    return model

@@ -1,0 +1,102 @@
+"""A model's state as a flat ``{torchvision key: array}`` dict, and strict loading of one into a model.
+
+Keys are the dotted parameter paths, which equal torchvision's state_dict keys. Arrays are in
+jaxtl's layout (HWIO kernels, (in, out) linear weights); ``torch_permutations`` says how each
+torch tensor is permuted into it, which is all a conversion from torch needs to know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxtl.errors import WeightsMismatchError
+
+
+def _key(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every parameter and BatchNorm statistic of ``model`` as host numpy arrays, in module order."""
+    return {_key(path): np.asarray(jax.device_get(variable.get_value())) for path, variable in _variables(model)}
+
+
+def _variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    return [(path, variable) for path, variable in nnx.to_flat_state(nnx.state(model)) if variable.get_value() is not None]
+
+
+def torch_permutations(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """For each key whose jaxtl layout differs from torch's, the permutation torch -> jaxtl.
+
+    Derived from the layer types (their ``TORCH_LAYOUT``), never guessed from shapes: a square
+    linear weight has the same shape in both layouts.
+    """
+    permutations = {}
+    for path, module in nnx.iter_modules(model):
+        for name, permutation in getattr(type(module), "TORCH_LAYOUT", {}).items():
+            if getattr(module, name, None) is not None:
+                permutations[_key((*path, name))] = permutation
+    return permutations
+
+
+def _describe(keys: Iterable[str], limit: int = 20) -> str:
+    keys = list(keys)
+    shown = "\n    ".join(keys[:limit])
+    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def check_state_dict(
+    model: nnx.Module, state: Mapping[str, np.ndarray], *, source: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Raises WeightsMismatchError unless ``state`` fills every key of ``model`` with the right shape.
+
+    Args:
+        model: the target model.
+        state: flat arrays in jaxtl layout.
+        source: what ``state`` came from (a file, a weight name), for the message.
+        ignore_prefixes: keys starting with these are neither required nor allowed to mismatch
+            (a fresh head: ``("fc.",)``).
+    """
+    targets = {_key(path): variable.get_value().shape for path, variable in _variables(model)}
+
+    def ignored(key: str) -> bool:
+        return key.startswith(ignore_prefixes) if ignore_prefixes else False
+
+    missing = [k for k in targets if k not in state and not ignored(k)]
+    unexpected = [k for k in state if k not in targets and not ignored(k)]
+    mismatched = [
+        f"{k}: weights {tuple(np.shape(state[k]))}, model {tuple(targets[k])}"
+        for k in targets
+        if k in state and not ignored(k) and tuple(np.shape(state[k])) != tuple(targets[k])
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"weights from {source} do not fit {type(model).__name__}:"]
+        if missing:
+            parts.append(f"  {len(missing)} missing keys (in the model, not in the weights):{_describe(missing)}")
+        if unexpected:
+            parts.append(f"  {len(unexpected)} unexpected keys (in the weights, not in the model):{_describe(unexpected)}")
+        if mismatched:
+            parts.append(f"  {len(mismatched)} shape mismatches:{_describe(mismatched)}")
+        parts.append("  Check that the architecture matches the weights (jaxtl.models.list_models()).")
+        raise WeightsMismatchError("\n".join(parts), missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
+def load_state_dict(
+    model: nnx.Module, state: Mapping[str, np.ndarray], *, source: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Strictly copies ``state`` (jaxtl layout) into ``model`` in place; nothing is changed on error.
+
+    Keys under ``ignore_prefixes`` keep the model's own values (a freshly initialised head).
+    """
+    check_state_dict(model, state, source=source, ignore_prefixes=ignore_prefixes)
+    for path, variable in _variables(model):
+        key = _key(path)
+        if ignore_prefixes and key.startswith(ignore_prefixes):
+            continue
+        current = variable.get_value()
+        variable.set_value(jax.numpy.asarray(np.asarray(state[key]), dtype=current.dtype))

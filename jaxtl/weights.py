@@ -1,0 +1,288 @@
+"""Weight specs (source, hash, categories, preprocessing) and the cache of converted weights.
+
+A ``WeightSpec`` is the metadata that travels with a set of weights, as torchvision's weight enums
+carry it: where the file comes from, its hash prefix, the categories of its head and the eval
+preprocessing it was trained with. The table below mirrors torchvision's enums and is checked
+against them by tests/parity/test_weight_specs.py.
+
+Converted weights are stored as a directory: ``state/`` (an orbax checkpoint of the arrays, jaxtl
+layout) and ``spec.json``. Loading one needs neither torch nor a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxtl.errors import WeightsError
+
+FORMAT_VERSION = 1
+SPEC_FILE = "spec.json"
+STATE_DIR = "state"
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Eval preprocessing, as torchvision's ``ImageClassification`` transform does it.
+
+    Resize the shorter side to ``resize_size`` (with ``interpolation`` and antialiasing), center
+    crop ``crop_size``, scale to [0, 1], normalise with ``mean`` and ``std``.
+    """
+
+    resize_size: int
+    crop_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    antialias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Everything known about one set of weights besides the arrays.
+
+    Attributes:
+        arch: registry name of the architecture (``"resnet50"``).
+        name: torchvision's weight name (``"IMAGENET1K_V2"``), or the file's stem for a local file.
+        source: where the arrays came from: a URL or a file path.
+        sha256_prefix: the hash prefix in torchvision's file name (``resnet50-11ad3fa6.pth``), or None.
+        sha256: the full sha256 of the source file, once it has been read.
+        num_classes: width of the head the weights were trained with.
+        categories: class names of that head, or None when unknown.
+        preprocessing: the eval preprocessing the weights expect, or None when unknown.
+        num_params: parameter count, as torchvision reports it.
+        metrics: reported accuracies, e.g. ``{"acc@1": 80.858, "acc@5": 95.434}``.
+    """
+
+    arch: str
+    name: str
+    source: str
+    num_classes: int
+    sha256_prefix: str | None = None
+    sha256: str | None = None
+    categories: tuple[str, ...] | None = None
+    preprocessing: Preprocessing | None = None
+    num_params: int | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def file_name(self) -> str:
+        return self.source.rsplit("/", 1)[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WeightSpec:
+        data = dict(data)
+        if data.get("preprocessing") is not None:
+            pre = dict(data["preprocessing"])
+            pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
+            data["preprocessing"] = Preprocessing(**pre)
+        if data.get("categories") is not None:
+            data["categories"] = tuple(data["categories"])
+        return cls(**data)
+
+
+@cache
+def imagenet_categories() -> tuple[str, ...]:
+    """The 1000 ImageNet-1K class names in torchvision's order."""
+    text = resources.files("jaxtl").joinpath("imagenet_categories.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())
+
+
+def sha256_prefix_of(file_name: str) -> str | None:
+    """The hash prefix torchvision puts in file names: ``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``."""
+    stem = Path(file_name).name.split(".")[0]
+    if "-" not in stem:
+        return None
+    prefix = stem.rsplit("-", 1)[-1]
+    return prefix.lower() if len(prefix) >= 6 and all(c in "0123456789abcdefABCDEF" for c in prefix) else None
+
+
+# (arch, weight name, file name, resize size, num_params, acc@1, acc@5), from torchvision's enums.
+_IMAGENET_RESNETS = (
+    ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth", 256, 11689512, 69.758, 89.078),
+    ("resnet34", "IMAGENET1K_V1", "resnet34-b627a593.pth", 256, 21797672, 73.314, 91.42),
+    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth", 256, 25557032, 76.13, 92.862),
+    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 232, 25557032, 80.858, 95.434),
+    ("resnet101", "IMAGENET1K_V1", "resnet101-63fe2227.pth", 256, 44549160, 77.374, 93.546),
+    ("resnet101", "IMAGENET1K_V2", "resnet101-cd907fc2.pth", 232, 44549160, 81.886, 95.78),
+    ("resnet152", "IMAGENET1K_V1", "resnet152-394f9c45.pth", 256, 60192808, 78.312, 94.046),
+    ("resnet152", "IMAGENET1K_V2", "resnet152-f82ba261.pth", 232, 60192808, 82.284, 96.002),
+    ("resnext50_32x4d", "IMAGENET1K_V1", "resnext50_32x4d-7cdf4587.pth", 256, 25028904, 77.618, 93.698),
+    ("resnext50_32x4d", "IMAGENET1K_V2", "resnext50_32x4d-1a0047aa.pth", 232, 25028904, 81.198, 95.34),
+    ("resnext101_32x8d", "IMAGENET1K_V1", "resnext101_32x8d-8ba56ff5.pth", 256, 88791336, 79.312, 94.526),
+    ("resnext101_32x8d", "IMAGENET1K_V2", "resnext101_32x8d-110c445d.pth", 232, 88791336, 82.834, 96.228),
+    ("resnext101_64x4d", "IMAGENET1K_V1", "resnext101_64x4d-173b62eb.pth", 232, 83455272, 83.246, 96.454),
+    ("wide_resnet50_2", "IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth", 256, 68883240, 78.468, 94.086),
+    ("wide_resnet50_2", "IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth", 232, 68883240, 81.602, 95.758),
+    ("wide_resnet101_2", "IMAGENET1K_V1", "wide_resnet101_2-32ee1156.pth", 256, 126886696, 78.848, 94.284),
+    ("wide_resnet101_2", "IMAGENET1K_V2", "wide_resnet101_2-d733dc28.pth", 232, 126886696, 82.51, 96.02),
+)
+
+
+def _imagenet_spec(arch, name, file_name, resize_size, num_params, acc1, acc5) -> WeightSpec:
+    return WeightSpec(
+        arch=arch,
+        name=name,
+        source=TORCHVISION_URL + file_name,
+        sha256_prefix=sha256_prefix_of(file_name),
+        num_classes=1000,
+        categories=None,  # filled lazily by get_weight_spec: the list is shared by all.
+        preprocessing=Preprocessing(resize_size=resize_size, crop_size=224),
+        num_params=num_params,
+        metrics={"acc@1": acc1, "acc@5": acc5},
+    )
+
+
+_SPECS: dict[str, dict[str, WeightSpec]] = {}
+for _row in _IMAGENET_RESNETS:
+    _SPECS.setdefault(_row[0], {})[_row[1]] = _imagenet_spec(*_row)
+
+# torchvision's DEFAULT is the newest ImageNet weight of each architecture.
+_DEFAULTS = {arch: max(names) for arch, names in _SPECS.items()}
+
+
+def list_weights(arch: str) -> list[str]:
+    """Names of the pretrained weights known for ``arch`` (torchvision's enum member names)."""
+    return sorted(_SPECS.get(arch, {}))
+
+
+def default_weights(arch: str) -> str | None:
+    """The weight name torchvision's ``DEFAULT`` points to for ``arch``."""
+    return _DEFAULTS.get(arch)
+
+
+def get_weight_spec(arch: str, name: str) -> WeightSpec:
+    """The spec of a named weight: ``"IMAGENET1K_V1"``, ``"DEFAULT"`` or ``"ResNet50_Weights.IMAGENET1K_V2"``."""
+    member = name.rsplit(".", 1)[-1]
+    if member == "DEFAULT":
+        member = default_weights(arch) or member
+    spec = _SPECS.get(arch, {}).get(member)
+    if spec is None:
+        known = ", ".join(["DEFAULT", *list_weights(arch)]) if arch in _SPECS else "none"
+        raise WeightsError(f"unknown weights {name!r} for {arch}; known weights for {arch}: {known}")
+    return dataclasses.replace(spec, categories=imagenet_categories())
+
+
+def find_spec_by_file_name(file_name: str) -> WeightSpec | None:
+    """The spec of a torchvision weight file recognised by its name (``resnet50-11ad3fa6.pth``)."""
+    for names in _SPECS.values():
+        for spec in names.values():
+            if spec.file_name == Path(file_name).name:
+                return dataclasses.replace(spec, categories=imagenet_categories())
+    return None
+
+
+def cache_dir() -> Path:
+    """Root of jaxtl's caches: ``$JAXTL_CACHE``, else ``$XDG_CACHE_HOME/jaxtl``, else ``~/.cache/jaxtl``."""
+    if os.environ.get("JAXTL_CACHE"):
+        return Path(os.environ["JAXTL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxtl"
+
+
+def converted_weights_path(arch: str, name: str) -> Path:
+    """Where the converted form of a named torchvision weight is cached."""
+    spec = get_weight_spec(arch, name)
+    return cache_dir() / "weights" / arch / spec.name
+
+
+def is_converted_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``save_converted_weights``."""
+    path = Path(path)
+    return (path / SPEC_FILE).is_file() and (path / STATE_DIR).is_dir()
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.asarray(value)
+    return nested
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = np.asarray(value)
+    return flat
+
+
+def save_converted_weights(path: str | os.PathLike, state: dict[str, np.ndarray], spec: WeightSpec) -> Path:
+    """Writes ``state`` (flat, jaxtl layout) and ``spec`` to ``path`` atomically.
+
+    Everything is written to a temporary sibling directory that is renamed into place only when
+    complete, so a failure leaves either the previous entry or nothing, never half of one.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / STATE_DIR, _nest(state))
+        checkpointer.wait_until_finished()
+        document = {"format_version": FORMAT_VERSION, "spec": spec.to_json()}
+        (staging / SPEC_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load_weight_spec(path: str | os.PathLike) -> WeightSpec:
+    """The spec stored with converted weights at ``path``."""
+    path = Path(path)
+    if not is_converted_weights(path):
+        raise WeightsError(
+            f"{path} is not a jaxtl converted-weights directory (expected {SPEC_FILE} and {STATE_DIR}/ inside); "
+            "create one with `jaxtl convert ARCH --weights NAME_OR_PTH --out DIR`"
+        )
+    try:
+        document = json.loads((path / SPEC_FILE).read_text(encoding="utf-8"))
+        if document.get("format_version") != FORMAT_VERSION:
+            raise WeightsError(
+                f"{path / SPEC_FILE} has format_version {document.get('format_version')!r}, this jaxtl reads "
+                f"{FORMAT_VERSION}; convert the weights again with `jaxtl convert`"
+            )
+        return WeightSpec.from_json(document["spec"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise WeightsError(f"{path / SPEC_FILE} is corrupt ({error}); convert the weights again with `jaxtl convert`") from None
+
+
+def load_converted_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], WeightSpec]:
+    """Reads converted weights: the flat arrays (jaxtl layout) and their spec. Needs no torch."""
+    import orbax.checkpoint as ocp
+
+    spec = load_weight_spec(path)
+    try:
+        nested = ocp.StandardCheckpointer().restore(Path(path).absolute() / STATE_DIR)
+    except Exception as error:  # orbax raises a variety of types for a damaged directory.
+        raise WeightsError(
+            f"cannot read the arrays in {Path(path) / STATE_DIR} ({type(error).__name__}: {error}); "
+            "delete the directory and convert the weights again"
+        ) from error
+    return _flatten(nested), spec

@@ -20,7 +20,7 @@ BN_COUNTER = ".num_batches_tracked"
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     array = tensor.detach().cpu()
-    if array.is_floating_point():
+    if array.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16; jaxtl keeps float32 weights.
         array = array.float()
     return array.numpy()
 

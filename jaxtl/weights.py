@@ -244,12 +244,17 @@ def save_converted_weights(path: str | os.PathLike, state: dict[str, np.ndarray]
         checkpointer.wait_until_finished()
         document = {"format_version": FORMAT_VERSION, "spec": spec.to_json()}
         (staging / SPEC_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        previous = None
         if path.exists():
-            shutil.rmtree(path)
+            # Move the old entry aside rather than delete it first: a crash in between leaves it whole.
+            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, previous / path.name)
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return path
 
 

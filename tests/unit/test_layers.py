@@ -1,0 +1,128 @@
+"""The torch-faithful layers against hand-computed values (shared/PITFALLS.md items 1-7, 10, 17)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtl.models.layers import BatchNorm2d, Conv2d, Linear, global_avg_pool, kaiming_normal_fan_out, max_pool2d
+
+
+def _conv_with_kernel(kernel_hwio, groups=1, **kwargs):
+    kh, kw, cin_per_group, cout = kernel_hwio.shape
+    conv = Conv2d(cin_per_group * groups, cout, (kh, kw), groups=groups, rngs=nnx.Rngs(0), **kwargs)
+    conv.weight[...] = jnp.asarray(kernel_hwio)
+    return conv
+
+
+def test_conv_pads_symmetrically_at_stride_2_on_even_sizes():
+    # torch pads (1, 1) on both sides; 'SAME' would pad (0, 1) and give [[9, 6], [6, 4]].
+    conv = _conv_with_kernel(np.ones((3, 3, 1, 1), np.float32), stride=2, padding=1)
+    out = conv(jnp.ones((1, 4, 4, 1)))
+    np.testing.assert_array_equal(np.asarray(out)[0, :, :, 0], [[4.0, 6.0], [6.0, 9.0]])
+
+
+def test_conv_kernel_is_hwio_and_cross_correlates_like_torch():
+    # torch's conv2d is a cross-correlation: output[i, j] = sum x[i + a, j + b] * w[a, b].
+    x = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
+    kernel = np.zeros((2, 2, 1, 1), np.float32)
+    kernel[0, 1, 0, 0] = 1.0  # picks x[i, j + 1]
+    out = _conv_with_kernel(kernel)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out)[0, :, :, 0], [[1.0, 2.0], [4.0, 5.0]])
+
+
+def test_depthwise_conv_keeps_channels_apart():
+    kernel = np.stack([np.full((3, 3), 1.0), np.full((3, 3), 2.0)], axis=-1)[:, :, None, :].astype(np.float32)
+    conv = _conv_with_kernel(kernel, padding=1, groups=2)
+    assert conv.weight.shape == (3, 3, 1, 2)
+    x = np.zeros((1, 3, 3, 2), np.float32)
+    x[0, 1, 1] = [1.0, 10.0]
+    out = np.asarray(conv(jnp.asarray(x)))
+    np.testing.assert_array_equal(out[0, :, :, 0], np.full((3, 3), 1.0))
+    np.testing.assert_array_equal(out[0, :, :, 1], np.full((3, 3), 20.0))
+
+
+def test_max_pool_pads_with_minus_infinity():
+    x = -np.arange(1, 17, dtype=np.float32).reshape(1, 4, 4, 1)
+    out = np.asarray(max_pool2d(jnp.asarray(x), kernel_size=3, stride=2, padding=1))[0, :, :, 0]
+    # Zero padding would make every border window 0.
+    np.testing.assert_array_equal(out, [[-1.0, -2.0], [-5.0, -6.0]])
+
+
+def test_global_avg_pool_is_the_mean_over_height_and_width():
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    np.testing.assert_allclose(global_avg_pool(jnp.asarray(x)), x.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_batch_norm_train_mode_uses_biased_variance_and_stores_unbiased():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32) * 3 + 1
+    bn = BatchNorm2d(4, eps=1e-5, momentum=0.1)
+    bn.weight[...] = jnp.asarray([1.0, 2.0, 0.5, -1.0])
+    bn.bias[...] = jnp.asarray([0.0, 1.0, -1.0, 0.5])
+    out = np.asarray(bn(jnp.asarray(x)))
+    mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
+    biased = x.var(axis=(0, 1, 2), dtype=np.float64)
+    n = 2 * 3 * 5
+    expected = (x - mean) / np.sqrt(biased + 1e-5) * [1.0, 2.0, 0.5, -1.0] + [0.0, 1.0, -1.0, 0.5]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean[...], 0.9 * 0.0 + 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(bn.running_var[...], 0.9 * 1.0 + 0.1 * biased * n / (n - 1), rtol=1e-6)
+
+
+def test_batch_norm_momentum_follows_torch_convention():
+    # torch momentum 0.01 keeps 99% of the running value (flax's momentum=0.99 would be this).
+    x = jnp.full((4, 1, 1, 1), 5.0).at[0].set(1.0)
+    bn = BatchNorm2d(1, momentum=0.01)
+    bn(x)
+    np.testing.assert_allclose(bn.running_mean[...], [0.99 * 0.0 + 0.01 * 4.0], rtol=1e-6)
+
+
+def test_batch_norm_eval_mode_uses_running_stats_and_changes_nothing():
+    bn = BatchNorm2d(2, eps=0.0, use_running_average=True)
+    bn.running_mean[...] = jnp.asarray([1.0, -2.0])
+    bn.running_var[...] = jnp.asarray([4.0, 0.25])
+    out = bn(jnp.asarray([[[[3.0, 0.0]]]]))
+    np.testing.assert_allclose(out, [[[[1.0, 4.0]]]])
+    np.testing.assert_array_equal(bn.running_mean[...], [1.0, -2.0])
+    np.testing.assert_array_equal(bn.running_var[...], [4.0, 0.25])
+
+
+def test_batch_norm_variance_is_two_pass_accurate():
+    # E[x^2] - E[x]^2 in float32 loses everything here (mean 1e4, std 1e-2).
+    rng = np.random.default_rng(1)
+    x = (1e4 + 1e-2 * rng.standard_normal((8, 4, 4, 3))).astype(np.float32)
+    bn = BatchNorm2d(3, eps=0.0, momentum=1.0)  # momentum 1: running_var is the batch's unbiased variance
+    bn(jnp.asarray(x))
+    n = x.size // 3
+    exact = x.astype(np.float64).var(axis=(0, 1, 2)) * n / (n - 1)
+    np.testing.assert_allclose(bn.running_var[...], exact, rtol=1e-3)
+
+
+def test_batch_norm_train_mode_refuses_a_single_value_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm2d(3)(jnp.ones((1, 1, 1, 3)))
+
+
+def test_batch_norm_rejects_flax_style_momentum():
+    with pytest.raises(ValueError, match="torch convention"):
+        BatchNorm2d(3, momentum=1.5)
+
+
+def test_linear_uses_torch_default_init_and_in_out_layout():
+    layer = Linear(400, 30, rngs=nnx.Rngs(0))
+    bound = 1 / math.sqrt(400)
+    weight, bias = np.asarray(layer.weight[...]), np.asarray(layer.bias[...])
+    assert weight.shape == (400, 30)
+    assert np.abs(weight).max() <= bound and np.abs(bias).max() <= bound
+    assert np.std(weight) == pytest.approx(bound / math.sqrt(3), rel=0.05)  # uniform, not normal
+    x = np.random.default_rng(0).standard_normal((2, 400)).astype(np.float32)
+    np.testing.assert_allclose(layer(jnp.asarray(x)), x @ weight + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_kaiming_normal_fan_out_matches_torch_std():
+    kernel = kaiming_normal_fan_out(jax.random.key(0), (3, 3, 64, 128))
+    assert float(jnp.std(kernel)) == pytest.approx(math.sqrt(2.0 / (128 * 9)), rel=0.02)

@@ -1,0 +1,153 @@
+"""Weight specs, the converted-weights cache and create(weights=...) (no torch)."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxtl.models
+from jaxtl import weights
+from jaxtl.errors import WeightsError, WeightsMismatchError
+from jaxtl.models.state_dict import state_dict
+
+
+def _spec(arch="resnet18", num_classes=10):
+    return weights.WeightSpec(
+        arch=arch, name="test", source="/nowhere/test.pth", num_classes=num_classes,
+        categories=tuple(f"class{i}" for i in range(num_classes)),
+        preprocessing=weights.Preprocessing(resize_size=232, crop_size=224, interpolation="bicubic"),
+    )
+
+
+@pytest.fixture
+def converted(tmp_path):
+    """A converted-weights directory holding a seeded resnet18 with a 10-way head."""
+    model = jaxtl.models.create("resnet18", num_classes=10, seed=123)
+    path = weights.save_converted_weights(tmp_path / "resnet18-test", state_dict(model), _spec())
+    return path, state_dict(model)
+
+
+def test_default_and_enum_style_names_resolve():
+    assert weights.get_weight_spec("resnet50", "DEFAULT").name == "IMAGENET1K_V2"
+    assert weights.get_weight_spec("resnet18", "DEFAULT").name == "IMAGENET1K_V1"
+    spec = weights.get_weight_spec("resnet50", "ResNet50_Weights.IMAGENET1K_V1")
+    assert spec.preprocessing.resize_size == 256 and spec.preprocessing.crop_size == 224
+    assert spec.sha256_prefix == "0676ba61" and len(spec.categories) == 1000
+    assert spec.categories[0] == "tench"
+
+
+def test_unknown_weight_name_lists_the_known_ones():
+    with pytest.raises(WeightsError, match="known weights for resnet34: DEFAULT, IMAGENET1K_V1"):
+        weights.get_weight_spec("resnet34", "IMAGENET1K_V2")
+
+
+@pytest.mark.parametrize(
+    "name, prefix",
+    [("resnet50-11ad3fa6.pth", "11ad3fa6"), ("wide_resnet50_2-95faca4d.pth", "95faca4d"), ("model.pth", None),
+     ("my-model.pth", None), ("run-3/ckpt.pt", None)],
+)
+def test_hash_prefix_is_read_from_torchvision_file_names(name, prefix):
+    assert weights.sha256_prefix_of(name) == prefix
+
+
+def test_converted_weights_round_trip_with_their_spec(converted):
+    path, original = converted
+    loaded, spec = weights.load_converted_weights(path)
+    assert spec == _spec()
+    assert loaded.keys() == original.keys()
+    assert all(np.array_equal(loaded[k], original[k]) for k in original)
+
+
+def test_create_from_converted_weights(converted):
+    path, original = converted
+    model = jaxtl.models.create("resnet18", weights=path)
+    assert all(np.array_equal(v, original[k]) for k, v in state_dict(model).items())
+
+
+def test_create_with_another_head_width_loads_the_backbone_and_a_fresh_head(converted):
+    path, original = converted
+    model = jaxtl.models.create("resnet18", num_classes=7, weights=path, seed=5)
+    loaded = state_dict(model)
+    fresh = state_dict(jaxtl.models.create("resnet18", num_classes=7, seed=5))
+    assert loaded["fc.weight"].shape == (512, 7)
+    np.testing.assert_array_equal(loaded["fc.weight"], fresh["fc.weight"])  # torch-style init from the seed
+    for key in original:
+        if not key.startswith("fc."):
+            np.testing.assert_array_equal(loaded[key], original[key])
+    model.eval()
+    assert model(jnp.ones((1, 64, 64, 3))).shape == (1, 7)
+
+
+def test_create_refuses_weights_of_another_architecture(converted):
+    path, _ = converted
+    with pytest.raises(WeightsError, match="are for resnet18, not resnet34"):
+        jaxtl.models.create("resnet34", weights=path)
+
+
+def test_named_weights_not_converted_yet_say_how_to_convert():
+    with pytest.raises(WeightsError, match="jaxtl convert resnet50 --weights IMAGENET1K_V2"):
+        jaxtl.models.create("resnet50", weights="IMAGENET1K_V2")
+
+
+def test_a_pth_file_needs_conversion_first(tmp_path):
+    file = tmp_path / "resnet18-abcdef12.pth"
+    file.write_bytes(b"not read")
+    with pytest.raises(WeightsError, match="jaxtl convert resnet18 --weights"):
+        jaxtl.models.create("resnet18", weights=file)
+
+
+def test_mismatched_state_lists_missing_unexpected_and_mis_shaped_keys():
+    model = jaxtl.models.create("resnet18", num_classes=10)
+    state = state_dict(model)
+    state.pop("layer1.0.conv1.weight")
+    state["layer9.0.conv1.weight"] = np.zeros(3)
+    state["fc.bias"] = np.zeros(11)
+    with pytest.raises(WeightsMismatchError) as info:
+        jaxtl.models.load_state_dict(model, state, source="test.pth")
+    message = str(info.value)
+    assert "missing" in message and "layer1.0.conv1.weight" in message
+    assert "unexpected" in message and "layer9.0.conv1.weight" in message
+    assert "fc.bias: weights (11,), model (10,)" in message
+    assert info.value.missing == ("layer1.0.conv1.weight",)
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = jaxtl.models.create("resnet18", num_classes=10)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", fail)  # fails after the arrays were written
+    with pytest.raises(OSError, match="disk full"):
+        weights.save_converted_weights(tmp_path / "entry", state_dict(model), _spec())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_overwrite_keeps_the_previous_entry(converted, monkeypatch):
+    path, original = converted
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        weights.save_converted_weights(path, {k: v * 0 for k, v in original.items()}, _spec())
+    monkeypatch.undo()
+    loaded, _ = weights.load_converted_weights(path)
+    assert np.array_equal(loaded["conv1.weight"], original["conv1.weight"])
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_corrupt_spec_is_reported_with_its_path(converted):
+    path, _ = converted
+    (path / "spec.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="spec.json is corrupt"):
+        weights.load_converted_weights(path)
+
+
+def test_damaged_arrays_are_reported(converted):
+    path, _ = converted
+    for root, _, files in os.walk(path / "state"):
+        for name in files:
+            if name != "_CHECKPOINT_METADATA":
+                os.remove(os.path.join(root, name))
+    with pytest.raises(WeightsError, match="cannot read the arrays"):
+        weights.load_converted_weights(path)

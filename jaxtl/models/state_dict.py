@@ -43,10 +43,32 @@ def torch_permutations(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return permutations
 
 
-def _describe(keys: Iterable[str], limit: int = 20) -> str:
-    keys = list(keys)
-    shown = "\n    ".join(keys[:limit])
-    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+def _collapse(keys: list[str], universe: Iterable[str]) -> list[str]:
+    """``keys`` with each whole module shown once: ``layer1.2.* (15 keys)`` instead of its 15 keys.
+
+    A module is whole when every key of ``universe`` under it is in ``keys``.
+    """
+    chosen, universe = set(keys), list(universe)
+    lines: list[str] = []
+    done: set[str] = set()
+    for key in keys:
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth]) + "."
+            members = [k for k in universe if k.startswith(prefix)]
+            if len(members) > 1 and all(k in chosen for k in members):
+                if prefix not in done:
+                    done.add(prefix)
+                    lines.append(f"{prefix}* ({len(members)} keys)")
+                break
+        else:
+            lines.append(key)
+    return lines
+
+
+def _describe(lines: list[str], limit: int = 25) -> str:
+    shown = "\n    ".join(lines[:limit])
+    more = f"\n    ... and {len(lines) - limit} more" if len(lines) > limit else ""
     return f"\n    {shown}{more}"
 
 
@@ -77,11 +99,16 @@ def check_state_dict(
     if missing or unexpected or mismatched:
         parts = [f"weights from {source} do not fit {type(model).__name__}:"]
         if missing:
-            parts.append(f"  {len(missing)} missing keys (in the model, not in the weights):{_describe(missing)}")
+            parts.append(
+                f"  {len(missing)} missing keys (in the model, not in the weights):{_describe(_collapse(missing, targets))}"
+            )
         if unexpected:
-            parts.append(f"  {len(unexpected)} unexpected keys (in the weights, not in the model):{_describe(unexpected)}")
+            parts.append(
+                f"  {len(unexpected)} unexpected keys (in the weights, not in the model):"
+                f"{_describe(_collapse(unexpected, state))}"
+            )
         if mismatched:
-            parts.append(f"  {len(mismatched)} shape mismatches:{_describe(mismatched)}")
+            parts.append(f"  {len(mismatched)} shape mismatches (jaxtl layout: HWIO kernels, (in, out) linear):{_describe(mismatched)}")
         parts.append("  Check that the architecture matches the weights (jaxtl.models.list_models()).")
         raise WeightsMismatchError("\n".join(parts), missing=missing, unexpected=unexpected, mismatched=mismatched)
 

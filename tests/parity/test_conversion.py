@@ -1,0 +1,87 @@
+"""Conversion both ways: strict key accounting, layouts by layer type, and the export round trip."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from convert import from_torchvision, infer_arch, to_torchvision
+from convert.parity import to_nhwc
+from convert.random_models import randomized_torchvision_model
+from jaxtl.errors import WeightsMismatchError
+from jaxtl.models.state_dict import state_dict
+
+
+def _eval_logits(jax_model, x):
+    jax_model.eval()
+    return np.asarray(jax_model(jnp.asarray(to_nhwc(x))))
+
+
+def test_from_a_module_and_from_its_state_dict_agree():
+    torch_model = randomized_torchvision_model("resnet18", num_classes=5, seed=1)
+    a = state_dict(from_torchvision(torch_model, "resnet18"))
+    b = state_dict(from_torchvision(torch_model.state_dict(), "resnet18"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_layouts_follow_torch_conventions():
+    torch_model = randomized_torchvision_model("resnet18", num_classes=5, seed=1)
+    converted = state_dict(from_torchvision(torch_model, "resnet18"))
+    source = torch_model.state_dict()
+    np.testing.assert_array_equal(converted["conv1.weight"], source["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(converted["fc.weight"], source["fc.weight"].numpy().T)
+    np.testing.assert_array_equal(converted["layer1.0.bn1.running_var"], source["layer1.0.bn1.running_var"].numpy())
+    assert not any(k.endswith("num_batches_tracked") for k in converted)
+
+
+def test_a_square_head_is_transposed_by_type_not_by_shape():
+    # resnet18's fc with 512 classes is 512x512: a shape-based rule could not tell the layouts apart.
+    torch_model = randomized_torchvision_model("resnet18", num_classes=512, seed=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    np.testing.assert_allclose(_eval_logits(from_torchvision(torch_model, "resnet18"), x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_is_loadable_strictly_with_every_torchvision_key():
+    torch_model = randomized_torchvision_model("resnext50_32x4d", num_classes=3, seed=1)
+    exported = to_torchvision(from_torchvision(torch_model, "resnext50_32x4d"))
+    assert list(exported) == list(torch_model.state_dict()) or set(exported) == set(torch_model.state_dict())
+    fresh = torchvision.models.resnext50_32x4d(num_classes=3)
+    fresh.load_state_dict(exported, strict=True)
+    for key, value in torch_model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(fresh.state_dict()[key], value), key
+    assert exported["bn1.num_batches_tracked"].dtype == torch.long
+
+
+@pytest.mark.parametrize("arch, num_classes", [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3)])
+def test_architecture_is_inferred_from_keys_and_shapes(arch, num_classes):
+    torch_model = torchvision.models.get_model(arch, num_classes=num_classes)
+    assert infer_arch(torch_model.state_dict()) == arch
+    model = from_torchvision(torch_model)
+    assert model.fc.out_features == num_classes
+
+
+def test_weights_of_another_architecture_list_the_keys():
+    resnet34_state = torchvision.models.resnet34(num_classes=10).state_dict()
+    with pytest.raises(WeightsMismatchError) as info:
+        from_torchvision(resnet34_state, "resnet18")
+    assert "layer1.2.conv1.weight" in info.value.unexpected
+    assert "80 unexpected keys" in str(info.value) and "\n    layer3.5.* (10 keys)\n" in str(info.value)
+
+    resnet18_state = torchvision.models.resnet18(num_classes=10).state_dict()
+    with pytest.raises(WeightsMismatchError) as info:
+        from_torchvision(resnet18_state, "resnet50")
+    message = str(info.value)
+    assert "layer1.0.conv3.weight" in info.value.missing
+    assert "layer1.0.conv1.weight: weights (3, 3, 64, 64), model (1, 1, 64, 64)" in message
+    assert "fc.weight: weights (512, 10), model (2048, 10)" in message
+
+
+def test_a_state_dict_of_no_known_architecture_is_refused():
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    state.pop("layer4.1.bn2.running_var")
+    with pytest.raises(WeightsMismatchError, match="fits none of jaxtl's architectures"):
+        infer_arch(state)

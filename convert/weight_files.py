@@ -6,7 +6,6 @@ import hashlib
 import os
 import pickle
 import socket
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             f"refusing {path}: it is not a plain weights file (unpickling it would need code from the file: "
             f"{first_line}). Save only tensors, e.g. torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # garbage makes torch's readers raise anything (KeyError, RuntimeError, ...)
         raise WeightsError(
             f"cannot read {path} as a torch weights file ({type(error).__name__}: {str(error).strip()[:200]}); "
             "it may be truncated or not a torch file: download or save it again"

@@ -106,7 +106,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         f"{args.arch}: random torchvision weights with randomised BatchNorm statistics (seed {args.seed}), "
         f"converted to jaxtl; batch {args.batch}x3x{args.size[0]}x{args.size[1]}"
     )
-    report = check_parity(torch_model, jax_model, args.arch, x, labels)
+    report = check_parity(torch_model, jax_model, args.arch, x, labels, float32_gradients=True)
     print(report.format())
     return 0 if report.passed else 1
 

@@ -33,6 +33,8 @@ def test_converted_model_matches_torchvision(arch, size):
     labels = torch.randint(0, 10, (2,), generator=generator)
     report = check_parity(torch_model, jax_model, arch, x, labels)
     assert report.passed, report.format()
+    # Gradients are compared in float64 (see check_parity): far inside the contract's 1e-4.
+    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
     # Every parameter and every BN statistic took part.
     assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     bn_count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_model.modules())

@@ -51,7 +51,7 @@ def convert_weights(arch: str, weights: str | os.PathLike, *, out: str | os.Path
         path = download_weights(named_spec)
     state, sha256 = load_state_dict_file(path)
     model = from_torchvision(state, arch, source=str(path))
-    num_classes = getattr(model, model.head_name).out_features
+    num_classes = model.num_classes
     if named_spec is not None:
         spec = dataclasses.replace(named_spec, sha256=sha256)
         default_out = jaxtl_weights.converted_weights_path(arch, named_spec.name)

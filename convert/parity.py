@@ -33,11 +33,11 @@ TOLERANCES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-def relative_l2(expected: np.ndarray, actual: np.ndarray) -> float:
-    """||actual - expected|| / ||expected|| (the plain norm of the difference when expected is zero)."""
+def relative_l2(expected: np.ndarray, actual: np.ndarray, floor: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, floor) (the plain norm of the difference if both are zero)."""
     expected = np.asarray(expected, np.float64)
     difference = np.linalg.norm(np.asarray(actual, np.float64) - expected)
-    norm = np.linalg.norm(expected)
+    norm = max(float(np.linalg.norm(expected)), floor)
     return float(difference / norm) if norm > 0 else float(difference)
 
 
@@ -59,14 +59,31 @@ class Comparison:
         return within_abs and within_rel
 
 
-def compare(check: str, name: str, expected, actual, limits: tuple[float | None, float | None] | None = None) -> Comparison:
-    """Compares two arrays of the same shape; ``limits`` default to ``TOLERANCES[check]``."""
+def compare(
+    check: str, name: str, expected, actual, limits: tuple[float | None, float | None] | None = None, *, floor: float = 0.0
+) -> Comparison:
+    """Compares two arrays of the same shape; ``limits`` default to ``TOLERANCES[check]``.
+
+    ``floor`` bounds the denominator of the relative L2 difference from below (see
+    ``gradient_floor``).
+    """
     expected, actual = np.asarray(expected), np.asarray(actual)
     if expected.shape != actual.shape:
         raise ValueError(f"{check} {name}: torch shape {expected.shape} != jaxtl shape {actual.shape}")
     max_abs_limit, rel_limit = limits if limits is not None else TOLERANCES[check]
     max_abs = float(np.max(np.abs(expected.astype(np.float64) - actual))) if expected.size else 0.0
-    return Comparison(check, name, max_abs, relative_l2(expected, actual), max_abs_limit, rel_limit)
+    return Comparison(check, name, max_abs, relative_l2(expected, actual, floor), max_abs_limit, rel_limit)
+
+
+def gradient_floor(gradients: dict[str, np.ndarray]) -> float:
+    """1e-6 of the largest gradient norm: the scale below which a gradient tensor is numerically zero.
+
+    Some gradients are exactly zero in exact arithmetic: the bias of a BatchNorm whose output feeds
+    (through a conv) another BatchNorm in train mode is removed by that BatchNorm's mean, as in
+    EfficientNet's blocks without a residual. Both frameworks then return rounding noise (1e-15 in
+    float64), whose relative difference means nothing; it is measured against this floor instead.
+    """
+    return 1e-6 * max(float(np.linalg.norm(g)) for g in gradients.values())
 
 
 @dataclasses.dataclass
@@ -203,19 +220,34 @@ def check_parity(
         expected = _check_forward(report, "eval", torch_model, jax_model, x, x_nhwc)
         _check_forward(report, "train", torch_model, jax_model, x, x_nhwc)
         torch_grads, jax_grads = _gradients(torch_model, jax_model, x, labels, torch.float64)
+        floor = gradient_floor(torch_grads)
         for name in torch_grads:  # torch's order: the first failure listed is the earliest layer.
-            report.comparisons.append(compare("gradients", name, torch_grads[name], jax_grads[name]))
+            report.comparisons.append(compare("gradients", name, torch_grads[name], jax_grads[name], floor=floor))
         if float32_gradients:
             report.notes.append(_float32_gradient_summary(*_gradients(torch_model, jax_model, x, labels, torch.float32)))
         _check_export(report, torch_model, jax_model, arch, x, expected)
     return report
 
 
+def _set_mode(torch_model: torch.nn.Module, jax_model: nnx.Module, mode: str) -> None:
+    """Puts both models in ``mode``; in train mode dropout and stochastic depth stay off on both
+    sides, so that BatchNorm's train-mode behaviour is compared without random masks."""
+    torch_model.train(mode == "train")
+    for module in torch_model.modules():
+        if isinstance(module, (torch.nn.Dropout, torchvision.ops.StochasticDepth)):
+            module.eval()
+    if mode == "train":
+        jax_model.train()
+        jax_model.set_attributes(deterministic=True, raise_if_not_found=False)
+    else:
+        jax_model.eval()
+
+
 def _check_forward(report: ParityReport, mode: str, torch_model, jax_model, x, x_nhwc) -> np.ndarray:
     """Logits in ``mode`` ("eval" or "train") and, in train mode, the updated BN running statistics."""
-    reference = copy.deepcopy(torch_model).train(mode == "train")
+    reference = copy.deepcopy(torch_model)
     candidate = nnx.clone(jax_model)
-    candidate.train() if mode == "train" else candidate.eval()
+    _set_mode(reference, candidate, mode)
     with torch.no_grad():
         expected = reference(x).numpy()
     actual, statistics = _jax_forward(candidate)(x_nhwc)
@@ -231,7 +263,8 @@ def _check_forward(report: ParityReport, mode: str, torch_model, jax_model, x, x
 
 def _float32_gradient_summary(torch_grads: dict[str, np.ndarray], jax_grads: dict[str, np.ndarray]) -> str:
     bound = TOLERANCES["gradients"][1]
-    errors = {name: relative_l2(torch_grads[name], jax_grads[name]) for name in torch_grads}
+    floor = gradient_floor(torch_grads)
+    errors = {name: relative_l2(torch_grads[name], jax_grads[name], floor) for name in torch_grads}
     worst = max(errors, key=errors.get)
     within = sum(error <= bound for error in errors.values())
     return f"float32 gradients: {within}/{len(errors)} tensors within rel L2 {bound:.0e}, worst {worst} {errors[worst]:.2e}"
@@ -239,13 +272,14 @@ def _float32_gradient_summary(torch_grads: dict[str, np.ndarray], jax_grads: dic
 
 def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
     """Cross-entropy gradients of every parameter in train mode, both frameworks, in ``dtype``."""
-    reference = copy.deepcopy(torch_model).to(dtype).train()
+    reference = copy.deepcopy(torch_model).to(dtype)
+    candidate = nnx.clone(jax_model)
+    _set_mode(reference, candidate, "train")
     F.cross_entropy(reference(x.to(dtype)), labels).backward()
     with jax.enable_x64(dtype == torch.float64):
-        candidate = nnx.clone(jax_model)
-        candidate.train()
         jax_dtype = jnp.float64 if dtype == torch.float64 else jnp.float32
-        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(a, jax_dtype), nnx.state(candidate)))
+        floats = nnx.state(candidate, nnx.Any(nnx.Param, nnx.BatchStat))
+        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(a, jax_dtype), floats))
         x_nhwc = jnp.asarray(to_nhwc(x.to(dtype)), jax_dtype)
         _, jax_grads = _jax_loss_and_grads(candidate)(x_nhwc, jnp.asarray(labels.numpy()))
         jax_grads = _flat(jax_grads)
@@ -261,9 +295,9 @@ def _check_export(report: ParityReport, torch_model, jax_model, arch: str, x, ex
 
 
 def _locate_divergence(mode: str, torch_model, jax_model, x: torch.Tensor, x_nhwc: jax.Array) -> list[str]:
-    reference = copy.deepcopy(torch_model).train(mode == "train")
+    reference = copy.deepcopy(torch_model)
     candidate = nnx.clone(jax_model)
-    candidate.train() if mode == "train" else candidate.eval()
+    _set_mode(reference, candidate, mode)
     with torch.no_grad():
         actual = candidate.forward_intermediates(x_nhwc)
     expected = torch_intermediates(reference, x, list(actual))

@@ -5,7 +5,7 @@ any mistake in how statistics are used. Here every BN gets random affine paramet
 statistics taken from a real batch (so activations stay of order one through deep networks) and
 then perturbed, so that eval mode and train mode compute different things.
 
-The last BN of each residual branch gets a small scale (0.1 to 0.3), as trained ResNets have and
+The last BN of each residual branch gets a small scale (0.1 to 0.3), as trained networks have and
 as torchvision's zero_init_residual takes to its limit. With unit scales a randomly initialised
 BatchNorm network is chaotic in train mode (arXiv:1902.08129): every block amplifies rounding
 error by a few percent, so that torch's own float32 logits of a ResNet-152 differ from its
@@ -23,13 +23,16 @@ def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Bat
 
 
 def _residual_branch_ends(model: torch.nn.Module) -> set[int]:
-    """ids of the last BN of each residual branch (ResNet's bn2 / bn3)."""
+    """ids of the last BN of each residual branch (ResNet's bn2 / bn3, (Fused)MBConv's projection BN)."""
     ends = set()
     for module in model.modules():
         if isinstance(module, torchvision.models.resnet.Bottleneck):
             ends.add(id(module.bn3))
         elif isinstance(module, torchvision.models.resnet.BasicBlock):
             ends.add(id(module.bn2))
+        elif isinstance(module, (torchvision.models.efficientnet.MBConv, torchvision.models.efficientnet.FusedMBConv)):
+            if module.use_res_connect:
+                ends.add(id(module.block[-1][1]))  # the projection's BatchNorm
     return ends
 
 
@@ -62,11 +65,18 @@ def randomized_torchvision_model(
     for bn in norms:
         bn.momentum = 1.0
     model.train()
-    model(torch.randn(8, 3, *calibration_shape, generator=generator))
+    calibration = torch.randn(8, 3, *calibration_shape, generator=generator)
+    model(calibration)
     for bn, momentum in zip(norms, momenta):
         bn.momentum = momentum
         std = bn.running_var.sqrt()
         bn.running_mean.add_(0.2 * std * torch.randn(bn.running_mean.shape, generator=generator))
         bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.7, 1.4, generator=generator))
         bn.num_batches_tracked.zero_()
-    return model.eval()
+    # Logits of order one, as a trained head gives: torchvision's EfficientNet head init with few
+    # classes makes them of order a hundred, where float32 rounding alone exceeds 1e-4.
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    logits_std = model.eval()(calibration).std()
+    head.weight.div_(logits_std)
+    head.bias.div_(logits_std)
+    return model

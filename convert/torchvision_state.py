@@ -52,9 +52,15 @@ def _abstract_model(arch: str, num_classes: int) -> nnx.Module:
 
 
 def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
-    head = _abstract_model(arch, 1000).head_name
-    weight = state.get(f"{head}.weight")
+    """Output width of the head's linear layer (``fc.weight``, ``classifier.1.weight``) in ``state``."""
+    model = _abstract_model(arch, 1000)
+    key = _head_weight_key(model)
+    weight = state.get(key)
     return None if weight is None or weight.ndim != 2 else int(weight.shape[0])
+
+
+def _head_weight_key(model: nnx.Module) -> str:
+    return next(k for k in torch_permutations(model) if k.startswith(f"{model.head_name}.") and k.endswith(".weight"))
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
@@ -100,11 +106,11 @@ def from_torchvision(
     arch = arch or infer_arch(state)
     num_classes = _head_width(arch, state)
     if num_classes is None:
-        head = _abstract_model(arch, 1000).head_name
+        head = _head_weight_key(_abstract_model(arch, 1000))
         raise WeightsMismatchError(
-            f"weights from {source} have no 2-D {head}.weight, so they are not a {arch} state_dict "
+            f"weights from {source} have no 2-D {head}, so they are not a {arch} state_dict "
             f"(first keys: {list(state)[:5]})",
-            missing=[f"{head}.weight"],
+            missing=[head],
         )
     # Shapes only: every array is about to be replaced, so no random init is spent on them.
     model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(0)))

@@ -1,6 +1,20 @@
 """Flax NNX image classifiers with torchvision's names, and the registry that builds them."""
 
-from jaxtl.models import resnet
+from jaxtl.models import efficientnet, resnet
+from jaxtl.models.efficientnet import (
+    EfficientNet,
+    efficientnet_b0,
+    efficientnet_b1,
+    efficientnet_b2,
+    efficientnet_b3,
+    efficientnet_b4,
+    efficientnet_b5,
+    efficientnet_b6,
+    efficientnet_b7,
+    efficientnet_v2_l,
+    efficientnet_v2_m,
+    efficientnet_v2_s,
+)
 from jaxtl.models.registry import create, list_models, register_model
 from jaxtl.models.resnet import (
     ResNet,
@@ -18,6 +32,19 @@ from jaxtl.models.resnet import (
 from jaxtl.models.state_dict import load_state_dict, state_dict
 
 __all__ = [
+    "EfficientNet",
+    "efficientnet",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_b4",
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "efficientnet_v2_l",
+    "efficientnet_v2_m",
+    "efficientnet_v2_s",
     "ResNet",
     "create",
     "list_models",

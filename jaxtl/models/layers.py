@@ -70,6 +70,7 @@ class Conv2d(nnx.Module):
         groups: int = 1,
         bias: bool = False,
         kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
         rngs: nnx.Rngs,
     ):
         if in_channels % groups or out_channels % groups:
@@ -81,15 +82,20 @@ class Conv2d(nnx.Module):
         self.groups = groups
         fan_in = in_channels // groups * kh * kw
         kernel_init = kernel_init or torch_default_uniform(fan_in)
+        bias_init = bias_init or torch_default_uniform(fan_in)
         self.weight = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_channels // groups, out_channels), jnp.float32))
-        self.bias = nnx.Param(torch_default_uniform(fan_in)(rngs.params(), (out_channels,))) if bias else None
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,), jnp.float32)) if bias else None
 
     def __call__(self, x: Array) -> Array:
         """(N, H, W, C_in) -> (N, H', W', C_out)."""
         (ph, pw) = self.padding
+        kernel = self.weight[...].astype(x.dtype)
+        if self.groups == x.shape[-1] == kernel.shape[-1] and jax.default_backend() == "cpu":
+            y = depthwise_conv2d(x, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            return y if self.bias is None else y + self.bias[...].astype(x.dtype)
         y = jax.lax.conv_general_dilated(
             x,
-            self.weight[...].astype(x.dtype),
+            kernel,
             window_strides=self.stride,
             padding=((ph, ph), (pw, pw)),
             rhs_dilation=self.dilation,
@@ -171,12 +177,22 @@ class Linear(nnx.Module):
 
     TORCH_LAYOUT: ClassVar[dict[str, tuple[int, ...]]] = {"weight": (1, 0)}
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        weight_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = in_features
         self.out_features = out_features
-        init = torch_default_uniform(in_features)
-        self.weight = nnx.Param(init(rngs.params(), (in_features, out_features)))
-        self.bias = nnx.Param(init(rngs.params(), (out_features,))) if bias else None
+        weight_init = weight_init or torch_default_uniform(in_features)
+        bias_init = bias_init or torch_default_uniform(in_features)
+        self.weight = nnx.Param(weight_init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32)) if bias else None
 
     def __call__(self, x: Array) -> Array:
         """(..., in_features) -> (..., out_features)."""
@@ -193,6 +209,81 @@ class Sequential(nnx.List):
         for layer in self:
             x = layer(x)
         return x
+
+
+def depthwise_conv2d(
+    x: Array, kernel: Array, *, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> Array:
+    """A depthwise conv (groups = channels) as a sum over kernel taps of strided slices.
+
+    Computes what ``conv_general_dilated(..., feature_group_count=C)`` computes. XLA:CPU lowers
+    the kernel gradient of a grouped conv to a dense one whose scratch memory grows with C^2
+    (41 GB for EfficientNet-B7 at 57x71); here every op is elementwise or a reduction.
+
+    Args:
+        x: (N, H, W, C).
+        kernel: (kh, kw, 1, C).
+        stride, padding, dilation: per spatial axis; padding is symmetric.
+
+    Returns:
+        (N, H', W', C).
+    """
+    kh, kw, _, channels = kernel.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    n, height, width, _ = x.shape
+    out_h = (height - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width - dw * (kw - 1) - 1) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw, 0)
+            limit = (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, channels)
+            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1)) * kernel[i, j, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
+def zeros_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """torch ``nn.init.zeros_``."""
+    return jnp.zeros(shape, dtype)
+
+
+def uniform_init(bound: float) -> Initializer:
+    """torch ``nn.init.uniform_(w, -bound, bound)``."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Activation(nnx.Module):
+    """A parameter-free activation that holds a place in a Sequential, as torch's nn.SiLU / nn.ReLU do."""
+
+    def __init__(self, function: Callable[[Array], Array]):
+        self.function = function
+
+    def __call__(self, x: Array) -> Array:
+        return self.function(x)
+
+
+class StochasticDepth(nnx.Dropout):
+    """torchvision.ops.StochasticDepth in "row" mode: drops a whole sample's residual branch.
+
+    In train mode each sample is kept with probability 1 - p and then scaled by 1 / (1 - p); in
+    eval mode (``deterministic=True``) the input passes unchanged. The mask comes from the
+    ``dropout`` RNG stream the module was built with, or from ``rngs`` passed at call time.
+    """
+
+    def __init__(self, p: float, *, rngs: nnx.Rngs):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"stochastic depth probability must be in [0, 1], got {p}")
+        super().__init__(p, broadcast_dims=(1, 2, 3), rngs=rngs)  # one Bernoulli per sample (NHWC)
+
+    @property
+    def p(self) -> float:
+        return self.rate
 
 
 def max_pool2d(x: Array, *, kernel_size: int, stride: int, padding: int) -> Array:

@@ -132,6 +132,7 @@ class ResNet(nnx.Module):
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1], rngs=rngs)
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2], rngs=rngs)
         self.num_features = 512 * block.expansion
+        self.num_classes = num_classes
         self.fc = Linear(self.num_features, num_classes, rngs=rngs)
         if zero_init_residual:
             # torchvision: each residual branch starts as identity (arXiv:1706.02677).

@@ -26,7 +26,12 @@ def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def _variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
-    return [(path, variable) for path, variable in nnx.to_flat_state(nnx.state(model)) if variable.get_value() is not None]
+    """Parameters and BatchNorm statistics: what a torchvision state_dict holds (no RNG state)."""
+    return [
+        (path, variable)
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+        if variable.get_value() is not None
+    ]
 
 
 def torch_permutations(model: nnx.Module) -> dict[str, tuple[int, ...]]:

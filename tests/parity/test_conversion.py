@@ -56,12 +56,23 @@ def test_export_is_loadable_strictly_with_every_torchvision_key():
     assert exported["bn1.num_batches_tracked"].dtype == torch.long
 
 
-@pytest.mark.parametrize("arch, num_classes", [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3)])
+@pytest.mark.parametrize(
+    "arch, num_classes",
+    [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3), ("efficientnet_b1", 7), ("efficientnet_v2_s", 5)],
+)
 def test_architecture_is_inferred_from_keys_and_shapes(arch, num_classes):
     torch_model = torchvision.models.get_model(arch, num_classes=num_classes)
     assert infer_arch(torch_model.state_dict()) == arch
     model = from_torchvision(torch_model)
-    assert model.fc.out_features == num_classes
+    assert model.num_classes == num_classes
+
+
+def test_efficientnet_export_round_trip_is_exact():
+    torch_model = randomized_torchvision_model("efficientnet_b0", num_classes=3, seed=2)
+    fresh = torchvision.models.efficientnet_b0(num_classes=3)
+    fresh.load_state_dict(to_torchvision(from_torchvision(torch_model, "efficientnet_b0")), strict=True)
+    for key, value in torch_model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value) or key.endswith("num_batches_tracked"), key
 
 
 def test_weights_of_another_architecture_list_the_keys():

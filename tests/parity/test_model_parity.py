@@ -1,26 +1,40 @@
-"""Every converted ResNet computes what torchvision computes (DESIGN.md numerics contract).
+"""Every converted model computes what torchvision computes (DESIGN.md numerics contract).
 
 Random-init torchvision models with randomised BN affine parameters and running statistics, at a
 square and an odd non-square input size: eval logits, train-mode logits and BN running-stat
-updates, gradients of every parameter, and the export round trip.
+updates (dropout and stochastic depth off on both sides), gradients of every parameter, and the
+export round trip.
 """
 
 import pytest
 import torch
+import torchvision
+from flax import nnx
+
+import jaxtl.models
 
 from convert.parity import check_parity
 from convert.random_models import randomized_torchvision_model
 from convert.torchvision_state import from_torchvision
+from jaxtl.models.layers import BatchNorm2d
 
-QUICK = {("resnet18", (97, 131)), ("resnet18", (64, 64)), ("resnet50", (97, 131))}
-ARCHS = [
+RESNETS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-]
+]  # fmt: skip
+EFFICIENTNETS = [f"efficientnet_b{i}" for i in range(8)] + [f"efficientnet_v2_{s}" for s in "sml"]
+# Every ResNet at an odd non-square size and a square one. EfficientNets, whose XLA compile takes
+# several times a ResNet's, at one odd non-square size (the largest at the smallest that V2 takes,
+# 33), B0 and V2-S at a square one too.
+QUICK = {("resnet18", (97, 131)), ("resnet18", (64, 64)), ("resnet50", (97, 131)), ("efficientnet_b0", (57, 71))}
+SIZES = {arch: [(97, 131), (64, 64)] for arch in RESNETS}
+SIZES |= {arch: [(57, 71)] for arch in EFFICIENTNETS}
+SIZES |= {arch: [(33, 41)] for arch in ("efficientnet_b6", "efficientnet_b7", "efficientnet_v2_m", "efficientnet_v2_l")}
+SIZES |= {arch: [(57, 71), (64, 64)] for arch in ("efficientnet_b0", "efficientnet_v2_s")}
 CASES = [
     pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
-    for arch in ARCHS
-    for size in [(97, 131), (64, 64)]
+    for arch, sizes in SIZES.items()
+    for size in sizes
 ]
 
 
@@ -39,3 +53,14 @@ def test_converted_model_matches_torchvision(arch, size):
     assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     bn_count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_model.modules())
     assert sum(c.check == "running stats" for c in report.comparisons) == 2 * bn_count
+
+
+@pytest.mark.parametrize("arch", RESNETS + EFFICIENTNETS)
+def test_batch_norm_eps_and_momentum_are_torchvisions(arch):
+    torch_model = torchvision.models.get_model(arch, weights=None)
+    jax_model = nnx.eval_shape(lambda: jaxtl.models.create(arch))
+    jax_norms = {".".join(map(str, path)): m for path, m in nnx.iter_modules(jax_model) if isinstance(m, BatchNorm2d)}
+    torch_norms = {n: m for n, m in torch_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert jax_norms.keys() == torch_norms.keys()
+    for name, bn in torch_norms.items():
+        assert (jax_norms[name].eps, jax_norms[name].momentum) == (bn.eps, bn.momentum), name

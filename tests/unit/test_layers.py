@@ -126,3 +126,31 @@ def test_linear_uses_torch_default_init_and_in_out_layout():
 def test_kaiming_normal_fan_out_matches_torch_std():
     kernel = kaiming_normal_fan_out(jax.random.key(0), (3, 3, 64, 128))
     assert float(jnp.std(kernel)) == pytest.approx(math.sqrt(2.0 / (128 * 9)), rel=0.02)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, (9, 11)), (5, 2, (10, 13)), (3, 2, (8, 8)), (5, 1, (4, 4))])
+def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, stride, size):
+    from jaxtl.models.layers import depthwise_conv2d
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, *size, 6))
+    w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
+    padding = ((kernel - 1) // 2,) * 2
+
+    def reference(x, w):
+        pads = tuple((p, p) for p in padding)
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+            precision="highest",
+        )
+
+    def taps(x, w):
+        return depthwise_conv2d(x, w, stride=(stride, stride), padding=padding, dilation=(1, 1))
+
+    expected, actual = reference(x, w), taps(x, w)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(keys[2], expected.shape)
+    grads_expected = jax.vjp(reference, x, w)[1](cotangent)
+    grads_actual = jax.vjp(taps, x, w)[1](cotangent)
+    for a, e in zip(grads_actual, grads_expected):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/jaxtl parity resnet18 --size 97x131
 	$(BIN)/jaxtl parity resnet50 --size 64x64
+	$(BIN)/jaxtl parity efficientnet_b0 --size 57x71
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)

@@ -298,8 +298,7 @@ def _locate_divergence(mode: str, torch_model, jax_model, x: torch.Tensor, x_nhw
     reference = copy.deepcopy(torch_model)
     candidate = nnx.clone(jax_model)
     _set_mode(reference, candidate, mode)
-    with torch.no_grad():
-        actual = candidate.forward_intermediates(x_nhwc)
+    actual = candidate.forward_intermediates(x_nhwc)
     expected = torch_intermediates(reference, x, list(actual))
     return [f"{mode} mode:", *first_divergence(expected, actual, TOLERANCES[f"{mode} logits"])]
 

@@ -21,7 +21,7 @@ def _key(path: tuple) -> str:
 
 
 def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Every parameter and BatchNorm statistic of ``model`` as host numpy arrays, in module order."""
+    """Every parameter and BatchNorm statistic of ``model`` as host numpy arrays, keys sorted."""
     return {_key(path): np.asarray(jax.device_get(variable.get_value())) for path, variable in _variables(model)}
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxtl.errors import WeightsMismatchError
 from jaxtl.models import list_models
-from jaxtl.models.registry import get_builder
+from jaxtl.models.registry import abstract_model
 from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
 
 BN_COUNTER = ".num_batches_tracked"
@@ -48,7 +48,7 @@ def torch_to_jaxtl_layout(model: nnx.Module, state: Mapping[str, torch.Tensor]) 
 
 @cache
 def _abstract_model(arch: str, num_classes: int) -> nnx.Module:
-    return nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(0)))
+    return abstract_model(arch, num_classes=num_classes)
 
 
 def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
@@ -113,7 +113,7 @@ def from_torchvision(
             missing=[head],
         )
     # Shapes only: every array is about to be replaced, so no random init is spent on them.
-    model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(0)))
+    model = abstract_model(arch, num_classes=num_classes)
     load_state_dict(model, torch_to_jaxtl_layout(model, state), source=source)
     return model
 

@@ -111,6 +111,34 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # Its own process: tfds prepares most datasets with tensorflow, which must never share a
+    # process with torch (or with training, which reads the prepared files without it).
+    command = [sys.executable, "-m", "jaxtl.data.prepare", args.name]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    return subprocess.call(command)
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from jaxtl.data import generate_synthetic, image_folder_splits
+
+    root = generate_synthetic(
+        args.out,
+        seed=args.seed,
+        num_classes=args.num_classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+    )
+    splits = image_folder_splits(root)
+    print(f"synthetic dataset in {root}")
+    for split, folder in splits.items():
+        print(f"  {split}: {len(folder)} images, classes {', '.join(folder.classes)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtl", description="Transfer learning of torchvision classifiers in JAX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -152,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--num-classes", type=int, default=10, help="head width (default 10)")
     parity.add_argument("--seed", type=int, default=0, help="seed of weights and input (default 0)")
     parity.set_defaults(run=cmd_parity)
+
+    data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="download and prepare a tfds dataset as array_record files (needs tensorflow)",
+        description="Download and prepare a tfds catalog dataset (e.g. tf_flowers) in array_record format, in a "
+        "separate process that never imports torch. Training then reads it through tfds.data_source without "
+        "tensorflow.",
+    )
+    prepare.add_argument("name", help="tfds catalog name, optionally with a version: tf_flowers, tf_flowers:3.0.1")
+    prepare.add_argument("--data-dir", help="tfds data folder (default: tfds's, ~/tensorflow_datasets)")
+    prepare.set_defaults(run=cmd_data_prepare)
+    synthetic = data_commands.add_parser(
+        "synthetic",
+        help="write the generated shapes-and-textures dataset as an ImageFolder",
+        description="Write the deterministic synthetic dataset (root/{train,val}/<class>/<n>.jpg) that the "
+        "quickstart trains on. The same arguments give the same bytes; an existing complete copy is reused.",
+    )
+    synthetic.add_argument("--out", help="folder to write (default: a folder in jaxtl's cache)")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synthetic.add_argument("--num-classes", type=int, default=5, help="2 to 8 classes (default 5)")
+    synthetic.add_argument("--train-per-class", type=int, default=60, help="train images per class (default 60)")
+    synthetic.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
+    synthetic.set_defaults(run=cmd_data_synthetic)
     return parser
 
 

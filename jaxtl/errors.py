@@ -24,3 +24,7 @@ class WeightsMismatchError(WeightsError):
         self.missing = tuple(missing)
         self.unexpected = tuple(unexpected)
         self.mismatched = tuple(mismatched)
+
+
+class DataError(JaxtlError):
+    """A dataset, folder or image that cannot be used: names the path and what to do."""

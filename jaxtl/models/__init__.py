@@ -15,7 +15,7 @@ from jaxtl.models.efficientnet import (
     efficientnet_v2_m,
     efficientnet_v2_s,
 )
-from jaxtl.models.registry import create, list_models, register_model
+from jaxtl.models.registry import abstract_model, create, list_models, register_model
 from jaxtl.models.resnet import (
     ResNet,
     resnet18,
@@ -46,6 +46,7 @@ __all__ = [
     "efficientnet_v2_m",
     "efficientnet_v2_s",
     "ResNet",
+    "abstract_model",
     "create",
     "list_models",
     "load_state_dict",

@@ -23,13 +23,13 @@ RESNETS = [
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]  # fmt: skip
 EFFICIENTNETS = [f"efficientnet_b{i}" for i in range(8)] + [f"efficientnet_v2_{s}" for s in "sml"]
-# Every ResNet at an odd non-square size and a square one. EfficientNets, whose XLA compile takes
-# several times a ResNet's, are covered in the suite by B0 (both sizes), B5 (eps 1e-3, momentum
-# 0.01) and V2-S (FusedMBConv); the other variants pass `jaxtl parity ARCH --size 57x71` but would
-# take the suite past its time budget on two cores.
-QUICK = {("resnet18", (97, 131)), ("resnet18", (64, 64)), ("resnet50", (97, 131)), ("efficientnet_b0", (57, 71))}
+# Every ResNet at an odd non-square size and a square one; every EfficientNet at one small odd
+# size (B0 at two). V2-S and V2-L run at 57x71: at 33x41 their last stages normalise over 8 values
+# per channel in train mode, where float32 rounding alone moves V2-L's logits by ~1e-5.
+QUICK = {("resnet18", (97, 131)), ("efficientnet_b0", (57, 71))}
 SIZES = {arch: [(97, 131), (64, 64)] for arch in RESNETS}
-SIZES |= {"efficientnet_b0": [(57, 71), (64, 64)], "efficientnet_b5": [(33, 41)], "efficientnet_v2_s": [(57, 71)]}
+SIZES |= {arch: [(33, 41)] for arch in EFFICIENTNETS}
+SIZES |= {"efficientnet_b0": [(57, 71), (64, 64)], "efficientnet_v2_s": [(57, 71)], "efficientnet_v2_l": [(57, 71)]}
 CASES = [
     pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
     for arch, sizes in SIZES.items()
@@ -57,7 +57,7 @@ def test_converted_model_matches_torchvision(arch, size):
 @pytest.mark.parametrize("arch", RESNETS + EFFICIENTNETS)
 def test_batch_norm_eps_and_momentum_are_torchvisions(arch):
     torch_model = torchvision.models.get_model(arch, weights=None)
-    jax_model = nnx.eval_shape(lambda: jaxtl.models.create(arch))
+    jax_model = jaxtl.models.abstract_model(arch)
     jax_norms = {".".join(map(str, path)): m for path, m in nnx.iter_modules(jax_model) if isinstance(m, BatchNorm2d)}
     torch_norms = {n: m for n, m in torch_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert jax_norms.keys() == torch_norms.keys()

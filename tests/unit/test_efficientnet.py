@@ -26,8 +26,8 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def _abstract(arch, **kwargs):
-    return nnx.eval_shape(lambda: jaxtl.models.create(arch, **kwargs))
+def _abstract(arch):
+    return jaxtl.models.abstract_model(arch)
 
 
 @pytest.mark.parametrize("arch", sorted(TORCHVISION_NUM_PARAMS))

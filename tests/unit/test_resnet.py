@@ -34,13 +34,13 @@ def test_registry_lists_the_whole_resnet_family():
 
 @pytest.mark.parametrize("arch", sorted(TORCHVISION_NUM_PARAMS))
 def test_parameter_count_equals_torchvision(arch):
-    model = nnx.eval_shape(lambda: jaxtl.models.create(arch))
+    model = jaxtl.models.abstract_model(arch)
     params = nnx.state(model, nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == TORCHVISION_NUM_PARAMS[arch]
 
 
 def test_parameter_paths_are_torchvision_state_dict_keys():
-    model = nnx.eval_shape(lambda: jaxtl.models.create("resnet18"))
+    model = jaxtl.models.abstract_model("resnet18")
     shapes = {".".join(map(str, path)): v.get_value().shape for path, v in nnx.to_flat_state(nnx.state(model))}
     assert shapes["conv1.weight"] == (7, 7, 3, 64)  # HWIO
     assert shapes["layer4.1.conv2.weight"] == (3, 3, 512, 512)
@@ -53,14 +53,14 @@ def test_parameter_paths_are_torchvision_state_dict_keys():
 
 
 def test_resnet50_is_v1_5_with_the_stride_on_the_3x3_conv():
-    model = nnx.eval_shape(lambda: jaxtl.models.create("resnet50"))
+    model = jaxtl.models.abstract_model("resnet50")
     block = model.layer2[0]
     assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
     assert block.downsample[0].stride == (2, 2)
 
 
 def test_resnext_uses_grouped_3x3_convs():
-    model = nnx.eval_shape(lambda: jaxtl.models.create("resnext50_32x4d"))
+    model = jaxtl.models.abstract_model("resnext50_32x4d")
     assert model.layer1[0].conv2.groups == 32
     assert model.layer1[0].conv2.weight.shape == (3, 3, 4, 128)
 

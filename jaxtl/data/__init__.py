@@ -1,0 +1,23 @@
+"""Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader."""
+
+from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches
+from jaxtl.data.sources import IMG_EXTENSIONS, ImageFolder, TfdsSource, image_folder_splits, load_image
+from jaxtl.data.synthetic import generate_synthetic
+from jaxtl.data.transforms import EvalTransform, TrainTransform, normalize
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "Batch",
+    "EvalTransform",
+    "ImageFolder",
+    "Loader",
+    "LoaderState",
+    "TfdsSource",
+    "TrainTransform",
+    "data_sharding",
+    "device_batches",
+    "generate_synthetic",
+    "image_folder_splits",
+    "load_image",
+    "normalize",
+]

@@ -1,0 +1,46 @@
+"""`jaxtl data`: the synthetic dataset and tfds preparation, run as a user runs them."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+JAXTL = [sys.executable, "-m", "jaxtl.cli"]
+
+
+def run(*args, env=None):
+    return subprocess.run([*JAXTL, *args], capture_output=True, text=True, timeout=300, env=env or os.environ)
+
+
+def test_data_synthetic_writes_and_reuses_the_dataset(tmp_path):
+    out = tmp_path / "shapes"
+    args = ("data", "synthetic", "--out", str(out), "--num-classes", "3", "--train-per-class", "4", "--val-per-class", "2")
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    assert "train: 12 images, classes checkerboard, circle, square" in first.stdout
+    assert "val: 6 images" in first.stdout
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["checkerboard", "circle", "square"]
+    files = {p: p.read_bytes() for p in out.rglob("*.jpg")}
+    assert run(*args).returncode == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.jpg")} == files
+
+
+def test_data_synthetic_rejects_bad_arguments(tmp_path):
+    result = run("data", "synthetic", "--out", str(tmp_path / "x"), "--num-classes", "12")
+    assert result.returncode == 2
+    assert "num_classes=12: the synthetic dataset has 2 to 8 classes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_data_prepare_runs_apart_and_explains_what_it_needs(tmp_path):
+    """The preparing process needs tensorflow; without it the message says so and nothing is written."""
+    result = run("data", "prepare", "tf_flowers", "--data-dir", str(tmp_path / "tfds"))
+    # find_spec, not import: tensorflow must never enter a process that may import torch.
+    if importlib.util.find_spec("tensorflow") is not None:  # a machine with tensorflow but no network: the download fails, with the name.
+        assert result.returncode == 2 and "could not prepare tfds dataset 'tf_flowers'" in result.stderr
+    else:
+        assert result.returncode == 2
+        assert "tfds builds tf_flowers with tensorflow, which is not installed: pip install tensorflow" in result.stderr
+        assert not (tmp_path / "tfds").exists()
+    assert "Traceback" not in result.stderr

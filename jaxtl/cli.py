@@ -111,6 +111,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from jaxtl import models, optim
+
+    model = models.abstract_model(args.arch, num_classes=args.num_classes)
+    print(f"{args.arch} ({args.num_classes} classes), policy {args.policy}:")
+    groups = optim.assign(model, optim.get_policy(args.policy)(model))
+    print(groups.summary(base_lr=args.lr, default_weight_decay=args.weight_decay))
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -180,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--num-classes", type=int, default=10, help="head width (default 10)")
     parity.add_argument("--seed", type=int, default=0, help="seed of weights and input (default 0)")
     parity.set_defaults(run=cmd_parity)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show which parameters a freezing policy trains, with LRs, weight decay and BN policy",
+        description="Assign the parameters of ARCH to the groups of a policy and print, per group, the parameters "
+        "(whole modules collapsed), counts, learning rate, weight decay and BatchNorm policy. Needs no weights.",
+    )
+    inspect.add_argument("arch", help="architecture, e.g. resnet50")
+    inspect.add_argument(
+        "--policy",
+        default="head_only",
+        help="head_only, last_n_blocks:N, full[:BACKBONE_LR_MULT], discriminative[:FACTOR], "
+        "layerwise_lr_decay[:DECAY], bitfit, norm_only (default head_only)",
+    )
+    inspect.add_argument("--num-classes", type=int, default=1000, help="head width (default 1000)")
+    inspect.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3)")
+    inspect.add_argument("--weight-decay", type=float, default=0.01, help="default weight decay (default 0.01)")
+    inspect.set_defaults(run=cmd_inspect)
 
     data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -198,6 +198,17 @@ class EfficientNet(nnx.Module):
     def stage_names(self) -> tuple[str, ...]:
         return tuple(f"features.{i}" for i in range(1, len(self.features) - 1))
 
+    def blocks(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The network as (block name, parameter-name prefixes), input to output: stem, stages, head.
+
+        The stem is ``features.0``; each MBConv / FusedMBConv stage is a block, and the last one
+        also holds the final 1x1 conv (``features.N``), as ``layer4`` ends a ResNet's features.
+        """
+        last = len(self.features) - 1
+        stages = [(f"features.{i}", (f"features.{i}.",)) for i in range(1, last - 1)]
+        stages.append((f"features.{last - 1}", (f"features.{last - 1}.", f"features.{last}.")))
+        return (("stem", ("features.0.",)), *stages, ("head", ("classifier.",)))
+
     def forward_intermediates(self, x: Array) -> dict[str, Array]:
         """Every top-level stage's output, in order: ``features.0`` .. ``features.N``, pooled features, logits."""
         out = {}

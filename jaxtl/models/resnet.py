@@ -160,6 +160,13 @@ class ResNet(nnx.Module):
             layers.append(block(self._inplanes, planes, dilation=self._dilation, **common))
         return Sequential(layers)
 
+    def blocks(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The network as (block name, parameter-name prefixes), input to output: stem, stages, head.
+
+        What freezing policies count in (``last_n_blocks(1)`` trains ``layer4`` and ``fc``).
+        """
+        return (("stem", ("conv1.", "bn1.")), *((name, (f"{name}.",)) for name in self.stage_names), ("head", ("fc.",)))
+
     def forward_intermediates(self, x: Array) -> dict[str, Array]:
         """Every top-level stage's output, in order: stem, layer1..layer4, pooled features, logits.
 

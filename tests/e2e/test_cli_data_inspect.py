@@ -1,4 +1,4 @@
-"""`jaxtl data`: the synthetic dataset and tfds preparation, run as a user runs them."""
+"""`jaxtl data` and `jaxtl inspect`, run as a user runs them."""
 
 import importlib.util
 import os
@@ -44,3 +44,12 @@ def test_data_prepare_runs_apart_and_explains_what_it_needs(tmp_path):
         assert "tfds builds tf_flowers with tensorflow, which is not installed: pip install tensorflow" in result.stderr
         assert not (tmp_path / "tfds").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_inspect_prints_the_groups_of_a_policy():
+    result = run("inspect", "resnet50", "--policy", "last_n_blocks:1", "--num-classes", "7")
+    assert result.returncode == 0, result.stderr
+    assert "trainable: 32 tensors, 14,979,079 parameters (63.7%)" in result.stdout
+    assert "layer4.* (30 keys)" in result.stdout
+    bad = run("inspect", "resnet50", "--policy", "last_n_blocks:9")
+    assert bad.returncode == 2 and "last_n_blocks(9): the model has 5 blocks before its head" in bad.stderr

@@ -1,0 +1,286 @@
+"""Parameter groups: which parameters train, at which learning rate and weight decay, with which BN policy.
+
+Groups are data. The primitive is a label function ``(dotted_name, array) -> group name`` plus a
+:class:`Group` for each name; ordered :class:`Rule` lists (glob or regex patterns on torchvision's
+dotted names, first match wins) compile into exactly that, and the built-in policies
+(:mod:`jaxtl.optim.policies`) are rule lists written with this same public API.
+
+    groups = assign(model, [Rule("fc.*", group="head", lr=1e-3),
+                            Rule("layer4.*", group="layer4", lr=1e-4, bn="train"),
+                            Rule("*", group="frozen", frozen=True)])
+    print(groups.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from flax import nnx
+
+from jaxtl.errors import JaxtlError
+from jaxtl.models.layers import BatchNorm2d
+from jaxtl.models.state_dict import _collapse
+
+BNPolicy = Literal["train", "frozen"]
+BN_POLICIES = ("train", "frozen")
+
+
+class ParamGroupError(JaxtlError, ValueError):
+    """Rules, labels or groups that do not describe the model's parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Settings of one parameter group.
+
+    Attributes:
+        name: the group's name, as labels refer to it.
+        frozen: no gradient, no optimizer state, parameters bit-identical throughout.
+        lr: the group's peak learning rate; None means ``base lr * lr_mult``.
+        lr_mult: multiplier of the base learning rate when ``lr`` is None.
+        weight_decay: the group's decoupled weight decay; None means the optimizer's default.
+        bn: the BatchNorm layers whose weight is in this group: ``"train"`` normalises with batch
+            statistics and updates the running ones (torch's ``.train()``), ``"frozen"`` uses and keeps
+            the running statistics (torch's ``.eval()`` on those layers). None: ``"frozen"`` for a frozen
+            group, ``"train"`` otherwise.
+        transform: an optax GradientTransformation to use for this group instead of the optimizer
+            built from the settings above (a researcher's own update rule).
+    """
+
+    name: str
+    frozen: bool = False
+    lr: float | None = None
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+    bn: BNPolicy | None = None
+    transform: Any = None
+
+    def __post_init__(self):
+        if self.bn is not None and self.bn not in BN_POLICIES:
+            raise ParamGroupError(f"group {self.name!r}: bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
+        for field in ("lr", "weight_decay"):
+            value = getattr(self, field)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise ParamGroupError(f"group {self.name!r}: {field}={value} must be a finite number >= 0")
+        if not (np.isfinite(self.lr_mult) and self.lr_mult >= 0):
+            raise ParamGroupError(f"group {self.name!r}: lr_mult={self.lr_mult} must be a finite number >= 0")
+
+    @property
+    def bn_policy(self) -> BNPolicy:
+        return self.bn or ("frozen" if self.frozen else "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Parameters whose dotted name matches ``pattern`` go to group ``group`` with these settings.
+
+    ``pattern`` is a glob (``"layer4.*"``, ``"*.bn*.weight"``; ``*`` also crosses dots) or, prefixed
+    with ``re:``, a regular expression matched against the whole name (``"re:layer[34]\\..*"``).
+    Rules are tried in order; the first that matches a parameter takes it. Rules naming the same
+    group must give it the same settings.
+    """
+
+    pattern: str
+    group: str | None = None
+    frozen: bool = False
+    lr: float | None = None
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+    bn: BNPolicy | None = None
+
+    def __post_init__(self):
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as error:
+                raise ParamGroupError(f"rule {self.pattern!r}: invalid regular expression ({error})") from None
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.pattern
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def to_group(self) -> Group:
+        return Group(self.group_name, self.frozen, self.lr, self.lr_mult, self.weight_decay, self.bn)
+
+
+def parameters(model: nnx.Module) -> dict[str, nnx.Param]:
+    """The model's parameters by dotted (torchvision) name, in the model's order."""
+    return {".".join(map(str, path)): p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _batch_norms(model: nnx.Module) -> dict[str, BatchNorm2d]:
+    return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """The parameters of one model assigned to groups.
+
+    Attributes:
+        groups: settings by group name, in the order the rules (or the groups given) name them.
+        labels: group name of every parameter, by dotted name, in the model's order.
+        sizes: element count of every parameter.
+        batch_norms: BN policy of every BatchNorm layer, by module name.
+    """
+
+    groups: dict[str, Group]
+    labels: dict[str, str]
+    sizes: dict[str, int]
+    batch_norms: dict[str, BNPolicy]
+
+    def names(self, group: str) -> list[str]:
+        return [name for name, label in self.labels.items() if label == group]
+
+    def is_trainable(self, name: str) -> bool:
+        return not self.groups[self.labels[name]].frozen
+
+    @property
+    def trainable_names(self) -> frozenset[str]:
+        return frozenset(name for name in self.labels if self.is_trainable(name))
+
+    def trainable_filter(self) -> Callable[[tuple, Any], bool]:
+        """An NNX filter selecting the trainable parameters: ``nnx.split(model, groups.trainable_filter(), ...)``."""
+        trainable = self.trainable_names
+
+        def is_trainable(path: tuple, value: Any) -> bool:
+            return isinstance(value, nnx.Param) and ".".join(map(str, path)) in trainable
+
+        return is_trainable
+
+    def apply_bn_policy(self, model: nnx.Module) -> None:
+        """Puts each BatchNorm layer of ``model`` in its group's mode (call after ``model.train()``)."""
+        for name, module in _batch_norms(model).items():
+            module.use_running_average = self.batch_norms[name] == "frozen"
+
+    def summary(self, base_lr: float | None = None, default_weight_decay: float | None = None) -> str:
+        """Per group: its parameters (whole modules collapsed), counts, LR, weight decay, BN policy."""
+        total = sum(self.sizes.values())
+        trainable = sum(self.sizes[n] for n in self.trainable_names)
+        lines = [
+            f"{len(self.labels)} parameter tensors, {total:,} parameters; trainable: "
+            f"{len(self.trainable_names)} tensors, {trainable:,} parameters ({100 * trainable / max(total, 1):.1f}%)",
+            f"  {'group':<16} {'tensors':>7} {'params':>12}  {'lr':<10} {'wd':<8} {'bn':<7} parameters",
+        ]
+        universe = list(self.labels)
+        for group in self.groups.values():
+            names = self.names(group.name)
+            count = sum(self.sizes[n] for n in names)
+            if group.frozen:
+                lr, wd = "frozen", "-"
+            else:
+                lr = _format_lr(group, base_lr)
+                decay = group.weight_decay if group.weight_decay is not None else default_weight_decay
+                wd = "-" if decay is None else f"{decay:g}"
+            norms = [m for m in self.batch_norms if self.labels.get(f"{m}.weight") == group.name]
+            bn = group.bn_policy if norms else "-"
+            modules = _collapse(names, universe)
+            shown = ", ".join(modules[:6]) + (f", ... ({len(modules) - 6} more)" if len(modules) > 6 else "")
+            lines.append(f"  {group.name:<16} {len(names):>7} {count:>12,}  {lr:<10} {wd:<8} {bn:<7} {shown}")
+        return "\n".join(lines)
+
+
+def _format_lr(group: Group, base_lr: float | None) -> str:
+    if group.lr is not None:
+        return f"{group.lr:.3g}"
+    if base_lr is not None:
+        return f"{base_lr * group.lr_mult:.3g}"
+    return f"x{group.lr_mult:g}"
+
+
+def assign(model: nnx.Module, rules: Sequence[Rule]) -> ParamGroups:
+    """Assigns every parameter of ``model`` to the group of the first rule that matches its name.
+
+    Raises:
+        ParamGroupError: a parameter no rule matches, a rule that matches nothing, rules giving one
+            group different settings, a BN policy on a group without BatchNorm layers, or every
+            parameter frozen.
+    """
+    if not rules:
+        raise ParamGroupError("no rules: give at least one, e.g. Rule('*') to train everything")
+    groups: dict[str, Group] = {}
+    for rule in rules:
+        group = rule.to_group()
+        if group.name in groups and groups[group.name] != group:
+            raise ParamGroupError(
+                f"rules for group {group.name!r} disagree: {groups[group.name]} vs {group} (rule {rule.pattern!r}); "
+                "give the group one set of settings or use different group names"
+            )
+        groups.setdefault(group.name, group)
+    used: set[int] = set()
+
+    def label(name: str, value: Any) -> str:
+        for index, rule in enumerate(rules):
+            if rule.matches(name):
+                used.add(index)
+                return rule.group_name
+        raise ParamGroupError(
+            f"parameter {name!r} matches no rule (rules: {', '.join(r.pattern for r in rules)}); "
+            "every parameter needs a group: end the rules with a catch-all such as Rule('*', frozen=True)"
+        )
+
+    result = assign_labels(model, label, groups, _check_unused=False)
+    unused = [rule.pattern for index, rule in enumerate(rules) if index not in used]
+    if unused:
+        raise ParamGroupError(
+            f"rule(s) matching no parameter: {', '.join(map(repr, unused))} (an earlier rule may take all their "
+            f"parameters); parameter names look like {', '.join(list(result.labels)[:3])}"
+        )
+    return result
+
+
+def assign_labels(
+    model: nnx.Module,
+    label_fn: Callable[[str, Any], str],
+    groups: Mapping[str, Group] | Sequence[Group],
+    *,
+    _check_unused: bool = True,
+) -> ParamGroups:
+    """Assigns parameters with a user's ``label_fn(dotted_name, array) -> group name``.
+
+    ``groups`` gives the settings of every group the function may return (a mapping by name or a
+    sequence of :class:`Group`). Raises ParamGroupError for an unknown label, a group without
+    parameters, a BN policy on a group without BatchNorm layers, or every parameter frozen.
+    """
+    if not isinstance(groups, Mapping):
+        groups = {g.name: g for g in groups}
+    params = parameters(model)
+    labels = {}
+    for name, param in params.items():
+        label = label_fn(name, param.get_value())
+        if label not in groups:
+            raise ParamGroupError(
+                f"parameter {name!r} was labelled {label!r}, which is not a group (groups: {', '.join(groups)})"
+            )
+        labels[name] = label
+    empty = [g for g in groups if g not in labels.values()]
+    if empty and _check_unused:
+        raise ParamGroupError(f"group(s) without parameters: {', '.join(empty)}")
+    groups = {name: group for name, group in groups.items() if name in set(labels.values())}
+    norms = _batch_norms(model)
+    batch_norms = {}
+    for module_name in norms:
+        group = groups[labels[f"{module_name}.weight"]]
+        batch_norms[module_name] = group.bn_policy
+    for group in groups.values():
+        if group.bn is not None and not any(labels.get(f"{m}.weight") == group.name for m in norms):
+            raise ParamGroupError(
+                f"group {group.name!r} sets bn={group.bn!r} but holds no BatchNorm weights "
+                f"(its parameters: {', '.join(_collapse([n for n in labels if labels[n] == group.name], labels)[:4])})"
+            )
+    if all(groups[label].frozen for label in labels.values()):
+        raise ParamGroupError(
+            "every parameter is frozen, so training would change nothing; unfreeze at least the head "
+            "(e.g. the head_only policy) or a group"
+        )
+    sizes = {name: int(np.prod(p.get_value().shape)) for name, p in params.items()}
+    return ParamGroups(groups=groups, labels=labels, sizes=sizes, batch_norms=batch_norms)

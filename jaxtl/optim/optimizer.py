@@ -1,0 +1,151 @@
+"""The optimizer of a set of parameter groups: optax.partition over group labels.
+
+Each trainable group gets its own transformation (AdamW, Adam or SGD with the group's peak LR on
+the shared schedule shape, and its weight decay); frozen groups get ``optax.set_to_zero()``, which
+holds no state. The train step differentiates only the trainable parameters
+(:mod:`jaxtl.train.step`), so frozen ones normally never reach the optimizer at all; the partition
+also accepts a full parameter tree, and then frozen leaves get zero updates and no state.
+
+Conventions follow torch.optim: AdamW's decay is decoupled and multiplied by the LR
+(``p -= lr * (adam_update + wd * p)``), eps is added outside the square root; SGD adds ``wd * p``
+to the gradient before momentum (``buf = momentum * buf + g``, no dampening).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import optax
+
+from jaxtl.optim.groups import ParamGroupError, ParamGroups
+
+ScheduleName = Literal["constant", "warmup_cosine", "one_cycle"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer settings shared by all groups (each group may set its own lr and weight_decay).
+
+    Attributes:
+        name: ``"adamw"`` (torch.optim.AdamW), ``"adam"`` or ``"sgd"``.
+        lr: base peak learning rate; a group's is ``group.lr`` or ``lr * group.lr_mult``.
+        weight_decay: default decoupled weight decay of trainable groups (torch AdamW's default 0.01).
+        betas, eps: Adam's; momentum, nesterov: SGD's.
+        schedule: ``"constant"``, ``"warmup_cosine"`` (linear warmup then cosine to
+            ``final_lr_fraction`` of the peak) or ``"one_cycle"``.
+        warmup_steps: linear warmup length for warmup_cosine.
+        no_weight_decay: glob patterns of parameters never decayed, whatever their group
+            (``("*.bias", "*bn*")`` is a common choice).
+        clip_grad_norm: clip each group's gradient to this global norm first (None: off).
+    """
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: ScheduleName = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0
+    no_weight_decay: tuple[str, ...] = ()
+    clip_grad_norm: float | None = None
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "adam", "sgd"):
+            raise ParamGroupError(f"optimizer {self.name!r} is not one of adamw, adam, sgd")
+        if self.schedule not in ("constant", "warmup_cosine", "one_cycle"):
+            raise ParamGroupError(f"schedule {self.schedule!r} is not one of constant, warmup_cosine, one_cycle")
+
+
+def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
+    group = groups.groups[name]
+    return group.lr if group.lr is not None else config.lr * group.lr_mult
+
+
+def schedule(config: OptimizerConfig, peak: float, total_steps: int | None) -> optax.Schedule | float:
+    """The LR schedule of one group: ``config.schedule``'s shape scaled to the group's ``peak``."""
+    if config.schedule == "constant":
+        return peak
+    if not total_steps or total_steps < 1:
+        raise ParamGroupError(f"schedule {config.schedule!r} needs the number of steps (got {total_steps})")
+    if config.schedule == "warmup_cosine":
+        if config.warmup_steps >= total_steps:
+            raise ParamGroupError(f"warmup_steps={config.warmup_steps} must be fewer than the {total_steps} steps")
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, config.warmup_steps, total_steps, end_value=peak * config.final_lr_fraction
+        )
+    return optax.cosine_onecycle_schedule(total_steps, peak)
+
+
+def _decay_mask(groups: ParamGroups, patterns: tuple[str, ...]) -> Callable[[Any], Any] | None:
+    if not patterns:
+        return None
+    excluded = {n for n in groups.labels if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    return lambda params: _map_names(lambda name, _: name not in excluded, params)
+
+
+def _base_transform(config: OptimizerConfig, lr, weight_decay: float, mask) -> optax.GradientTransformation:
+    if config.name == "adamw":
+        b1, b2 = config.betas
+        return optax.adamw(lr, b1=b1, b2=b2, eps=config.eps, weight_decay=weight_decay, mask=mask)
+    if config.name == "adam":  # torch.optim.Adam: L2 added to the gradient
+        b1, b2 = config.betas
+        decay = optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity()
+        return optax.chain(decay, optax.adam(lr, b1=b1, b2=b2, eps=config.eps))
+    decay = optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity()
+    return optax.chain(decay, optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov))
+
+
+def build_optimizer(
+    groups: ParamGroups, config: OptimizerConfig = OptimizerConfig(), total_steps: int | None = None
+) -> optax.GradientTransformation:
+    """One optax transformation over a parameter tree (an ``nnx.State`` of Params) labelled by group."""
+    transforms = {}
+    mask = _decay_mask(groups, config.no_weight_decay)
+    for name, group in groups.groups.items():
+        if group.frozen:
+            transforms[name] = optax.set_to_zero()
+            continue
+        if group.transform is not None:
+            transforms[name] = group.transform
+            continue
+        lr = schedule(config, group_lr(groups, name, config), total_steps)
+        decay = group.weight_decay if group.weight_decay is not None else config.weight_decay
+        tx = _base_transform(config, lr, decay, mask)
+        if config.clip_grad_norm is not None:
+            tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+        transforms[name] = tx
+    labels = groups.labels
+    return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))
+
+
+def _dotted(path) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":  # nnx Variables flatten to their value
+                parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def _map_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    """``fn(dotted_name, leaf)`` over a parameter tree whose paths are the model's attribute paths."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_dotted(path), leaf), tree)
+
+
+def group_state_leaves(opt_state: Any) -> dict[str, int]:
+    """Number of array leaves of optimizer state held per group (frozen groups hold none)."""
+    inner = opt_state.inner_states
+    return {name: len(jax.tree.leaves(state.inner_state)) for name, state in inner.items()}

@@ -1,0 +1,125 @@
+"""Phases: training in stages with different groups (progressive unfreezing is three phases).
+
+A :class:`Phase` is a length (steps or epochs), the rules that group the parameters, the optimizer
+settings, and per-group learning rates. Moving to the next phase rebuilds the groups and the
+optimizer (one new compile of the step); :func:`carry_optimizer_state` moves over the state of every
+parameter that stays trainable in a group of the same name (Adam's moments and step count), so
+unfreezing a block does not reset the head's optimizer. ``carry_state=False`` starts the phase's
+optimizer afresh, as a PyTorch loop that creates a new optimizer at each phase does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from jaxtl.optim.groups import ParamGroupError, ParamGroups, Rule, assign
+from jaxtl.optim.optimizer import OptimizerConfig, build_optimizer
+from jaxtl.optim.policies import get_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of training.
+
+    Attributes:
+        name: for logs and checkpoints.
+        policy: a built-in policy name (``"head_only"``, ``"last_n_blocks:1"``), a policy function,
+            or an explicit list of rules.
+        steps, epochs: the phase's length; exactly one is set.
+        optimizer: optimizer settings of the phase.
+        lrs: peak learning rate per group name, overriding the rules' (``{"head": 1e-3, "blocks": 1e-4}``).
+        carry_state: carry the optimizer state of parameters that stay in a same-named trainable group.
+    """
+
+    name: str
+    policy: str | Callable | Sequence[Rule]
+    steps: int | None = None
+    epochs: int | None = None
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    carry_state: bool = True
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ParamGroupError(f"phase {self.name!r}: set exactly one of steps and epochs")
+        length = self.steps if self.steps is not None else self.epochs
+        if length < 1:
+            raise ParamGroupError(f"phase {self.name!r}: its length must be at least 1 (got {length})")
+
+    def rules(self, model: nnx.Module) -> list[Rule]:
+        if isinstance(self.policy, str):
+            return get_policy(self.policy)(model)
+        if callable(self.policy):
+            return list(self.policy(model))
+        return list(self.policy)
+
+    def groups(self, model: nnx.Module) -> ParamGroups:
+        """The phase's groups, with ``lrs`` applied; an ``lrs`` key that is no group is an error."""
+        groups = assign(model, self.rules(model))
+        unknown = [name for name in self.lrs if name not in groups.groups]
+        if unknown:
+            raise ParamGroupError(
+                f"phase {self.name!r} sets lrs for unknown group(s) {', '.join(unknown)}; "
+                f"its groups are {', '.join(groups.groups)}"
+            )
+        frozen = [name for name in self.lrs if groups.groups[name].frozen]
+        if frozen:
+            raise ParamGroupError(f"phase {self.name!r} sets lrs for frozen group(s) {', '.join(frozen)}")
+        updated = {
+            name: dataclasses.replace(group, lr=self.lrs[name]) if name in self.lrs else group
+            for name, group in groups.groups.items()
+        }
+        return dataclasses.replace(groups, groups=updated)
+
+    def optax(self, groups: ParamGroups, total_steps: int | None = None) -> optax.GradientTransformation:
+        return build_optimizer(groups, self.optimizer, total_steps)
+
+
+def progressive_unfreezing(
+    epochs: Sequence[int] = (1, 1, 1), lrs: Sequence[Mapping[str, float]] | None = None, **optimizer
+) -> list[Phase]:
+    """Head only, then the last block with the head, then everything: the classic three phases."""
+    lrs = lrs or ({"head": 1e-3}, {"head": 1e-3, "blocks": 1e-4}, {"head": 1e-3, "backbone": 1e-5})
+    config = OptimizerConfig(**optimizer)
+    policies = ("head_only", "last_n_blocks:1", "full")
+    names = ("head", "last_block", "all")
+    return [
+        Phase(name, policy, epochs=n, optimizer=config, lrs=dict(lr))
+        for name, policy, n, lr in zip(names, policies, epochs, lrs, strict=True)
+    ]
+
+
+def _keyed_leaves(tree: Any) -> dict[str, Any]:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def carry_optimizer_state(
+    old_groups: ParamGroups, old_state: Any, new_groups: ParamGroups, new_state: Any
+) -> tuple[Any, list[str]]:
+    """``new_state`` (a fresh ``init`` of the next phase's optimizer) with the old state moved in.
+
+    For each group trainable in both phases, every state leaf whose path (and so parameter) exists
+    in both and whose shape matches is taken from ``old_state``: moments of parameters that stay,
+    and the group's step count. Returns the state and the names of the groups carried.
+    """
+    carried = []
+    inner = dict(new_state.inner_states)
+    for name, state in new_state.inner_states.items():
+        if name not in old_groups.groups or old_groups.groups[name].frozen or new_groups.groups[name].frozen:
+            continue
+        old_leaves = _keyed_leaves(old_state.inner_states[name])
+        paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+        leaves = []
+        for path, leaf in paths:
+            old = old_leaves.get(jax.tree_util.keystr(path))
+            same = old is not None and getattr(old, "shape", None) == getattr(leaf, "shape", None)
+            leaves.append(old if same else leaf)
+        inner[name] = jax.tree_util.tree_unflatten(treedef, leaves)
+        carried.append(name)
+    return new_state._replace(inner_states=inner), carried

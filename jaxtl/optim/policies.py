@@ -1,0 +1,164 @@
+"""Built-in freezing and learning-rate policies, written as rule lists with the public Rule API.
+
+Each policy is a function of the model (it reads ``model.blocks()``: stem, stages, head) that
+returns ordered rules; ``assign(model, policy(model))`` turns them into groups. A policy of your
+own is any function doing the same, e.g. training the head and every BatchNorm::
+
+    def head_and_norms(model):
+        return [Rule(f"{model.head_name}.*", group="head"),
+                Rule("re:.*(bn\\d|downsample\\.1)\\..*", group="norms", lr_mult=0.1, bn="train"),
+                Rule("*", group="frozen", frozen=True)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from jaxtl.models.layers import BatchNorm2d
+from jaxtl.optim.groups import ParamGroupError, Rule
+
+Policy = Callable[[nnx.Module], list[Rule]]
+
+
+def _blocks(model: nnx.Module) -> list[tuple[str, tuple[str, ...]]]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ParamGroupError(f"{type(model).__name__} has no blocks(); built-in policies need stem/stage/head structure")
+    return list(blocks())
+
+
+def _prefix_rules(prefixes: tuple[str, ...], **settings) -> list[Rule]:
+    return [Rule(f"{prefix}*", **settings) for prefix in prefixes]
+
+
+def head_only(model: nnx.Module) -> list[Rule]:
+    """Feature extraction: only the classifier head trains; the backbone is frozen, its BN in eval mode."""
+    *backbone, (_, head) = _blocks(model)
+    return [*_prefix_rules(head, group="head"), Rule("*", group="backbone", frozen=True)]
+
+
+def last_n_blocks(n: int) -> Policy:
+    """The head and the last ``n`` stages train (group ``blocks``); earlier stages and the stem are frozen."""
+    if n < 0:
+        raise ParamGroupError(f"last_n_blocks({n}): n must be >= 0")
+
+    def policy(model: nnx.Module) -> list[Rule]:
+        *backbone, (_, head) = _blocks(model)
+        if n > len(backbone):
+            raise ParamGroupError(f"last_n_blocks({n}): the model has {len(backbone)} blocks before its head")
+        rules = _prefix_rules(head, group="head")
+        for _, prefixes in backbone[len(backbone) - n :]:
+            rules += _prefix_rules(prefixes, group="blocks")
+        return rules + ([Rule("*", group="frozen", frozen=True)] if n < len(backbone) else [])
+
+    policy.__name__ = f"last_n_blocks({n})"
+    return policy
+
+
+def full(backbone_lr_mult: float = 1.0) -> Policy:
+    """Everything trains: groups ``head`` and ``backbone`` (the backbone's LR times ``backbone_lr_mult``)."""
+
+    def policy(model: nnx.Module) -> list[Rule]:
+        *_, (_, head) = _blocks(model)
+        return [*_prefix_rules(head, group="head"), Rule("*", group="backbone", lr_mult=backbone_lr_mult)]
+
+    policy.__name__ = f"full({backbone_lr_mult:g})"
+    return policy
+
+
+def discriminative(factor: float = 1 / 2.6) -> Policy:
+    """Every block trains, the LR shrinking by ``factor`` per block from the head down (fastai's
+    discriminative learning rates: the head at the base LR, the last stage at ``factor`` times it, ...)."""
+    if not 0 < factor <= 1:
+        raise ParamGroupError(f"discriminative({factor}): factor must be in (0, 1]")
+
+    def policy(model: nnx.Module) -> list[Rule]:
+        blocks = _blocks(model)
+        rules = []
+        for depth, (name, prefixes) in enumerate(reversed(blocks)):
+            rules += _prefix_rules(prefixes, group=name, lr_mult=factor**depth)
+        return rules
+
+    policy.__name__ = f"discriminative({factor:g})"
+    return policy
+
+
+def layerwise_lr_decay(decay: float = 0.75) -> Policy:
+    """Every residual block its own group, LR times ``decay`` per block from the head down (BEiT-style).
+
+    Finer than :func:`discriminative`: within a stage, each block (``layer4.1``, ``layer4.0``,
+    ``features.6.3`` ...) is a step.
+    """
+    if not 0 < decay <= 1:
+        raise ParamGroupError(f"layerwise_lr_decay({decay}): decay must be in (0, 1]")
+
+    def policy(model: nnx.Module) -> list[Rule]:
+        from jaxtl.optim.groups import parameters
+
+        names = list(parameters(model))
+        units: list[tuple[str, tuple[str, ...]]] = []
+        for block, (first, *extra) in _blocks(model):
+            children = {n[len(first) :].split(".")[0] for n in names if n.startswith(first)}
+            if block in ("stem", "head") or not all(c.isdigit() for c in children):
+                units.append((block, (first, *extra)))
+                continue
+            # A stage: each of its residual blocks is a unit; a stage's extra module (EfficientNet's
+            # final 1x1 conv) is one more unit after them.
+            units += [(f"{first}{c}", (f"{first}{c}.",)) for c in sorted(children, key=int)]
+            units += [(prefix.rstrip("."), (prefix,)) for prefix in extra]
+        rules = []
+        for depth, (name, prefixes) in enumerate(reversed(units)):
+            rules += _prefix_rules(prefixes, group=name, lr_mult=decay**depth)
+        return rules
+
+    policy.__name__ = f"layerwise_lr_decay({decay:g})"
+    return policy
+
+
+def bitfit(model: nnx.Module) -> list[Rule]:
+    """BitFit: the head and every bias train (BatchNorm biases in BN-only ResNets); the rest is frozen."""
+    *_, (_, head) = _blocks(model)
+    return [*_prefix_rules(head, group="head"), Rule("*.bias", group="biases"), Rule("*", group="frozen", frozen=True)]
+
+
+def norm_only(model: nnx.Module) -> list[Rule]:
+    """The head and every BatchNorm's weight and bias train, with batch statistics; the rest is frozen."""
+    *_, (_, head) = _blocks(model)
+    norms = [".".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)]
+    rules = _prefix_rules(head, group="head")
+    rules += [Rule(f"{name}.*", group="norms", bn="train") for name in norms]
+    return rules + [Rule("*", group="frozen", frozen=True)]
+
+
+POLICIES: dict[str, Callable[..., Policy] | Policy] = {
+    "head_only": head_only,
+    "last_n_blocks": last_n_blocks,
+    "full": full,
+    "discriminative": discriminative,
+    "layerwise_lr_decay": layerwise_lr_decay,
+    "bitfit": bitfit,
+    "norm_only": norm_only,
+}
+_PARAMETRIC = {"last_n_blocks": int, "full": float, "discriminative": float, "layerwise_lr_decay": float}
+
+
+def get_policy(spec: str) -> Policy:
+    """A policy by name, with its argument after a colon: ``head_only``, ``last_n_blocks:2``, ``discriminative:0.5``."""
+    name, _, argument = spec.partition(":")
+    if name not in POLICIES:
+        raise ParamGroupError(f"unknown policy {spec!r}; known: {', '.join(POLICIES)} (arguments as last_n_blocks:2)")
+    if name in _PARAMETRIC:
+        if not argument:
+            if name == "last_n_blocks":
+                raise ParamGroupError("last_n_blocks needs the number of blocks: last_n_blocks:1")
+            return POLICIES[name]()
+        try:
+            value = _PARAMETRIC[name](argument)
+        except ValueError:
+            raise ParamGroupError(f"policy {spec!r}: {argument!r} is not a {_PARAMETRIC[name].__name__}") from None
+        return POLICIES[name](value)
+    if argument:
+        raise ParamGroupError(f"policy {name!r} takes no argument (got {spec!r})")
+    return POLICIES[name]

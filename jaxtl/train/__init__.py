@@ -1,0 +1,1 @@
+"""Training: pure jitted steps, the loop, checkpoints, the feature cache."""

@@ -1,0 +1,98 @@
+"""Pure jitted train and eval steps over a model split into trainable, frozen and other state.
+
+``split_model`` cuts the model into a graph definition and three states: the trainable parameters
+(the only ones differentiated and updated), the frozen parameters (constants of the step, so a
+frozen prefix of the network costs its forward pass and no backward), and everything else
+(BatchNorm statistics, RNG state). Batches are the loader's: uint8 NHWC images normalised inside
+the step, labels, and a mask that takes padding rows out of the loss and the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxtl.data.transforms import normalize
+from jaxtl.optim.groups import ParamGroups
+
+
+class ModelState(NamedTuple):
+    trainable: nnx.State
+    frozen: nnx.State
+    rest: nnx.State
+
+
+def split_model(model: nnx.Module, groups: ParamGroups) -> tuple[nnx.GraphDef, ModelState]:
+    """(graphdef, ModelState) with the groups' BN policy applied; ``nnx.merge(graphdef, *state)`` rebuilds it."""
+    model.train()
+    groups.apply_bn_policy(model)
+    graphdef, trainable, frozen, rest = nnx.split(model, groups.trainable_filter(), nnx.Param, ...)
+    return graphdef, ModelState(trainable, frozen, rest)
+
+
+def merge_model(graphdef: nnx.GraphDef, state: ModelState) -> nnx.Module:
+    return nnx.merge(graphdef, state.trainable, state.frozen, state.rest)
+
+
+def _inputs(images: jax.Array, mean, std) -> jax.Array:
+    return normalize(images, mean, std, xp=jnp) if images.dtype == jnp.uint8 else images
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the rows where ``mask`` is True (torch's ``F.cross_entropy`` on those rows)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    weights = mask.astype(jnp.float32)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] = masked_cross_entropy,
+    donate: bool = True,
+) -> Callable[..., tuple[ModelState, Any, dict[str, jax.Array]]]:
+    """``step(state, opt_state, images, labels, mask) -> (state, opt_state, metrics)``, jitted.
+
+    The gradient is taken with respect to ``state.trainable`` only; ``state.frozen`` is passed
+    through unchanged. ``optimizer.init(state.trainable)`` gives the matching ``opt_state``.
+    Metrics (loss, correct count, example count) stay on the device.
+    """
+
+    def step(state: ModelState, opt_state, images, labels, mask):
+        x = _inputs(images, mean, std)
+
+        def compute_loss(trainable):
+            model = nnx.merge(graphdef, trainable, state.frozen, state.rest, copy=True)
+            logits = model(x)
+            return loss_fn(logits, labels, mask), (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (logits, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+        metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
+        return ModelState(trainable, state.frozen, rest), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted."""
+
+    def step(state: ModelState, images, labels, mask):
+        model = nnx.merge(graphdef, state.trainable, state.frozen, state.rest, copy=True)
+        model.eval()
+        logits = model(_inputs(images, mean, std))
+        loss = masked_cross_entropy(logits, labels, mask)
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+        return logits, {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
+
+    return jax.jit(step)

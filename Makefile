@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.jaxtl-installed
 PYTEST_ARGS ?=
+QUICKSTART_ARGS ?=
 
 .PHONY: quickstart test
 
@@ -14,9 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/jaxtl parity resnet18 --size 97x131
-	$(BIN)/jaxtl parity resnet50 --size 64x64
-	$(BIN)/jaxtl parity efficientnet_b0 --size 57x71
+	$(BIN)/jaxtl train configs/quickstart.yaml $(QUICKSTART_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)

@@ -28,7 +28,9 @@ def _spec_for_file(arch: str, path: Path, sha256: str, num_classes: int) -> jaxt
     )
 
 
-def convert_weights(arch: str, weights: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Path:
+def convert_weights(
+    arch: str, weights: str | os.PathLike, *, out: str | os.PathLike | None = None, timeout_s: float | None = None
+) -> Path:
     """Converts torchvision weights for ``arch`` into a jaxtl converted-weights directory.
 
     Args:
@@ -37,6 +39,7 @@ def convert_weights(arch: str, weights: str | os.PathLike, *, out: str | os.Path
             torchvision's URL into torch.hub's cache if needed) or a path to a .pth state_dict.
         out: the directory to write. Defaults to jaxtl's cache for named weights, and to
             ``<cache>/weights/<arch>/<file stem>-<sha256[:12]>`` for files.
+        timeout_s: give up a download whose network does not answer after this many seconds.
 
     Returns:
         The directory, which ``jaxtl.models.create(arch, weights=...)`` then reads without torch.
@@ -48,7 +51,7 @@ def convert_weights(arch: str, weights: str | os.PathLike, *, out: str | os.Path
         named_spec = None
     else:
         named_spec = jaxtl_weights.get_weight_spec(arch, str(weights))
-        path = download_weights(named_spec)
+        path = download_weights(named_spec) if timeout_s is None else download_weights(named_spec, timeout_s=timeout_s)
     state, sha256 = load_state_dict_file(path)
     model = from_torchvision(state, arch, source=str(path))
     num_classes = model.num_classes

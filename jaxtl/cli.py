@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from jaxtl.errors import JaxtlError
@@ -62,28 +63,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     import convert
     from jaxtl import models, weights
 
-    spec = weights.load_weight_spec(args.checkpoint)
-    model = models.create(spec.arch, weights=args.checkpoint)
+    if (Path(args.checkpoint) / "meta.json").is_file():  # a training checkpoint
+        model, meta, preprocessing = _load_checkpoint_model(args.checkpoint)
+        arch, num_classes = meta["arch"], meta["num_classes"]
+        info = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "classes": meta["classes"],
+            "class_to_idx": meta["class_to_idx"],
+            "preprocessing": dataclasses.asdict(preprocessing),
+            "weights": meta["weights"],
+        }
+    else:  # converted weights
+        spec = weights.load_weight_spec(args.checkpoint)
+        model = models.create(spec.arch, weights=args.checkpoint)
+        arch, num_classes = spec.arch, spec.num_classes
+        info = {
+            "arch": spec.arch,
+            "num_classes": spec.num_classes,
+            "categories": spec.categories,
+            "preprocessing": None if spec.preprocessing is None else dataclasses.asdict(spec.preprocessing),
+            "source": spec.source,
+        }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(convert.to_torchvision(model), out)
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(
-        json.dumps(
-            {
-                "arch": spec.arch,
-                "num_classes": spec.num_classes,
-                "categories": spec.categories,
-                "preprocessing": None if spec.preprocessing is None else dataclasses.asdict(spec.preprocessing),
-                "source": spec.source,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    print(f"exported {spec.arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
-    print(f"  load: torchvision.models.get_model({spec.arch!r}, num_classes={spec.num_classes}).load_state_dict(torch.load({str(out)!r}))")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"exported {arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
+    print(f"  load: torchvision.models.get_model({arch!r}, num_classes={num_classes}).load_state_dict(torch.load({str(out)!r}))")
     return 0
 
 
@@ -109,6 +117,180 @@ def cmd_parity(args: argparse.Namespace) -> int:
     report = check_parity(torch_model, jax_model, args.arch, x, labels, float32_gradients=True)
     print(report.format())
     return 0 if report.passed else 1
+
+
+def _banner(lines: list[str]) -> str:
+    rule = "=" * 78
+    return "\n".join([rule, *(f" {line}" for line in lines), rule])
+
+
+def _make_model_factory(model_config, seed: int):
+    """``make(num_classes) -> (model, weights_info)`` for the trainer: converted weights from the cache,
+    converted now (torch, download with a timeout) if needed, or torchvision's random init when the
+    config says so explicitly."""
+
+    def make(num_classes: int):
+        from jaxtl import models
+        from jaxtl import weights as weights_module
+        from jaxtl.errors import WeightsError
+
+        arch, name = model_config.arch, model_config.weights
+        default_spec = weights_module.get_weight_spec(arch, "DEFAULT")
+        if name is None:
+            model = models.create(arch, num_classes=num_classes, seed=seed)
+            return model, {"source": "random init (model.weights: null)", "preprocessing": default_spec.preprocessing}
+        try:
+            try:
+                path = models.registry.resolve_weights(arch, name)
+            except WeightsError:
+                _require_torch("train (to convert the weights once)")
+                import convert
+
+                path = convert.convert_weights(arch, name, timeout_s=model_config.download_timeout_s)
+            spec = weights_module.load_weight_spec(path)
+            model = models.create(arch, num_classes=num_classes, weights=path, seed=seed)
+            preprocessing = spec.preprocessing or default_spec.preprocessing
+            return model, {"source": spec.source, "name": spec.name, "sha256": spec.sha256, "preprocessing": preprocessing}
+        except JaxtlError as error:
+            if not model_config.allow_random_init_fallback:
+                raise WeightsError(
+                    f"{error}\nThe run needs weights {name!r} for {arch}: convert them once with `jaxtl convert {arch} "
+                    f"--weights {name}` (network or a local .pth), or set model.weights to a converted directory"
+                ) from None
+            print(
+                _banner(
+                    [
+                        f"Pretrained weights {name!r} for {arch} could not be had:",
+                        f"  {str(error).splitlines()[0]}",
+                        "This config allows a fallback (model.allow_random_init_fallback), so the run trains from",
+                        "torchvision's random initialisation: expect far lower accuracy than from ImageNet weights.",
+                        "To use the real weights, with a network: "
+                        f"jaxtl convert {arch} --weights {name}",
+                        f"or copy {default_spec.file_name} into torch.hub's cache (~/.cache/torch/hub/checkpoints/)",
+                        f"and run jaxtl convert {arch} --weights {name}.",
+                    ]
+                ),
+                flush=True,
+            )
+            model = models.create(arch, num_classes=num_classes, seed=seed)
+            info = {"source": f"random init (fallback: {name} unavailable)", "preprocessing": default_spec.preprocessing}
+            return model, info
+
+    return make
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxtl.config import load_config
+    from jaxtl.train.loop import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise JaxtlError(f"{run_dir} is not a jaxtl run directory (no config.yaml); pass the run_dir of a run")
+        config = load_config(run_dir / "config.yaml", [*args.set, f"run_dir={run_dir}"])
+    else:
+        if args.config is None:
+            raise JaxtlError("give a config (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        config = load_config(args.config, args.set)
+        if "{time}" in config.run_dir:  # a fresh directory per run, e.g. runs/quickstart-{time}
+            import dataclasses
+
+            config = dataclasses.replace(config, run_dir=config.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
+    started = time.perf_counter()
+    result = Trainer(config, _make_model_factory(config.model, config.train.seed)).run(resume=bool(args.resume))
+    best = result["best"]
+    run_dir = Path(result["run_dir"])
+    print(f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best['val_acc1']:.3f} (epoch {best['epoch']})")
+    print(f"  best checkpoint: {run_dir / 'checkpoints' / 'best'}; metrics: {run_dir / 'metrics.jsonl'}")
+    example = _example_image(config)
+    print(f"  try: jaxtl predict {run_dir / 'checkpoints' / 'best'} {example or 'IMAGE.jpg'}")
+    return 0
+
+
+def _example_image(config) -> str | None:
+    try:
+        from jaxtl.train.loop import load_data
+
+        val = load_data(config).val
+        return val.describe(0) if hasattr(val, "samples") else None
+    except JaxtlError:
+        return None
+
+
+def _load_checkpoint_model(checkpoint: str):
+    from jaxtl import models
+    from jaxtl.train import checkpoint as ckpt
+    from jaxtl.train.loop import _load_model_arrays
+    from jaxtl.weights import Preprocessing
+
+    meta = ckpt.load_meta(checkpoint)
+    model = models.abstract_model(meta["arch"], num_classes=meta["num_classes"])
+    _load_model_arrays(model, ckpt.load_arrays(checkpoint)["model"], source=str(checkpoint))
+    model.eval()
+    p = meta["preprocessing"]
+    preprocessing = Preprocessing(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
+    return model, meta, preprocessing
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from jaxtl.data import EvalTransform, IMG_EXTENSIONS, load_image, normalize
+
+    model, meta, preprocessing = _load_checkpoint_model(args.checkpoint)
+    classes = meta["classes"]
+    transform = EvalTransform(preprocessing)
+    paths: list[Path] = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+        else:
+            paths.append(path)
+    forward = jax.jit(lambda x: jax.nn.softmax(model(normalize(x, preprocessing.mean, preprocessing.std, xp=jax.numpy))))
+    failures = 0
+    k = min(args.top_k, len(classes))
+    for path in paths:
+        try:
+            image = load_image(str(path))
+        except JaxtlError as error:
+            print(f"{path}: error: {error}")
+            failures += 1
+            continue
+        probabilities = np.asarray(forward(transform(image)[None]))[0]
+        top = np.argsort(-probabilities)[:k]
+        ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in top)
+        print(f"{path}: {ranked}")
+    return 0 if failures == 0 else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jaxtl.config import config_from_dict
+    from jaxtl.data import EvalTransform, Loader, normalize
+    from jaxtl.train.loop import load_data
+
+    model, meta, preprocessing = _load_checkpoint_model(args.checkpoint)
+    config = config_from_dict(meta["config"], args.set, f"{args.checkpoint}/meta.json")
+    data = load_data(config)
+    if list(data.classes) != meta["classes"]:
+        raise JaxtlError(f"the data's classes {list(data.classes)} differ from the checkpoint's {meta['classes']}")
+    source = data.val if args.split == "val" else data.train
+    loader = Loader(source, EvalTransform(preprocessing), batch_size=config.data.eval_batch_size, shuffle=False)
+    forward = jax.jit(lambda x: model(normalize(x, preprocessing.mean, preprocessing.std, xp=jax.numpy)))
+    correct = count = 0
+    for batch in loader.epoch(0):
+        predictions = np.asarray(jax.numpy.argmax(forward(batch.images), -1))
+        correct += int(((predictions == batch.labels) & batch.mask).sum())
+        count += int(batch.mask.sum())
+    loader.close()
+    print(f"{args.checkpoint} on {args.split} ({count} images): acc@1 {correct / count:.4f}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -170,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="export converted weights to a torchvision state_dict (needs torch)",
-        description="Write a torchvision state_dict (.pth, loadable with strict=True) and a JSON of classes and "
-        "preprocessing next to it.",
+        help="export a fine-tuned checkpoint or converted weights to a torchvision state_dict (needs torch)",
+        description="Write a torchvision state_dict (.pth, loadable with strict=True) and a JSON of classes, "
+        "class_to_idx and preprocessing next to it.",
     )
-    export.add_argument("checkpoint", help="a converted-weights directory")
+    export.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoints/best) or a converted-weights directory")
     export.add_argument("--out", required=True, help="the .pth file to write")
     export.set_defaults(run=cmd_export)
 
@@ -190,6 +372,41 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--num-classes", type=int, default=10, help="head width (default 10)")
     parity.add_argument("--seed", type=int, default=0, help="seed of weights and input (default 0)")
     parity.set_defaults(run=cmd_parity)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model on a dataset, as a config says",
+        description="Run a training config (configs/*.yaml): data, model and weights, phases of parameter groups, "
+        "evaluation every epoch, metrics (metrics.jsonl), checkpoints (checkpoints/latest and checkpoints/best) in "
+        "the config's run_dir. Interrupted runs continue with --resume RUN_DIR.",
+    )
+    train.add_argument("config", nargs="?", help="a YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=3e-4 --set phases.0.epochs=1")  # fmt: skip
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.set_defaults(run=cmd_train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify images with a checkpoint: top-k class names and probabilities",
+        description="Classify image files (or every image in a directory) with a checkpoint's model, its class names "
+        "and its eval preprocessing. A file that cannot be read gets an error line; the others are still classified.",
+    )
+    predict.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/quickstart/checkpoints/best")
+    predict.add_argument("images", nargs="+", help="image files or directories")
+    predict.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    predict.set_defaults(run=cmd_predict)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="accuracy of a checkpoint on a split of its run's dataset",
+        description="Evaluate a checkpoint on the train or val split of the dataset its run used (overridable with "
+        "--set data.root=...).",
+    )
+    evaluate.add_argument("checkpoint", help="a checkpoint directory")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val", help="which split (default val)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
+    evaluate.set_defaults(run=cmd_eval)
 
     inspect = commands.add_parser(
         "inspect",
@@ -236,8 +453,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache in jaxtl's cache: a second run of a config skips its compiles.
+
+    ``JAX_COMPILATION_CACHE_DIR`` (jax's own variable) takes precedence; an empty value disables it.
+    """
+    import os
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import jax
+
+    from jaxtl.weights import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "predict"):
+        _enable_compilation_cache()
     try:
         return args.run(args)
     except JaxtlError as error:

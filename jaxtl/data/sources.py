@@ -97,7 +97,7 @@ def load_image(path: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Im
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable or remove it") from None
     except FileNotFoundError:
-        kind = "a broken symlink" if os.path.islink(path) else "missing (was it deleted after the scan?)"
+        kind = "a broken symlink" if os.path.islink(path) else "no such file"
         raise DataError(f"{path}: {kind}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: cannot decode the image ({error}); the file is probably truncated or corrupt") from None

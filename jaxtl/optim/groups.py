@@ -158,9 +158,21 @@ class ParamGroups:
         return is_trainable
 
     def apply_bn_policy(self, model: nnx.Module) -> None:
-        """Puts each BatchNorm layer of ``model`` in its group's mode (call after ``model.train()``)."""
+        """Puts each BatchNorm layer of ``model`` in its group's mode (call after ``model.train()``).
+
+        Dropout and stochastic depth inside a module whose parameters are all frozen are turned off
+        too: a frozen block computes what it computes in eval mode, which is also what makes a
+        frozen backbone's features cacheable.
+        """
         for name, module in _batch_norms(model).items():
             module.use_running_average = self.batch_norms[name] == "frozen"
+        trainable = self.trainable_names
+        for path, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.Dropout) and path:
+                parent = ".".join(map(str, path[:-1]))
+                inside = [n for n in self.labels if n.startswith(parent + ".")] if parent else list(self.labels)
+                if inside and not any(n in trainable for n in inside):
+                    module.deterministic = True
 
     def summary(self, base_lr: float | None = None, default_weight_decay: float | None = None) -> str:
         """Per group: its parameters (whole modules collapsed), counts, LR, weight decay, BN policy."""

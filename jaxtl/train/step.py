@@ -50,6 +50,19 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def full_model(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def head_of(model: nnx.Module, features: jax.Array) -> jax.Array:
+    """The classifier head alone, on pooled features (a feature-cached head-only phase)."""
+    return getattr(model, model.head_name)(features)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -57,22 +70,41 @@ def make_train_step(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] = masked_cross_entropy,
+    forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
+    compute_dtype=None,
+    seed: int = 0,
     donate: bool = True,
 ) -> Callable[..., tuple[ModelState, Any, dict[str, jax.Array]]]:
-    """``step(state, opt_state, images, labels, mask) -> (state, opt_state, metrics)``, jitted.
+    """``step(state, opt_state, images, labels, mask, step_index) -> (state, opt_state, metrics)``, jitted.
 
     The gradient is taken with respect to ``state.trainable`` only; ``state.frozen`` is passed
     through unchanged. ``optimizer.init(state.trainable)`` gives the matching ``opt_state``.
+    Dropout and stochastic depth draw from a key that is a function of (seed, step_index), so a
+    resumed run draws what an uninterrupted one does. With ``compute_dtype=jnp.bfloat16`` the
+    forward and backward run in bf16 on float32 parameters (BatchNorm statistics stay float32).
     Metrics (loss, correct count, example count) stay on the device.
     """
+    base_key = jax.random.key(seed)
 
-    def step(state: ModelState, opt_state, images, labels, mask):
+    def step(state: ModelState, opt_state, images, labels, mask, step_index):
         x = _inputs(images, mean, std)
 
         def compute_loss(trainable):
-            model = nnx.merge(graphdef, trainable, state.frozen, state.rest, copy=True)
-            logits = model(x)
-            return loss_fn(logits, labels, mask), (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            params = (trainable, state.frozen)
+            if compute_dtype is not None:
+                params = _cast(params, compute_dtype)
+            model = nnx.merge(graphdef, *params, state.rest, copy=True)
+            nnx.reseed(model, dropout=jax.random.fold_in(base_key, step_index))
+            inputs = x if compute_dtype is None else x.astype(compute_dtype)
+            logits = forward(model, inputs).astype(jnp.float32)
+            rest = nnx.state(model, nnx.Not(nnx.Param))
+            if compute_dtype is not None:
+                rest = jax.tree.map(
+                    lambda new, old: new.astype(old.dtype) if jnp.issubdtype(old.dtype, jnp.floating) else new,
+                    rest,
+                    state.rest,
+                )
+            return loss_fn(logits, labels, mask), (logits, rest)
 
         (loss, (logits, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
         updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
@@ -84,15 +116,27 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted."""
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    *,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
+):
+    """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted.
+
+    Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows.
+    """
 
     def step(state: ModelState, images, labels, mask):
         model = nnx.merge(graphdef, state.trainable, state.frozen, state.rest, copy=True)
         model.eval()
-        logits = model(_inputs(images, mean, std))
+        logits = forward(model, _inputs(images, mean, std)).astype(jnp.float32)
         loss = masked_cross_entropy(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
-        return logits, {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
+        k = min(5, logits.shape[-1])
+        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+        metrics = {"loss": loss, "correct": correct, "correct5": jnp.sum(top5 & mask), "count": jnp.sum(mask)}
+        return logits, metrics
 
     return jax.jit(step)

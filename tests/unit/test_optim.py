@@ -236,7 +236,7 @@ def run_steps(model, groups, config, n=3):
         mask = jnp.ones(4, bool)
         grads = jax.grad(lambda t: _loss(graphdef, t, state, images, labels, mask))(state.trainable)
         history.append({k: np.asarray(v) for k, v in _flat(grads).items()})
-        state, opt_state, _ = step(state, opt_state, images, labels, mask)
+        state, opt_state, _ = step(state, opt_state, images, labels, mask, 0)
     return state, opt_state, history
 
 
@@ -332,7 +332,7 @@ def step_flops(model, policy):
     graphdef, state = split_model(model, groups)
     optimizer = build_optimizer(groups, OptimizerConfig())
     step = make_train_step(graphdef, optimizer, donate=False)
-    args = (state, optimizer.init(state.trainable), jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.zeros(2, jnp.int32), jnp.ones(2, bool))
+    args = (state, optimizer.init(state.trainable), jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.zeros(2, jnp.int32), jnp.ones(2, bool), 0)
     return step.lower(*args).compile().cost_analysis()["flops"]
 
 

@@ -1,0 +1,346 @@
+"""The run config: YAML files -> frozen, typed dataclasses, with dotted command-line overrides.
+
+    config = load_config("configs/quickstart.yaml", overrides=["data.batch_size=16", "phases.0.epochs=1"])
+
+Unknown keys, values of the wrong type and out-of-range values are ConfigErrors that name the file
+and the dotted key. The resolved config (every default filled in) is written into the run directory
+and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxtl.errors import JaxtlError
+
+
+class ConfigError(JaxtlError, ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    weights: str | None = "DEFAULT"  # a torchvision weight name, a converted directory, or None (random init)
+    # Train from torchvision's random init when the weights cannot be had (no cache, no network).
+    # Only the quickstart sets this; any other config stops with a message instead.
+    allow_random_init_fallback: bool = False
+    download_timeout_s: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    num_classes: int = 5
+    train_per_class: int = 60
+    val_per_class: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "folder", "tfds"] = "synthetic"
+    root: str | None = None  # folder: root/<split>/<class>/<image>
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int | None = None
+    # The weights' eval preprocessing by default; set crop_size to train and evaluate at another
+    # resolution (resize_size then keeps the weights' resize/crop ratio unless given too).
+    crop_size: int | None = None
+    resize_size: int | None = None
+    random_resized_crop: bool = False
+    flip_p: float = 0.0
+    skip_bad_files: bool = False
+    max_image_pixels: int | None = 178956970  # PIL's default decompression-bomb limit
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: Literal["constant", "warmup_cosine", "one_cycle"] = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0
+    no_weight_decay: tuple[str, ...] = ()
+    clip_grad_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    name: str
+    policy: str
+    epochs: int = 1
+    lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+    carry_state: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    feature_cache: bool = True  # head-only phases without augmentation train on features computed once
+    log_every: int = 10
+    checkpoint_metric: Literal["val_acc1", "val_loss"] = "val_acc1"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    phases: tuple[PhaseConfig, ...] = (PhaseConfig("head", "head_only", epochs=3),)
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "model.download_timeout_s": (0, None),
+    "data.batch_size": (1, None),
+    "data.eval_batch_size": (1, None),
+    "data.num_workers": (1, None),
+    "data.flip_p": (0, 1),
+    "data.crop_size": (32, None),
+    "data.resize_size": (32, None),
+    "data.max_image_pixels": (1, None),
+    "data.synthetic.num_classes": (2, 8),
+    "data.synthetic.train_per_class": (1, None),
+    "data.synthetic.val_per_class": (1, None),
+    "optim.lr": (0, None),
+    "optim.weight_decay": (0, None),
+    "optim.eps": (0, None),
+    "optim.momentum": (0, 1),
+    "optim.warmup_steps": (0, None),
+    "optim.final_lr_fraction": (0, 1),
+    "optim.clip_grad_norm": (0, None),
+    "phases.*.epochs": (1, None),
+    "phases.*.lrs.*": (0, None),
+    "train.log_every": (1, None),
+}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _range_key(key: str) -> str:
+    parts = ["*" if part.isdigit() else part for part in key.split(".")]
+    if len(parts) == 4 and parts[0] == "phases" and parts[2] == "lrs":
+        parts[3] = "*"
+    return ".".join(parts)
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """``value`` checked against (and converted to) ``annotation``; ConfigError naming ``key`` otherwise."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    where = f"{source}: {key}"
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}")
+        return _build(annotation, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where} must not be null")
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} is {value!r}; expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list, Sequence) or annotation in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must have {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}.{i}", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return tuple(_convert(v, item, f"{key}.{i}", source) for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = args or (str, Any)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where} has a non-string key {k!r}")
+            out[k] = _convert(v, value_type, f"{key}.{k}", source)
+        return out
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return _check_range(value, key, where)
+    if annotation is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} must be finite, got {value}")
+        return _check_range(value, key, where)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _check_range(value: float, key: str, where: str) -> float:
+    low, high = _RANGES.get(_range_key(key), (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{where} = {value} is out of range {bounds}")
+    return value
+
+
+def _build(cls: type, data: Mapping, prefix: str, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(where + str(k) for k in unknown)}; "
+            f"known under {prefix or 'the top level'}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            values[name] = _convert(data[name], hints[name], key, source)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: {key} is required")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {prefix or 'config'}: {error}") from None
+
+
+def _set_dotted(data: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: {here}: no item {part} (the list has {len(node)})")
+            node = node[int(part)]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {here} is not a mapping")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: {key}: no item {last} (the list has {len(node)})")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{source}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=3e-4", "phases.0.epochs=1"]`` -> [(key, YAML-parsed value)]."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source: str = "config") -> RunConfig:
+    """A RunConfig from a plain mapping (as read from YAML) and dotted overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of {', '.join(f.name for f in dataclasses.fields(RunConfig))}")
+    data = _to_plain(dict(data))
+    if "phases" not in data:
+        data["phases"] = [dataclasses.asdict(p) for p in RunConfig().phases]
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value, f"override {key}")
+    config = _build(RunConfig, data, "", source)
+    if not config.phases:
+        raise ConfigError(f"{source}: phases is empty; give at least one phase")
+    names = [p.name for p in config.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: phase names repeat ({', '.join(names)}); each phase needs its own name")
+    d = config.data
+    if d.source == "folder" and not d.root:
+        raise ConfigError(f"{source}: data.root is required when data.source is folder")
+    if d.source == "tfds" and not d.tfds_name:
+        raise ConfigError(f"{source}: data.tfds_name is required when data.source is tfds")
+    return config
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML config (None: the defaults) and applies ``overrides``."""
+    if path is None:
+        return config_from_dict({}, overrides, "defaults")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (configs in this repository: configs/*.yaml)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return config_from_dict(data, overrides, str(path))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

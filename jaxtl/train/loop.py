@@ -1,0 +1,470 @@
+"""The training loop: phases, epochs, evaluation, metrics, checkpoints, resume, feature caching.
+
+All I/O lives here; the steps it calls are pure (:mod:`jaxtl.train.step`). The run is a function
+of its config: the loader order and the random transforms are functions of (seed, epoch, index),
+dropout keys of (seed, step), so a run resumed from ``latest`` ends with the parameters an
+uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtl.config import RunConfig, save_config
+from jaxtl.data import (
+    EvalTransform,
+    ImageFolder,
+    Loader,
+    TfdsSource,
+    TrainTransform,
+    data_sharding,
+    generate_synthetic,
+    image_folder_splits,
+)
+from jaxtl.errors import JaxtlError
+from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state
+from jaxtl.optim.groups import ParamGroups
+from jaxtl.train import checkpoint as ckpt
+from jaxtl.train.step import ModelState, head_of, make_eval_step, make_train_step, merge_model, split_model
+from jaxtl.weights import Preprocessing
+
+
+class RunError(JaxtlError):
+    """A run that cannot start or continue: names the run directory and what to do."""
+
+
+@dataclasses.dataclass
+class RunData:
+    train: Any
+    val: Any
+    classes: tuple[str, ...]
+    class_to_idx: dict[str, int]
+
+
+def load_data(config: RunConfig) -> RunData:
+    d = config.data
+    if d.source == "tfds":
+        train = TfdsSource(d.tfds_name, d.train_split, data_dir=d.tfds_data_dir)
+        val = TfdsSource(d.tfds_name, d.val_split, data_dir=d.tfds_data_dir)
+        classes = train.classes
+    else:
+        if d.source == "synthetic":
+            s = d.synthetic
+            root = generate_synthetic(
+                seed=s.seed, num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class
+            )
+        else:
+            root = Path(d.root).expanduser()
+        splits = image_folder_splits(root, (d.train_split, d.val_split), max_pixels=d.max_image_pixels)
+        train, val = splits[d.train_split], splits[d.val_split]
+        classes = train.classes
+    return RunData(train, val, tuple(classes), {name: i for i, name in enumerate(classes)})
+
+
+def _optimizer_config(config: RunConfig) -> OptimizerConfig:
+    o = config.optim
+    return OptimizerConfig(
+        name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, momentum=o.momentum,
+        nesterov=o.nesterov, schedule=o.schedule, warmup_steps=o.warmup_steps, final_lr_fraction=o.final_lr_fraction,
+        no_weight_decay=o.no_weight_decay, clip_grad_norm=o.clip_grad_norm,
+    )  # fmt: skip
+
+
+def phases_of(config: RunConfig) -> list[Phase]:
+    optimizer = _optimizer_config(config)
+    return [
+        Phase(p.name, p.policy, epochs=p.epochs, optimizer=optimizer, lrs=dict(p.lrs), carry_state=p.carry_state)
+        for p in config.phases
+    ]
+
+
+def _is_cacheable(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> bool:
+    """A phase trains on cached features when only the head trains and the input is never augmented."""
+    if not config.train.feature_cache or config.data.random_resized_crop or config.data.flip_p > 0:
+        return False
+    head = f"{model.head_name}."
+    return all(name.startswith(head) for name in groups.trainable_names) and all(
+        policy == "frozen" for policy in groups.batch_norms.values()
+    )
+
+
+class RunLock:
+    """An exclusive lock on a run directory: a second run pointed at it refuses to start."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise RunError(
+                f"run directory {self.path.parent} is in use by another jaxtl process; wait for it, or choose another "
+                "run_dir (--set run_dir=...)"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class Trainer:
+    """Runs ``config`` on a model made by ``make_model(num_classes) -> (model, weights_info)``.
+
+    ``weights_info`` is a dict with at least ``source`` and ``preprocessing`` (a Preprocessing).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        make_model: Callable[[int], tuple[nnx.Module, dict]],
+        *,
+        log: Callable[[str], None] = print,
+    ):
+        self.config = config
+        self.make_model = make_model
+        self.log = log
+        self.run_dir = Path(config.run_dir)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _loaders(self, preprocessing: Preprocessing, num_devices: int):
+        d, seed = self.config.data, self.config.train.seed
+        for name, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+            if size % num_devices:
+                raise RunError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
+        augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
+        common = dict(num_workers=d.num_workers, skip_bad_files=d.skip_bad_files)
+        train = Loader(self.data.train, augment, batch_size=d.batch_size, shuffle=True, seed=seed, **common)
+        val = Loader(self.data.val, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
+        # Unaugmented images in a fixed order, for computing a frozen backbone's features once.
+        plain = Loader(self.data.train, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
+        return train, val, plain
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
+        config = self.config
+        latest = self.run_dir / "checkpoints" / "latest"
+        meta = None
+        if resume:
+            meta = ckpt.load_meta(latest) if latest.exists() else None
+            if meta is None:
+                raise RunError(f"{self.run_dir} has no checkpoint to resume (looked for {latest}); start it without --resume")
+        elif latest.exists():
+            raise RunError(
+                f"{self.run_dir} already holds a run (checkpoint {latest}); continue it with --resume, or choose another "
+                "run_dir (--set run_dir=...)"
+            )
+        save_config(config, self.run_dir / "config.yaml")
+        self.data = load_data(config)
+        num_classes = len(self.data.classes)
+        model, self.weights_info = self.make_model(num_classes)
+        p: Preprocessing = _with_size(self.weights_info["preprocessing"], config.data.crop_size, config.data.resize_size)
+        self.weights_info = {**self.weights_info, "preprocessing": p}
+        self.mean, self.std = p.mean, p.std
+        devices = jax.local_device_count()
+        train_loader, val_loader, plain_loader = self._loaders(p, devices)
+        self.sharding = data_sharding(config.data.batch_size)
+        self.eval_sharding = data_sharding(config.data.eval_batch_size)
+        replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        phases = phases_of(config)
+        self.log(
+            f"run {self.run_dir}: {config.model.arch}, {num_classes} classes, {len(self.data.train)} train / "
+            f"{len(self.data.val)} val images, batch {config.data.batch_size} on {devices} device(s), "
+            f"{len(phases)} phase(s)"
+        )
+
+        start_phase, start_epoch, start_batch, step = 0, 0, 0, 0
+        best = {"metric": None, "epoch": None}
+        opt_leaves = None
+        previous_resumed = None
+        if meta is not None:
+            arrays = ckpt.load_arrays(latest)
+            _load_model_arrays(model, arrays["model"])
+            start_phase, start_epoch, start_batch = meta["phase"], meta["epoch_in_phase"], meta["batch"]
+            step, best = meta["step"], meta["best"]
+            opt_leaves = arrays["opt_state"]
+            if start_epoch == 0 and start_batch == 0 and start_phase > 0:
+                # Saved at the end of the previous phase: its optimizer state seeds this one's carry-over.
+                prev = phases[start_phase - 1]
+                prev_groups = prev.groups(model)
+                _, prev_state = split_model(model, prev_groups)
+                prev_opt = prev.optax(prev_groups, prev.epochs * len(train_loader)).init(prev_state.trainable)
+                previous_resumed = (prev_groups, _unflatten_like(prev_opt, opt_leaves))
+                opt_leaves = None
+            self.log(f"resumed from {latest}: phase {phases[start_phase].name}, epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+
+        metrics_path = self.run_dir / "metrics.jsonl"
+        epoch_base = sum(p.epochs for p in phases[:start_phase])
+        previous: tuple[ParamGroups, Any] | None = previous_resumed
+        for phase_index in range(start_phase, len(phases)):
+            phase = phases[phase_index]
+            groups = phase.groups(model)
+            self.log(f"phase {phase_index + 1}/{len(phases)} {phase.name!r} ({phase.policy}, {phase.epochs} epochs):")
+            self.log(groups.summary(base_lr=phase.optimizer.lr, default_weight_decay=phase.optimizer.weight_decay))
+            graphdef, state = split_model(model, groups)
+            state = jax.device_put(state, replicated)
+            total_steps = phase.epochs * len(train_loader)
+            optimizer = phase.optax(groups, total_steps)
+            opt_state = optimizer.init(state.trainable)
+            if opt_leaves is not None:  # resuming inside this phase
+                opt_state = _unflatten_like(opt_state, opt_leaves)
+                opt_leaves = None
+            elif previous is not None and phase.carry_state:
+                opt_state, carried = carry_optimizer_state(previous[0], previous[1], groups, opt_state)
+                if carried:
+                    self.log(f"  optimizer state carried over for group(s) {', '.join(carried)}")
+            cached = _is_cacheable(config, model, groups)
+            compute_dtype = jnp.bfloat16 if config.train.precision == "bf16" else None
+            train_step = make_train_step(
+                graphdef, optimizer, mean=self.mean, std=self.std, forward=head_of if cached else _call,
+                compute_dtype=compute_dtype, seed=config.train.seed,
+            )  # fmt: skip
+            eval_step = make_eval_step(graphdef, mean=self.mean, std=self.std, forward=head_of if cached else _call)
+            features = None
+            if cached:
+                started = time.perf_counter()
+                features = {
+                    "train": self._features(graphdef, state, plain_loader),
+                    "val": self._features(graphdef, state, val_loader),
+                }
+                self.log(
+                    f"  head-only phase on cached features: backbone run once over {len(self.data.train)} + "
+                    f"{len(self.data.val)} images in {time.perf_counter() - started:.1f}s"
+                )
+            for epoch in range(start_epoch if phase_index == start_phase else 0, phase.epochs):
+                loader_epoch = epoch_base + epoch
+                first_batch = start_batch if (phase_index == start_phase and epoch == start_epoch) else 0
+                state, opt_state, step, train_metrics = self._train_epoch(
+                    train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features
+                )
+                val_metrics = self._evaluate(eval_step, state, val_loader, features)
+                record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": step, **train_metrics, **val_metrics}
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.log(
+                    f"  epoch {loader_epoch + 1} ({phase.name}): train loss {train_metrics['train_loss']:.4f} "
+                    f"acc {train_metrics['train_acc1']:.3f} | val loss {val_metrics['val_loss']:.4f} "
+                    f"acc@1 {val_metrics['val_acc1']:.3f}"
+                    + (f" acc@5 {val_metrics['val_acc5']:.3f}" if "val_acc5" in val_metrics else "")
+                    + f" | {train_metrics['train_images_per_s']:.1f} img/s"
+                )
+                model = merge_model(graphdef, jax.device_get(state))
+                improved = self._is_better(val_metrics, best)
+                position = {"phase": phase_index, "epoch_in_phase": epoch + 1, "batch": 0, "step": step}
+                if epoch + 1 == phase.epochs:
+                    position.update(phase=phase_index + 1, epoch_in_phase=0)
+                if improved:
+                    best = {"metric": val_metrics[config.train.checkpoint_metric], "epoch": loader_epoch + 1, **val_metrics}
+                meta_out = self._meta(position, best, record)
+                arrays = {"model": _model_arrays(model), "opt_state": _leaves(opt_state)}
+                ckpt.save_checkpoint(self.run_dir / "checkpoints" / "latest", arrays, meta_out)
+                if improved:
+                    ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", {"model": arrays["model"]}, meta_out)
+            epoch_base += phase.epochs
+            previous = (groups, opt_state)
+            start_batch = 0
+        for loader in (train_loader, val_loader, plain_loader):
+            loader.close()
+        skipped = sorted(set(train_loader.skipped + val_loader.skipped + plain_loader.skipped))
+        if skipped:
+            self.log(f"skipped {len(skipped)} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
+        return {"best": best, "run_dir": str(self.run_dir), "skipped": len(skipped), "model": model}
+
+    # -- epochs ---------------------------------------------------------------------------------
+
+    def _features(self, graphdef, state: ModelState, loader: Loader) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features of every example of ``loader``'s source, by source index (eval-mode backbone)."""
+
+        @jax.jit
+        def features(state, images):
+            model = nnx.merge(graphdef, *state, copy=True)
+            model.eval()
+            from jaxtl.data.transforms import normalize
+
+            return model.forward_features(normalize(images, self.mean, self.std, xp=jnp))
+
+        out, labels = None, np.zeros((len(loader.source),), np.int32)
+        for batch in loader.epoch(0):
+            f = np.asarray(features(state, jax.device_put(batch.images, self.eval_sharding)))
+            if out is None:
+                out = np.zeros((len(loader.source), f.shape[-1]), np.float32)
+            rows = batch.indices >= 0
+            out[batch.indices[rows]] = f[rows]
+            labels[batch.indices[rows]] = batch.labels[rows]
+        return out, labels
+
+    def _train_epoch(self, train_step, state, opt_state, loader: Loader, epoch: int, first_batch: int, step: int, features):
+        totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        pending = []
+        started = time.perf_counter()
+        images_seen = 0
+
+        def drain():
+            for m in jax.device_get(pending):
+                count = float(m["count"])
+                totals["loss"] += float(m["loss"]) * count
+                totals["correct"] += float(m["correct"])
+                totals["count"] += count
+            pending.clear()
+
+        batches = (
+            self._cached_batches(loader, epoch, first_batch, features["train"])
+            if features is not None
+            else loader.epoch(epoch, first_batch)
+        )
+        for batch in batches:
+            inputs = jax.device_put(batch.images, self.sharding)
+            labels = jax.device_put(batch.labels, self.sharding)
+            mask = jax.device_put(batch.mask, self.sharding)
+            state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
+            pending.append(metrics)
+            step += 1
+            images_seen += int(batch.mask.sum())
+            if len(pending) >= self.config.train.log_every:
+                drain()
+                if not math.isfinite(totals["loss"]):
+                    raise RunError(
+                        f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
+                        f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
+                    )
+        drain()
+        if not math.isfinite(totals["loss"]):
+            raise RunError(
+                f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
+                f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
+            )
+        seconds = time.perf_counter() - started
+        n = max(totals["count"], 1.0)
+        return state, opt_state, step, {
+            "train_loss": totals["loss"] / n,
+            "train_acc1": totals["correct"] / n,
+            "train_images_per_s": images_seen / max(seconds, 1e-9),
+        }
+
+    @staticmethod
+    def _cached_batches(loader: Loader, epoch: int, first_batch: int, cached: tuple[np.ndarray, np.ndarray]):
+        """The loader's batches of ``epoch`` (same order, same padding) with cached features as images."""
+        from jaxtl.data import Batch
+
+        features, labels = cached
+        for b in range(first_batch, len(loader)):
+            indices = loader.batch_indices(epoch, b)
+            rows = indices >= 0
+            safe = np.where(rows, indices, 0)
+            yield Batch(
+                images=np.where(rows[:, None], features[safe], 0.0).astype(np.float32),
+                labels=np.where(rows, labels[safe], 0).astype(np.int32),
+                mask=rows,
+                indices=indices,
+            )
+
+    def _evaluate(self, eval_step, state, loader: Loader, features) -> dict[str, float]:
+        totals = {"loss": 0.0, "correct": 0.0, "correct5": 0.0, "count": 0.0}
+        batches = self._cached_batches(loader, 0, 0, features["val"]) if features is not None else loader.epoch(0)
+        num_classes = len(self.data.classes)
+        for batch in batches:
+            _, m = eval_step(
+                state,
+                jax.device_put(batch.images, self.eval_sharding),
+                jax.device_put(batch.labels, self.eval_sharding),
+                jax.device_put(batch.mask, self.eval_sharding),
+            )
+            m = jax.device_get(m)
+            totals["loss"] += float(m["loss"]) * float(m["count"])
+            totals["correct"] += float(m["correct"])
+            totals["correct5"] += float(m["correct5"])
+            totals["count"] += float(m["count"])
+        n = max(totals["count"], 1.0)
+        out = {"val_loss": totals["loss"] / n, "val_acc1": totals["correct"] / n}
+        if num_classes > 5:
+            out["val_acc5"] = totals["correct5"] / n
+        return out
+
+    def _is_better(self, metrics: dict[str, float], best: dict) -> bool:
+        key = self.config.train.checkpoint_metric
+        if best["metric"] is None:
+            return True
+        return metrics[key] > best["metric"] if key == "val_acc1" else metrics[key] < best["metric"]
+
+    def _meta(self, position: dict, best: dict, record: dict) -> dict:
+        info = self.weights_info
+        return {
+            **position,
+            "best": best,
+            "metrics": record,
+            "arch": self.config.model.arch,
+            "num_classes": len(self.data.classes),
+            "classes": list(self.data.classes),
+            "class_to_idx": self.data.class_to_idx,
+            "weights": {k: v for k, v in info.items() if k != "preprocessing"},
+            "preprocessing": dataclasses.asdict(info["preprocessing"]),
+            "config": self.config.to_dict(),
+        }
+
+
+def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def _model_arrays(model: nnx.Module) -> dict[str, Any]:
+    """The model's parameters and BN statistics, nested by torchvision name (orbax keys hold no dots)."""
+    from jaxtl.models.state_dict import state_dict
+    from jaxtl.weights import _nest
+
+    return _nest(state_dict(model))
+
+
+def _load_model_arrays(model: nnx.Module, arrays: dict[str, Any], source: str = "checkpoint") -> None:
+    from jaxtl.models.state_dict import load_state_dict
+    from jaxtl.weights import _flatten
+
+    load_state_dict(model, _flatten(arrays), source=source)
+
+
+def _leaves(tree: Any) -> dict[str, np.ndarray]:
+    return {str(i): np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(jax.device_get(tree)))}
+
+
+def _unflatten_like(template: Any, leaves: dict[str, np.ndarray]) -> Any:
+    treedef = jax.tree.structure(template)
+    if treedef.num_leaves != len(leaves):
+        raise RunError(
+            f"the checkpoint's optimizer state has {len(leaves)} arrays, the config's optimizer {treedef.num_leaves}; "
+            "was the config changed since the run started?"
+        )
+    return jax.tree.unflatten(treedef, [jnp.asarray(leaves[str(i)]) for i in range(treedef.num_leaves)])
+
+
+def _with_size(p: Preprocessing, crop_size: int | None, resize_size: int | None) -> Preprocessing:
+    """The weights' preprocessing at another resolution; mean, std and interpolation stay the weights'."""
+    if crop_size is None and resize_size is None:
+        return p
+    crop = crop_size or p.crop_size
+    resize = resize_size or max(crop, round(crop * p.resize_size / p.crop_size))
+    return dataclasses.replace(p, crop_size=crop, resize_size=resize)

@@ -1,0 +1,89 @@
+"""The run config: YAML and overrides into typed dataclasses, and one clear error per bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxtl.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from jaxtl.optim import get_policy
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_the_four_configs_exist():
+    assert {p.stem for p in CONFIGS} >= {
+        "quickstart", "resnet18_feature_extraction", "resnet50_finetune", "efficientnet_b0_progressive"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    for phase in config.phases:
+        get_policy(phase.policy)  # every policy name is known
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config
+
+
+def test_only_the_quickstart_may_fall_back_to_random_init():
+    fallback = {p.stem for p in CONFIGS if load_config(p).model.allow_random_init_fallback}
+    assert fallback == {"quickstart"}
+
+
+def test_overrides_are_dotted_and_typed():
+    config = load_config(
+        CONFIGS[0].parent / "quickstart.yaml",
+        ["optim.lr=3e-4", "data.batch_size=16", "phases.1.lrs.blocks=1e-5", "model.weights=null", "data.flip_p=0.5"],
+    )
+    assert config.optim.lr == 3e-4 and config.data.batch_size == 16 and config.data.flip_p == 0.5
+    assert config.phases[1].lrs == {"head": 1e-3, "blocks": 1e-5}
+    assert config.model.weights is None
+
+
+def test_defaults_without_a_file():
+    assert load_config(None) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.batchsize=3"], r"unknown key\(s\) data.batchsize; known under data: source"),
+        (["data.batch_size=0"], r"data.batch_size = 0 is out of range \[1, inf\]"),
+        (["data.batch_size=2.5"], "data.batch_size must be an integer, got 2.5"),
+        (["optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
+        (["optim.lr=.nan"], "optim.lr must be finite"),
+        (["optim.name=rmsprop"], "optim.name is 'rmsprop'; expected one of 'adamw', 'adam', 'sgd'"),
+        (["data.flip_p=1.5"], r"data.flip_p = 1.5 is out of range \[0, 1\]"),
+        (["phases.5.epochs=1"], r"phases.5: no item 5 \(the list has 2\)"),
+        (["phases.0.epochs=0"], r"phases.0.epochs = 0 is out of range"),
+        (["phases.0.lrs.head=-1"], r"phases.0.lrs.head = -1.0 is out of range"),
+        (["phases=[]"], "phases is empty"),
+        (["data.source=folder"], "data.root is required when data.source is folder"),
+        (["data.source=tfds"], "data.tfds_name is required"),
+        (["train.feature_cache=maybe"], "train.feature_cache must be true or false"),
+        (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
+        (["nonsense"], "is not KEY=VALUE"),
+        (["data=[1, 2]"], "data must be a mapping"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS[0].parent / "quickstart.yaml", overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(listed)
+    repeated = {"phases": [{"name": "a", "policy": "full"}, {"name": "a", "policy": "full"}]}
+    with pytest.raises(ConfigError, match="phase names repeat"):
+        config_from_dict(repeated)
+    with pytest.raises(ConfigError, match="phases.0.name is required"):
+        config_from_dict({"phases": [{"policy": "full"}]})

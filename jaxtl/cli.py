@@ -296,11 +296,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from jaxtl import models, optim
 
-    model = models.abstract_model(args.arch, num_classes=args.num_classes)
-    print(f"{args.arch} ({args.num_classes} classes), policy {args.policy}:")
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        from jaxtl.config import load_config
+        from jaxtl.train.loop import phases_of
+
+        config = load_config(target, args.set)
+        num_classes = args.num_classes or _config_num_classes(config)
+        model = models.abstract_model(config.model.arch, num_classes=num_classes)
+        print(f"{target}: {config.model.arch} ({num_classes} classes), {len(config.phases)} phase(s)")
+        for index, phase in enumerate(phases_of(config), start=1):
+            print(f"phase {index} {phase.name!r} ({phase.policy}, {phase.epochs} epochs):")
+            groups = phase.groups(model)
+            print(groups.summary(base_lr=phase.optimizer.lr, default_weight_decay=phase.optimizer.weight_decay))
+        return 0
+    num_classes = args.num_classes or 1000
+    model = models.abstract_model(args.target, num_classes=num_classes)
+    print(f"{args.target} ({num_classes} classes), policy {args.policy}:")
     groups = optim.assign(model, optim.get_policy(args.policy)(model))
     print(groups.summary(base_lr=args.lr, default_weight_decay=args.weight_decay))
     return 0
+
+
+def _config_num_classes(config) -> int:
+    from jaxtl.train.loop import load_data
+
+    return len(load_data(config).classes)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -411,17 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="show which parameters a freezing policy trains, with LRs, weight decay and BN policy",
-        description="Assign the parameters of ARCH to the groups of a policy and print, per group, the parameters "
-        "(whole modules collapsed), counts, learning rate, weight decay and BatchNorm policy. Needs no weights.",
+        description="Print, per parameter group, the parameters (whole modules collapsed), counts, learning rate, "
+        "weight decay and BatchNorm policy: for every phase of a run config, or for ARCH under --policy. Needs no "
+        "weights.",
     )
-    inspect.add_argument("arch", help="architecture, e.g. resnet50")
+    inspect.add_argument("target", help="a run config (configs/quickstart.yaml) or an architecture (resnet50)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
     inspect.add_argument(
         "--policy",
         default="head_only",
         help="head_only, last_n_blocks:N, full[:BACKBONE_LR_MULT], discriminative[:FACTOR], "
         "layerwise_lr_decay[:DECAY], bitfit, norm_only (default head_only)",
     )
-    inspect.add_argument("--num-classes", type=int, default=1000, help="head width (default 1000)")
+    inspect.add_argument("--num-classes", type=int, help="head width (default: the config's dataset, or 1000)")
     inspect.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3)")
     inspect.add_argument("--weight-decay", type=float, default=0.01, help="default weight decay (default 0.01)")
     inspect.set_defaults(run=cmd_inspect)

@@ -53,3 +53,18 @@ def test_inspect_prints_the_groups_of_a_policy():
     assert "layer4.* (30 keys)" in result.stdout
     bad = run("inspect", "resnet50", "--policy", "last_n_blocks:9")
     assert bad.returncode == 2 and "last_n_blocks(9): the model has 5 blocks before its head" in bad.stderr
+
+
+def test_inspect_a_config_prints_every_phase():
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "configs" / "efficientnet_b0_progressive.yaml"
+    result = run("inspect", str(config), "--num-classes", "5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "efficientnet_b0 (5 classes), 3 phase(s)" in out
+    assert "phase 1 'head' (head_only, 3 epochs)" in out and "phase 3 'all' (full, 3 epochs)" in out
+    assert "trainable: 2 tensors, 6,405 parameters" in out  # head only: classifier.1 of 1280 -> 5
+    assert "blocks                16" in out and "0.0001" in out
+    bad = run("inspect", str(config), "--num-classes", "5", "--set", "phases.0.lrs.blocks=1e-3")
+    assert bad.returncode == 2 and "unknown group(s) blocks" in bad.stderr

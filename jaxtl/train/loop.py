@@ -38,7 +38,7 @@ from jaxtl.errors import JaxtlError
 from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train import checkpoint as ckpt
-from jaxtl.train.step import ModelState, head_of, make_eval_step, make_train_step, merge_model, split_model
+from jaxtl.train.step import ModelState, full_model, head_of, make_eval_step, make_train_step, merge_model, split_model
 from jaxtl.weights import Preprocessing
 
 
@@ -242,10 +242,10 @@ class Trainer:
             cached = _is_cacheable(config, model, groups)
             compute_dtype = jnp.bfloat16 if config.train.precision == "bf16" else None
             train_step = make_train_step(
-                graphdef, optimizer, mean=self.mean, std=self.std, forward=head_of if cached else _call,
+                graphdef, optimizer, mean=self.mean, std=self.std, forward=head_of if cached else full_model,
                 compute_dtype=compute_dtype, seed=config.train.seed,
             )  # fmt: skip
-            eval_step = make_eval_step(graphdef, mean=self.mean, std=self.std, forward=head_of if cached else _call)
+            eval_step = make_eval_step(graphdef, mean=self.mean, std=self.std, forward=head_of if cached else full_model)
             features = None
             if cached:
                 started = time.perf_counter()
@@ -348,17 +348,9 @@ class Trainer:
             images_seen += int(batch.mask.sum())
             if len(pending) >= self.config.train.log_every:
                 drain()
-                if not math.isfinite(totals["loss"]):
-                    raise RunError(
-                        f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
-                        f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
-                    )
+                self._check_finite(totals["loss"], step, epoch)
         drain()
-        if not math.isfinite(totals["loss"]):
-            raise RunError(
-                f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
-                f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
-            )
+        self._check_finite(totals["loss"], step, epoch)
         seconds = time.perf_counter() - started
         n = max(totals["count"], 1.0)
         return state, opt_state, step, {
@@ -366,6 +358,13 @@ class Trainer:
             "train_acc1": totals["correct"] / n,
             "train_images_per_s": images_seen / max(seconds, 1e-9),
         }
+
+    def _check_finite(self, loss: float, step: int, epoch: int) -> None:
+        if not math.isfinite(loss):
+            raise RunError(
+                f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
+                f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
+            )
 
     @staticmethod
     def _cached_batches(loader: Loader, epoch: int, first_batch: int, cached: tuple[np.ndarray, np.ndarray]):
@@ -426,10 +425,6 @@ class Trainer:
             "preprocessing": dataclasses.asdict(info["preprocessing"]),
             "config": self.config.to_dict(),
         }
-
-
-def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
-    return model(x)
 
 
 def _model_arrays(model: nnx.Module) -> dict[str, Any]:

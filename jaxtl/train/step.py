@@ -122,16 +122,22 @@ def make_eval_step(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
+    compute_dtype=None,
 ):
     """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted.
 
     Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows.
+    With ``compute_dtype=jnp.bfloat16`` parameters and inputs are cast to bf16 for the forward pass.
     """
 
     def step(state: ModelState, images, labels, mask):
-        model = nnx.merge(graphdef, state.trainable, state.frozen, state.rest, copy=True)
+        params = (state.trainable, state.frozen)
+        x = _inputs(images, mean, std)
+        if compute_dtype is not None:
+            params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
+        model = nnx.merge(graphdef, *params, state.rest, copy=True)
         model.eval()
-        logits = forward(model, _inputs(images, mean, std)).astype(jnp.float32)
+        logits = forward(model, x).astype(jnp.float32)
         loss = masked_cross_entropy(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
         k = min(5, logits.shape[-1])

@@ -1,0 +1,31 @@
+"""The GPU benchmark's entry point runs in its smoke mode on any backend, so it cannot rot between GPU loans."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_mode_runs_every_case(tmp_path):
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--data", str(tmp_path / "jpegs"), "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    cases = {(r["case"], r["arch"]) for r in data["results"]}
+    assert cases == {("train bf16", "resnet18"), ("eval bf16", "resnet18"), ("loader->train", "resnet18")}
+    for r in data["results"]:
+        # Both frameworks measured, and the ratio is theirs.
+        assert r["jaxtl"] > 0 and r["torch"] > 0, r
+        assert math.isclose(r["ratio"], r["jaxtl"] / r["torch"]), r
+    # The table printed at the end names every case.
+    assert result.stdout.count("resnet18") >= 6
+    # 15 generated JPEGs (5 classes x 3) per epoch went through both loaders.
+    assert "15 JPEGs/epoch" in result.stdout

@@ -8,6 +8,7 @@ weights; ``TORCH_LAYOUT`` on each layer says how a torch tensor is permuted into
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import ClassVar
@@ -88,20 +89,11 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """(N, H, W, C_in) -> (N, H', W', C_out)."""
-        (ph, pw) = self.padding
         kernel = self.weight[...].astype(x.dtype)
-        if self.groups == x.shape[-1] == kernel.shape[-1] and jax.default_backend() == "cpu":
-            y = depthwise_conv2d(x, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
-            return y if self.bias is None else y + self.bias[...].astype(x.dtype)
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=self.stride,
-            padding=((ph, ph), (pw, pw)),
-            rhs_dilation=self.dilation,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        if jax.default_backend() == "cpu":
+            y = cpu_conv2d(x, kernel, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = xla_conv2d(x, kernel, self.stride, self.padding, self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -211,6 +203,99 @@ class Sequential(nnx.List):
         for layer in self:
             x = layer(x)
         return x
+
+
+Pair = tuple[int, int]
+
+
+def xla_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: Pair, groups: int) -> Array:
+    """torch's Conv2d (symmetric zero padding) as one ``lax.conv_general_dilated``: (N, H, W, C) x HWIO."""
+    (ph, pw) = padding
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=stride,
+        padding=((ph, ph), (pw, pw)),
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def taps_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: Pair, groups: int) -> Array:
+    """The same conv as a sum over kernel taps of (strided slice of x) @ (the tap's kernel), per group.
+
+    Each tap is a plain (grouped) matrix product, so the gradients are matrix products and slices too.
+    """
+    kh, kw, cg, out = kernel.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, height, width, _ = x.shape
+    out_h, out_w = _out_size(height, kh, sh, ph, dh), _out_size(width, kw, sw, pw, dw)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, ph, 0), (pw, pw, 0), (0, 0, 0)))
+    og = out // groups
+    # (kh, kw, G, Cg, Og): group g maps input channels [g*Cg, (g+1)*Cg) to outputs [g*Og, (g+1)*Og).
+    taps = kernel.reshape(kh, kw, cg, groups, og).transpose(0, 1, 3, 2, 4)
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw, 0)
+            limit = (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, groups * cg)
+            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1))
+            if groups == 1:
+                term = jnp.einsum("nhwc,co->nhwo", tap, taps[i, j, 0])
+            else:
+                tap = tap.reshape(n, out_h, out_w, groups, cg)
+                term = jnp.einsum("nhwgc,gco->nhwgo", tap, taps[i, j]).reshape(n, out_h, out_w, out)
+            y = term if y is None else y + term
+    return y
+
+
+def cpu_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: Pair, groups: int) -> Array:
+    """The conv as XLA:CPU runs it fastest, same function: measured choices, see bench/results/*cpu_conv*.
+
+    - Depthwise (groups = channels): strided taps (:func:`depthwise_conv2d`); XLA:CPU's grouped-conv
+      kernel gradient is a dense conv with C^2 scratch (41 GB for EfficientNet-B7 at 57x71).
+    - Forward: one XLA conv, except 1x1 kernels and outputs of at most 2x2 pixels, which run as tap
+      matrix products (a 3x3 conv on a 2x2 map runs 10-45x slower as an XLA:CPU conv).
+    - Backward: the taps' gradients (matrix products and slices) wherever a group has 16 or more
+      input channels: XLA:CPU's conv gradients run 1.5-11x slower (strided convs worst). The stem
+      (3 input channels) keeps XLA's.
+    """
+    kh, kw, cg, out = kernel.shape
+    if groups == x.shape[-1] == out and cg == 1:
+        return depthwise_conv2d(x, kernel, stride=stride, padding=padding, dilation=dilation)
+    out_hw = _out_size(x.shape[1], kh, stride[0], padding[0], dilation[0]) * _out_size(
+        x.shape[2], kw, stride[1], padding[1], dilation[1]
+    )
+    taps_forward = (kh, kw) == (1, 1) or out_hw <= 4
+    if cg < 16:
+        conv = taps_conv2d if taps_forward else xla_conv2d
+        return conv(x, kernel, stride, padding, dilation, groups)
+    return _conv_with_taps_gradient(x, kernel, stride, padding, dilation, groups, taps_forward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_with_taps_gradient(x, kernel, stride, padding, dilation, groups, taps_forward):
+    conv = taps_conv2d if taps_forward else xla_conv2d
+    return conv(x, kernel, stride, padding, dilation, groups)
+
+
+def _conv_with_taps_gradient_fwd(x, kernel, stride, padding, dilation, groups, taps_forward):
+    y = _conv_with_taps_gradient(x, kernel, stride, padding, dilation, groups, taps_forward)
+    return y, (x, kernel)
+
+
+def _conv_with_taps_gradient_bwd(stride, padding, dilation, groups, taps_forward, residuals, dy):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x, k: taps_conv2d(x, k, stride, padding, dilation, groups), x, kernel)
+    return vjp(dy)
+
+
+_conv_with_taps_gradient.defvjp(_conv_with_taps_gradient_fwd, _conv_with_taps_gradient_bwd)
 
 
 def depthwise_conv2d(

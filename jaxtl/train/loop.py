@@ -4,6 +4,11 @@ All I/O lives here; the steps it calls are pure (:mod:`jaxtl.train.step`). The r
 of its config: the loader order and the random transforms are functions of (seed, epoch, index),
 dropout keys of (seed, step), so a run resumed from ``latest`` ends with the parameters an
 uninterrupted run ends with.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one record per
+epoch), ``checkpoints/latest`` and ``checkpoints/best``, ``tensorboard/`` (event files: per-step
+training loss, per-epoch metrics and learning rates), ``curves.png``, and ``confusion.json`` / ``confusion.png``
+(the validation confusion matrix of the best checkpoint).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from flax import nnx
 from jaxtl.config import RunConfig, save_config
 from jaxtl.data import (
     EvalTransform,
-    ImageFolder,
     Loader,
     TfdsSource,
     TrainTransform,
@@ -35,9 +39,10 @@ from jaxtl.data import (
     image_folder_splits,
 )
 from jaxtl.errors import JaxtlError
-from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state
+from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr, schedule
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train import checkpoint as ckpt
+from jaxtl.train.reporting import EventWriter, Progress, confusion_matrix, load_metrics, plot_confusion, plot_curves
 from jaxtl.train.step import ModelState, full_model, head_of, make_eval_step, make_train_step, merge_model, split_model
 from jaxtl.weights import Preprocessing
 
@@ -141,10 +146,12 @@ class Trainer:
         make_model: Callable[[int], tuple[nnx.Module, dict]],
         *,
         log: Callable[[str], None] = print,
+        progress_every_s: float = 10.0,
     ):
         self.config = config
         self.make_model = make_model
         self.log = log
+        self.progress_every_s = progress_every_s
         self.run_dir = Path(config.run_dir)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -220,8 +227,21 @@ class Trainer:
             self.log(f"resumed from {latest}: phase {phases[start_phase].name}, epoch {start_epoch + 1}, batch {start_batch}, step {step}")
 
         metrics_path = self.run_dir / "metrics.jsonl"
+        # A resumed run hides, in TensorBoard, what the interrupted one logged after its checkpoint.
+        with EventWriter(self.run_dir / "tensorboard", purge_step=step + 1 if meta is not None else None) as self.events:
+            return self._phases(
+                model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
+                (train_loader, val_loader, plain_loader), replicated, metrics_path,
+            )  # fmt: skip
+
+    def _phases(
+        self, model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous, loaders,
+        replicated, metrics_path,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The phases from (start_phase, start_epoch, start_batch) on; ``previous`` seeds the optimizer carry-over."""
+        config = self.config
+        train_loader, val_loader, plain_loader = loaders
         epoch_base = sum(p.epochs for p in phases[:start_phase])
-        previous: tuple[ParamGroups, Any] | None = previous_resumed
         for phase_index in range(start_phase, len(phases)):
             phase = phases[phase_index]
             groups = phase.groups(model)
@@ -239,6 +259,8 @@ class Trainer:
                 opt_state, carried = carry_optimizer_state(previous[0], previous[1], groups, opt_state)
                 if carried:
                     self.log(f"  optimizer state carried over for group(s) {', '.join(carried)}")
+            # Committed like the step's outputs: an uncommitted leaf (a fresh count) would compile the step twice.
+            opt_state = jax.device_put(opt_state, replicated)
             cached = _is_cacheable(config, model, groups)
             compute_dtype = jnp.bfloat16 if config.train.precision == "bf16" else None
             train_step = make_train_step(
@@ -263,10 +285,11 @@ class Trainer:
                 state, opt_state, step, train_metrics = self._train_epoch(
                     train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features
                 )
-                val_metrics = self._evaluate(eval_step, state, val_loader, features)
+                val_metrics, confusion = self._evaluate(eval_step, state, val_loader, features)
                 record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": step, **train_metrics, **val_metrics}
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                self._report_epoch(record, groups, phase, total_steps, (epoch + 1) * len(train_loader), metrics_path)
                 self.log(
                     f"  epoch {loader_epoch + 1} ({phase.name}): train loss {train_metrics['train_loss']:.4f} "
                     f"acc {train_metrics['train_acc1']:.3f} | val loss {val_metrics['val_loss']:.4f} "
@@ -286,6 +309,7 @@ class Trainer:
                 ckpt.save_checkpoint(self.run_dir / "checkpoints" / "latest", arrays, meta_out)
                 if improved:
                     ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", {"model": arrays["model"]}, meta_out)
+                    self._write_confusion(confusion, loader_epoch + 1)
             epoch_base += phase.epochs
             previous = (groups, opt_state)
             start_batch = 0
@@ -325,13 +349,22 @@ class Trainer:
         started = time.perf_counter()
         images_seen = 0
 
+        progress = Progress(len(loader) - first_batch, f"epoch {epoch + 1}", log_every_s=self.progress_every_s)
+
         def drain():
+            if not pending:
+                return
+            loss = count = 0.0
             for m in jax.device_get(pending):
-                count = float(m["count"])
-                totals["loss"] += float(m["loss"]) * count
+                loss += float(m["loss"]) * float(m["count"])
+                count += float(m["count"])
                 totals["correct"] += float(m["correct"])
-                totals["count"] += count
+            totals["loss"] += loss
+            totals["count"] += count
             pending.clear()
+            if count:
+                self.events.scalar("train/loss_step", loss / count, step)
+                progress.update(0, loss=totals["loss"] / max(totals["count"], 1.0))
 
         batches = (
             self._cached_batches(loader, epoch, first_batch, features["train"])
@@ -345,11 +378,14 @@ class Trainer:
             state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
             pending.append(metrics)
             step += 1
-            images_seen += int(batch.mask.sum())
+            images = int(batch.mask.sum())
+            images_seen += images
+            progress.update(1, images=images)
             if len(pending) >= self.config.train.log_every:
                 drain()
                 self._check_finite(totals["loss"], step, epoch)
         drain()
+        progress.close()
         self._check_finite(totals["loss"], step, epoch)
         seconds = time.perf_counter() - started
         n = max(totals["count"], 1.0)
@@ -383,18 +419,22 @@ class Trainer:
                 indices=indices,
             )
 
-    def _evaluate(self, eval_step, state, loader: Loader, features) -> dict[str, float]:
+    def _evaluate(self, eval_step, state, loader: Loader, features) -> tuple[dict[str, float], np.ndarray]:
+        """Validation metrics and the confusion matrix (rows: true class, columns: predicted)."""
         totals = {"loss": 0.0, "correct": 0.0, "correct5": 0.0, "count": 0.0}
         batches = self._cached_batches(loader, 0, 0, features["val"]) if features is not None else loader.epoch(0)
         num_classes = len(self.data.classes)
+        confusion = np.zeros((num_classes, num_classes), np.int64)
         for batch in batches:
-            _, m = eval_step(
+            logits, m = eval_step(
                 state,
                 jax.device_put(batch.images, self.eval_sharding),
                 jax.device_put(batch.labels, self.eval_sharding),
                 jax.device_put(batch.mask, self.eval_sharding),
             )
-            m = jax.device_get(m)
+            logits, m = jax.device_get((logits, m))
+            rows = np.asarray(batch.mask, bool)
+            confusion += confusion_matrix(batch.labels[rows], np.argmax(logits[rows], -1), num_classes)
             totals["loss"] += float(m["loss"]) * float(m["count"])
             totals["correct"] += float(m["correct"])
             totals["correct5"] += float(m["correct5"])
@@ -403,7 +443,28 @@ class Trainer:
         out = {"val_loss": totals["loss"] / n, "val_acc1": totals["correct"] / n}
         if num_classes > 5:
             out["val_acc5"] = totals["correct5"] / n
-        return out
+        return out, confusion
+
+    def _write_confusion(self, confusion: np.ndarray, epoch: int) -> None:
+        """confusion.json (counts, rows the true class) and confusion.png of the best checkpoint's epoch."""
+        data = {"epoch": epoch, "classes": list(self.data.classes), "matrix": confusion.tolist()}
+        tmp = self.run_dir / "confusion.json.tmp"
+        tmp.write_text(json.dumps(data) + "\n")
+        tmp.replace(self.run_dir / "confusion.json")
+        plot_confusion(confusion, self.data.classes, self.run_dir / "confusion.png")
+
+    def _report_epoch(
+        self, record: dict, groups: ParamGroups, phase: Phase, total_steps: int, phase_steps: int, metrics_path: Path
+    ) -> None:
+        """TensorBoard scalars of the epoch (metrics; each group's learning rate at its last step) and the curves figure."""
+        scalars = {f"{k.split('_', 1)[0]}/{k.split('_', 1)[1]}": v for k, v in record.items() if k.startswith(("train_", "val_"))}
+        optimizer = phase.optimizer
+        for name, group in groups.groups.items():
+            if not group.frozen:
+                lr = schedule(optimizer, group_lr(groups, name, optimizer), total_steps)
+                scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr)
+        self.events.scalars(scalars, record["step"])
+        plot_curves(load_metrics(metrics_path), self.run_dir / "curves.png", title=f"{self.config.model.arch}, {self.run_dir.name}")
 
     def _is_better(self, metrics: dict[str, float], best: dict) -> bool:
         key = self.config.train.checkpoint_metric

@@ -68,6 +68,33 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
     assert best_meta["best"]["val_acc1"] == max(r["val_acc1"] for r in records)
     assert (run_dir / "config.yaml").is_file()
 
+    # The confusion matrix is the best checkpoint's: its diagonal is the best accuracy.
+    confusion = json.loads((run_dir / "confusion.json").read_text())
+    matrix = np.array(confusion["matrix"])
+    assert confusion["classes"] == best_meta["classes"] and confusion["epoch"] == best_meta["best"]["epoch"]
+    assert matrix.sum() == 3 * 3 and np.trace(matrix) / matrix.sum() == pytest.approx(best_meta["best"]["val_acc1"])
+    assert (matrix.sum(axis=1) == 3).all()  # rows are the true classes: 3 val images each
+    from PIL import Image
+
+    for figure in ("curves.png", "confusion.png"):
+        with Image.open(run_dir / figure) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+
+    # TensorBoard reads the event file: per-epoch metrics equal metrics.jsonl's (float32), lrs logged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {"train/loss", "train/acc1", "val/loss", "val/acc1", "lr/head", "lr/blocks", "train/loss_step"} <= set(
+        events.Tags()["scalars"]
+    )
+    logged = [(e.step, e.value) for e in events.Scalars("val/loss")]
+    assert logged == [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in records]
+    assert [e.step for e in events.Scalars("lr/blocks")] == [records[-1]["step"]]  # trains in phase 2 only
+    # One progress line per epoch here (epochs end before the 10 s between log lines), with the final loss.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[:3] for line in progress] == [["epoch", str(e), "5/5"] for e in (1, 2, 3)]
+    assert all("img/s" in line and " loss " in line for line in progress)
+
     # eval of the best checkpoint reproduces the logged best accuracy
     evaluated = run("eval", str(run_dir / "checkpoints" / "best"))
     assert f"acc@1 {best_meta['best']['val_acc1']:.4f}" in evaluated.stdout
@@ -139,6 +166,15 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in metrics(tmp_path / "whole")] == [
         (e, last[e]["train_loss"], last[e]["val_loss"]) for e in sorted(last)
     ]
+    # TensorBoard shows the resumed run as one run: what the killed process logged after its
+    # checkpoint is purged, so each step appears once with the uninterrupted run's values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curve(run, tag):
+        return [(e.step, e.value) for e in EventAccumulator(str(tmp_path / run / "tensorboard")).Reload().Scalars(tag)]
+
+    assert curve("cut", "val/loss") == curve("whole", "val/loss")
+    assert curve("cut", "train/loss_step") == curve("whole", "train/loss_step")
 
 
 @pytest.mark.slow

@@ -154,3 +154,38 @@ def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, str
     grads_actual = jax.vjp(taps, x, w)[1](cotangent)
     for a, e in zip(grads_actual, grads_expected):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, groups",
+    [
+        ((2, 9, 11, 32), 3, 1, 1, 1),  # 3x3, XLA forward, tap gradients
+        ((2, 4, 4, 32), 3, 2, 1, 1),  # strided to 2x2: taps both ways
+        ((2, 3, 5, 32), 3, 1, 1, 1),  # odd tiny map
+        ((2, 7, 6, 32), 1, 2, 0, 1),  # strided 1x1 (downsample)
+        ((2, 8, 10, 64), 3, 1, 1, 4),  # grouped, 16 channels per group (ResNeXt)
+        ((2, 8, 8, 32), 3, 2, 1, 8),  # grouped, 4 per group: XLA gradient
+        ((2, 15, 13, 3), 7, 2, 3, 1),  # stem: 3 input channels
+    ],
+)
+def test_cpu_conv_equals_xla_conv_forward_and_gradients(shape, kernel, stride, padding, groups):
+    with jax.enable_x64(True):  # float64: the two orders of summation agree to rounding
+        _check_cpu_conv(shape, kernel, stride, padding, groups)
+
+
+def _check_cpu_conv(shape, kernel, stride, padding, groups):
+    from jaxtl.models.layers import cpu_conv2d, taps_conv2d, xla_conv2d
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], shape, jnp.float64)
+    w = jax.random.normal(keys[1], (kernel, kernel, shape[-1] // groups, 48), jnp.float64)
+    args = ((stride, stride), (padding, padding), (1, 1), groups)
+    reference = lambda x, w: xla_conv2d(x, w, *args)  # noqa: E731
+    expected = reference(x, w)
+    cotangent = jax.random.normal(keys[2], expected.shape, jnp.float64)
+    grads_expected = jax.vjp(reference, x, w)[1](cotangent)
+    for conv in (cpu_conv2d, taps_conv2d):
+        f = jax.jit(lambda x, w, conv=conv: conv(x, w, *args))
+        np.testing.assert_allclose(f(x, w), expected, rtol=1e-12, atol=1e-12)
+        for actual, want in zip(jax.vjp(f, x, w)[1](cotangent), grads_expected, strict=True):
+            np.testing.assert_allclose(actual, want, rtol=1e-12, atol=1e-11)

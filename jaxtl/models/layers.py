@@ -8,9 +8,11 @@ weights; ``TORCH_LAYOUT`` on each layer says how a torch tensor is permuted into
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import jax
@@ -99,6 +101,30 @@ class Conv2d(nnx.Module):
         return y
 
 
+_BATCH_MASK: contextvars.ContextVar[Array | None] = contextvars.ContextVar("jaxtl_batch_mask", default=None)
+
+
+@contextlib.contextmanager
+def batch_mask(mask: Array | None) -> Iterator[None]:
+    """Marks which rows of the batch are examples (True) and which are padding (False) while tracing a forward pass.
+
+    BatchNorm layers in train mode then compute the batch mean and variance, and update the running
+    statistics, over the examples only, as torch does on a smaller last batch; padding rows are
+    normalised with those statistics and take no other part. A loader pads its last batch to the
+    fixed shape a jitted step needs; ``make_train_step`` wraps the forward pass in this context.
+
+    Example::
+
+        with batch_mask(mask):   # mask: (N,) bool
+            logits = model(x)
+    """
+    token = _BATCH_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _BATCH_MASK.reset(token)
+
+
 class BatchNorm2d(nnx.Module):
     """torch.nn.BatchNorm2d over the channel (last) axis, with torch's conventions.
 
@@ -107,6 +133,7 @@ class BatchNorm2d(nnx.Module):
       (n / (n - 1), n = N * H * W), as torch does (BatchNorm2d docs).
     - Mean and variance are computed in shifted, two-pass form, never as E[x^2] - E[x]^2.
     - Statistics are computed in float32 at least, whatever the activation dtype.
+    - Inside :func:`batch_mask`, the statistics are those of the unmasked rows (padding excluded).
 
     ``use_running_average`` is the mode: ``model.eval()`` sets it True, ``model.train()`` False,
     on this layer or on any enclosing module (per-module BN mode).
@@ -146,11 +173,22 @@ class BatchNorm2d(nnx.Module):
         axes = tuple(range(x.ndim - 1))
         # Statistics of x - (one sample per channel): where |mean| >> std (post-ReLU inputs) the
         # float32 sums stay small and exact enough; torch accumulates them in float64 on CPU.
+        # Row 0 is an example: loaders pad at the end.
         shift = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
         shifted = x - shift
-        shifted_mean = jnp.mean(shifted, axis=axes)
-        centered = shifted - shifted_mean
-        var = jnp.mean(jnp.square(centered), axis=axes)
+        mask = _BATCH_MASK.get()
+        if mask is None:
+            shifted_mean = jnp.mean(shifted, axis=axes)
+            centered = shifted - shifted_mean
+            var = jnp.mean(jnp.square(centered), axis=axes)
+        else:
+            if mask.shape != x.shape[:1]:
+                raise ValueError(f"batch_mask of shape {mask.shape} does not match the batch of input shape {x.shape}")
+            weights = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+            count = jnp.sum(weights) * (count // x.shape[0])
+            shifted_mean = jnp.sum(shifted * weights, axis=axes) / count
+            centered = shifted - shifted_mean
+            var = jnp.sum(jnp.square(centered) * weights, axis=axes) / count
         m = self.momentum
         batch_mean = jax.lax.stop_gradient(shift + shifted_mean)
         unbiased_var = jax.lax.stop_gradient(var) * (count / (count - 1))

@@ -4,7 +4,8 @@
 (the only ones differentiated and updated), the frozen parameters (constants of the step, so a
 frozen prefix of the network costs its forward pass and no backward), and everything else
 (BatchNorm statistics, RNG state). Batches are the loader's: uint8 NHWC images normalised inside
-the step, labels, and a mask that takes padding rows out of the loss and the metrics.
+the step, labels, and a mask that takes padding rows out of the loss, the metrics and BatchNorm's
+batch statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxtl.data.transforms import normalize
+from jaxtl.models.layers import batch_mask
 from jaxtl.optim.groups import ParamGroups
 
 
@@ -96,7 +98,8 @@ def make_train_step(
             model = nnx.merge(graphdef, *params, state.rest, copy=True)
             nnx.reseed(model, dropout=jax.random.fold_in(base_key, step_index))
             inputs = x if compute_dtype is None else x.astype(compute_dtype)
-            logits = forward(model, inputs).astype(jnp.float32)
+            with batch_mask(mask):  # padding rows take no part in BatchNorm's batch statistics
+                logits = forward(model, inputs).astype(jnp.float32)
             rest = nnx.state(model, nnx.Not(nnx.Param))
             if compute_dtype is not None:
                 rest = jax.tree.map(

@@ -201,18 +201,19 @@ def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
 
 
-# resnet50_finetune and efficientnet_b0_progressive also run shrunk (134 s and 300 s here, mostly the
-# XLA compiles of their train steps) but do not fit the suite's 30-minute budget on 2 cores; their
-# configs are loaded and their policies checked in tests/unit/test_config.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["resnet18_feature_extraction.yaml"])
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml"))
 def test_every_config_runs_shrunk(tmp_path, config):
     epochs = [f"phases.{i}.epochs=1" for i in range(3 if "progressive" in config else 1)]
     shrink = ["optim.warmup_steps=1"] if "finetune" in config else []
-    result = train(tmp_path / "run", config, *epochs, *shrink)
-    assert (tmp_path / "run" / "checkpoints" / "best" / "meta.json").is_file()
-    assert len(metrics(tmp_path / "run")) == len(epochs)
+    result = train(tmp_path / "run", config, *epochs, *shrink, "data.crop_size=32")
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / "best" / "meta.json").is_file()
+    assert len(metrics(run_dir)) == len(epochs)
     assert "best val acc@1" in result.stdout
+    for output in ("curves.png", "confusion.png", "confusion.json", "config.yaml"):
+        assert (run_dir / output).is_file(), output
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_config_errors_are_one_clear_line(tmp_path):

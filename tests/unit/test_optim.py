@@ -424,3 +424,63 @@ def test_the_readme_custom_freezing_transforms():
     updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), optimizer.init(params), params)
     flat = _flat(updates)
     assert (np.asarray(flat["conv1.weight"]) == -0.5).all() and (np.asarray(flat["fc.weight"]) == 0).all()
+
+
+def test_bf16_compute_keeps_float32_parameters_and_statistics():
+    model = tiny()
+    groups = assign(model, get_policy("full")(model))
+    graphdef, state = split_model(model, groups)
+    optimizer = build_optimizer(groups, OptimizerConfig(lr=1e-3))
+    images = jax.random.randint(jax.random.key(1), (4, 12, 12, 3), 0, 256).astype(jnp.uint8)
+    labels, mask = jnp.array([0, 1, 2, 0]), jnp.ones(4, bool)
+    f32_step = make_train_step(graphdef, optimizer, donate=False)
+    bf16_step = make_train_step(graphdef, optimizer, compute_dtype=jnp.bfloat16, donate=False)
+    args = (state, optimizer.init(state.trainable), images, labels, mask, 0)
+    # The convolutions and matrix products run in bf16 ...
+    jaxpr = str(jax.make_jaxpr(bf16_step)(*args))
+    convs = [line for line in jaxpr.splitlines() if "conv_general_dilated" in line or "dot_general" in line]
+    assert convs and all("bf16" in line for line in convs)
+    # ... on float32 parameters, optimizer state and BatchNorm statistics, which stay float32.
+    (new16, opt16, m16), (new32, _, m32) = bf16_step(*args), f32_step(*args)
+    for tree in (new16.trainable, new16.rest, opt16):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+            jnp.dtype(jnp.float32)
+        }
+    # The same step to bf16 rounding: loss, updated parameters and running statistics.
+    assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=1e-2)
+    for a, b in zip(jax.tree.leaves(new16.rest), jax.tree.leaves(new32.rest), strict=True):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+    moved16 = jax.tree.map(lambda new, old: new - old, new16.trainable, state.trainable)
+    moved32 = jax.tree.map(lambda new, old: new - old, new32.trainable, state.trainable)
+    flat16, flat32 = jax.tree_util.tree_leaves_with_path(moved16), jax.tree.leaves(moved32)
+    for (path, a), b in zip(flat16, flat32, strict=True):
+        if "layer1" in str(path) and "conv" in str(path) and "bias" in str(path):
+            continue  # a conv bias right before BatchNorm: zero gradient in exact arithmetic, rounding noise here
+        # AdamW's first step moves each parameter by about lr * sign(gradient): the signs agree almost everywhere.
+        assert np.mean(np.sign(a) == np.sign(b)) > 0.9, path
+
+
+def test_a_padded_batch_trains_like_the_same_examples_without_padding():
+    # A loader pads its last batch (3 examples here) to the fixed batch size with masked zero rows:
+    # BatchNorm statistics, running stats, loss and update must be those of the 3 examples alone,
+    # as torch computes them on its smaller last batch.
+    model = tiny()
+    groups = assign(model, get_policy("full")(model))
+    graphdef, state = split_model(model, groups)
+    # SGD: Adam would blow the rounding noise of a zero gradient (the conv bias before a BN) up to lr.
+    optimizer = build_optimizer(groups, OptimizerConfig(name="sgd", lr=1e-1))
+    step = make_train_step(graphdef, optimizer, donate=False)
+    images = jax.random.randint(jax.random.key(2), (3, 12, 12, 3), 0, 256).astype(jnp.uint8)
+    labels = jnp.array([0, 1, 2])
+    opt_state = optimizer.init(state.trainable)
+    exact = step(state, opt_state, images, labels, jnp.ones(3, bool), 0)
+    padded_images = jnp.concatenate([images, jnp.zeros((1, 12, 12, 3), jnp.uint8)])
+    padded = step(state, opt_state, padded_images, jnp.array([0, 1, 2, 0]), jnp.array([True, True, True, False]), 0)
+    assert float(padded[2]["loss"]) == pytest.approx(float(exact[2]["loss"]), rel=1e-6)
+    assert int(padded[2]["count"]) == 3
+    for a, b in zip(jax.tree.leaves((padded[0], padded[1])), jax.tree.leaves((exact[0], exact[1])), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Without the mask, the zero row would have moved the running statistics.
+    unmasked = step(state, opt_state, padded_images, jnp.array([0, 1, 2, 0]), jnp.ones(4, bool), 0)
+    assert not np.allclose(unmasked[0].rest["bn1"]["running_mean"][...], exact[0].rest["bn1"]["running_mean"][...])

@@ -28,6 +28,33 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _numpy_generator(key: Array) -> np.random.Generator | None:
+    """A numpy generator seeded by a concrete jax key; None while tracing (an abstract or jitted build).
+
+    Eager ``jax.random`` draws compile one small XLA program per parameter shape: ~20 s of a
+    ResNet-18 build on 2 CPU cores, all of it before any weights are loaded. numpy draws the same
+    distributions without compiling; traced builds keep jax.random.
+    """
+    if isinstance(key, jax.core.Tracer):
+        return None
+    data = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+    return np.random.default_rng(data.astype(np.uint64).tolist())
+
+
+def _normal(key: Array, shape: tuple[int, ...], dtype, std: float) -> Array:
+    rng = _numpy_generator(key)
+    if rng is None:
+        return std * jax.random.normal(key, shape, dtype)
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float64) * std, dtype)
+
+
+def _uniform(key: Array, shape: tuple[int, ...], dtype, bound: float) -> Array:
+    rng = _numpy_generator(key)
+    if rng is None:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+
+
 def kaiming_normal_fan_out(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """torch ``kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`` for an HWIO kernel.
 
@@ -35,7 +62,7 @@ def kaiming_normal_fan_out(key: Array, shape: tuple[int, ...], dtype=jnp.float32
     """
     kh, kw, _, out_channels = shape
     std = math.sqrt(2.0) / math.sqrt(out_channels * kh * kw)
-    return std * jax.random.normal(key, shape, dtype)
+    return _normal(key, shape, dtype, std)
 
 
 def torch_default_uniform(fan_in: int) -> Initializer:
@@ -46,7 +73,7 @@ def torch_default_uniform(fan_in: int) -> Initializer:
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
     def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return _uniform(key, shape, dtype, bound)
 
     return init
 
@@ -146,10 +173,11 @@ class BatchNorm2d(nnx.Module):
         self.eps = eps
         self.momentum = momentum
         self.use_running_average = use_running_average
-        self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
+        self.weight = nnx.Param(jnp.asarray(ones))  # numpy first: no per-shape XLA compile
+        self.bias = nnx.Param(jnp.asarray(zeros))
+        self.running_mean = nnx.BatchStat(jnp.asarray(zeros))
+        self.running_var = nnx.BatchStat(jnp.asarray(ones))
 
     def __call__(self, x: Array) -> Array:
         """(N, H, W, C) -> (N, H, W, C); in train mode also updates running_mean / running_var."""
@@ -379,14 +407,14 @@ def depthwise_conv2d(
 
 def zeros_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """torch ``nn.init.zeros_``."""
-    return jnp.zeros(shape, dtype)
+    return jnp.zeros(shape, dtype) if isinstance(key, jax.core.Tracer) else jnp.asarray(np.zeros(shape), dtype)
 
 
 def uniform_init(bound: float) -> Initializer:
     """torch ``nn.init.uniform_(w, -bound, bound)``."""
 
     def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return _uniform(key, shape, dtype, bound)
 
     return init
 

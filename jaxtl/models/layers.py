@@ -330,10 +330,11 @@ def cpu_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: P
     - Forward: one XLA conv, except 1x1 kernels (1.7x faster as a matrix product) and outputs of at
       most 2x2 pixels, which run as tap matrix products (3x3, 512 channels on a 2x2 map: 455 ms as an
       XLA:CPU conv, 10 ms as taps).
-    - Backward: the taps' gradients (matrix products and slices) wherever a group has 16 or more
-      input channels: XLA:CPU's conv gradients are 1.5-11x slower (3x3 stride 2, 256 -> 512 on 4x4:
-      141 ms against 13 ms; 128 channels at 28x28: 1216 against 549 ms). The stem (3 input channels,
-      7x7) keeps XLA's, which is 6x faster there.
+    - Backward: the taps' gradients (matrix products and slices) for those convs and for strided
+      ones, where a group has 16 or more input channels: XLA:CPU's gradients are 4-11x slower there
+      (3x3 stride 2, 256 -> 512 on 4x4: 141 ms against 13 ms). Stride-1 3x3 convs on larger maps keep
+      XLA's gradients, 1.5-2x slower to run (128 channels at 28x28: 1216 against 549 ms) but much
+      cheaper to compile; so does the stem (3 input channels, 7x7), where XLA's is 6x faster.
     """
     kh, kw, cg, out = kernel.shape
     if groups == x.shape[-1] == out and cg == 1:
@@ -342,7 +343,10 @@ def cpu_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: P
         x.shape[2], kw, stride[1], padding[1], dilation[1]
     )
     taps_forward = (kh, kw) == (1, 1) or out_hw <= 4
-    if cg < 16:
+    # Tap gradients where XLA's are slowest; a stride-1 3x3 conv on a larger map keeps XLA's
+    # (1.5-2x slower to run, but 9 slices and 18 products more to compile per conv).
+    taps_backward = cg >= 16 and (taps_forward or stride != (1, 1))
+    if not taps_backward:
         conv = taps_conv2d if taps_forward else xla_conv2d
         return conv(x, kernel, stride, padding, dilation, groups)
     return _conv_with_taps_gradient(x, kernel, stride, padding, dilation, groups, taps_forward)

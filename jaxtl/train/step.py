@@ -45,10 +45,15 @@ def _inputs(images: jax.Array, mean, std) -> jax.Array:
     return normalize(images, mean, std, xp=jnp) if images.dtype == jnp.uint8 else images
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean cross-entropy over the rows where ``mask`` is True (torch's ``F.cross_entropy`` on those rows)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    weights = mask.astype(jnp.float32)
+    logits = _at_least_float32(logits)  # bf16 logits: the loss in float32; float64 runs stay float64
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    weights = mask.astype(logits.dtype)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -99,7 +104,7 @@ def make_train_step(
             nnx.reseed(model, dropout=jax.random.fold_in(base_key, step_index))
             inputs = x if compute_dtype is None else x.astype(compute_dtype)
             with batch_mask(mask):  # padding rows take no part in BatchNorm's batch statistics
-                logits = forward(model, inputs).astype(jnp.float32)
+                logits = _at_least_float32(forward(model, inputs))
             rest = nnx.state(model, nnx.Not(nnx.Param))
             if compute_dtype is not None:
                 rest = jax.tree.map(
@@ -140,7 +145,7 @@ def make_eval_step(
             params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
         model = nnx.merge(graphdef, *params, state.rest, copy=True)
         model.eval()
-        logits = forward(model, x).astype(jnp.float32)
+        logits = _at_least_float32(forward(model, x))
         loss = masked_cross_entropy(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
         k = min(5, logits.shape[-1])

@@ -257,33 +257,70 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from jaxtl.data import EvalTransform, IMG_EXTENSIONS, load_image, normalize
+    from jaxtl.data import EvalTransform, load_image, normalize
 
     model, meta, preprocessing = _load_checkpoint_model(args.checkpoint)
     classes = meta["classes"]
     transform = EvalTransform(preprocessing)
-    paths: list[Path] = []
-    for item in args.images:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
-        else:
-            paths.append(path)
     forward = jax.jit(lambda x: jax.nn.softmax(model(normalize(x, preprocessing.mean, preprocessing.std, xp=jax.numpy))))
-    failures = 0
+    paths, unlisted = _prediction_inputs(args.images)
+    failures = unlisted
     k = min(args.top_k, len(classes))
     for path in paths:
         try:
             image = load_image(str(path))
         except JaxtlError as error:
-            print(f"{path}: error: {error}")
+            print(f"{path}: error: {error}", flush=True)
             failures += 1
             continue
         probabilities = np.asarray(forward(transform(image)[None]))[0]
         top = np.argsort(-probabilities)[:k]
         ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in top)
-        print(f"{path}: {ranked}")
-    return 0 if failures == 0 else 1
+        print(f"{path}: {ranked}", flush=True)
+    total = len(paths) + unlisted
+    if failures == total:
+        raise JaxtlError(f"no image could be classified ({failures} file(s) failed; see the lines above)")
+    if failures:
+        print(f"jaxtl predict: {failures} of {total} file(s) could not be classified (see their lines)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prediction_inputs(items: list[str]) -> tuple[list[Path], int]:
+    """The files to classify: each argument that is not a directory, and the files with an image
+    extension under each directory (broken links included, so that they get their error line).
+
+    Returns them and the count of directories that could not be listed or hold no image file, each
+    of which has had its error line.
+    """
+    import os
+
+    from jaxtl.data import IMG_EXTENSIONS
+
+    paths: list[Path] = []
+    unlisted = 0
+    for item in items:
+        path = Path(item)
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        found: list[Path] = []
+        try:
+            for root, _, names in os.walk(path, onerror=_raise):
+                found += [Path(root) / name for name in names if name.lower().endswith(IMG_EXTENSIONS)]
+        except OSError as error:
+            print(f"{path}: error: the directory cannot be listed ({error.strerror or error})", flush=True)
+            unlisted += 1
+            continue
+        if not found:
+            print(f"{path}: error: no files with an image extension ({', '.join(IMG_EXTENSIONS)})", flush=True)
+            unlisted += 1
+        paths += sorted(found)
+    return paths, unlisted
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -443,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="classify images with a checkpoint: top-k class names and probabilities",
         description="Classify image files (or every image in a directory) with a checkpoint's model, its class names "
-        "and its eval preprocessing. A file that cannot be read gets an error line; the others are still classified.",
+        "and its eval preprocessing. A file that cannot be read gets an error line; the others are still classified. "
+        "Exit status: 0 when every file was classified, 1 when some could not be (counted on stderr), 2 when none "
+        "could be.",
     )
     predict.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/quickstart/checkpoints/best")
     predict.add_argument("images", nargs="+", help="image files or directories")

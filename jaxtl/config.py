@@ -137,12 +137,49 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+# Bounds on what a config may hold: YAML aliases can make a list that holds itself, or a few lines
+# that expand to billions of values ("billion laughs"); a real config is a few dozen values, 4 levels deep.
+MAX_VALUES = 100_000
+MAX_DEPTH = 32
+
+
+def _to_plain(value: Any, source: str = "config") -> Any:
+    """Mappings as dicts and sequences as lists, copied; ConfigError past MAX_VALUES values or MAX_DEPTH levels."""
+    count = 0
+
+    def copy(value: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(
+                f"{source}: more than {MAX_VALUES} values (YAML aliases that expand?); a run config is far smaller"
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: nested too deeply (more than {MAX_DEPTH} levels; a YAML alias inside itself?)")
+        if isinstance(value, Mapping):
+            return {k: copy(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [copy(v, depth + 1) for v in value]
+        return value
+
+    return copy(value, 0)
+
+
+def _show_key(key: Any) -> str:
+    """A key as written in an error message: plain if it prints on one line, its repr otherwise."""
+    return key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
+
+
+def _describe_yaml_error(error: Exception) -> str:
+    """A YAML parser error on one line: what, and where."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    text = ", ".join(str(part) for part in parts if part) or str(error)
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(text.split())
 
 
 def _range_key(key: str) -> str:
@@ -171,7 +208,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             try:
                 return _convert(value, option, key, source)
             except ConfigError as error:
-                errors.append(str(error))
+                errors.append(error)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} fits none of {annotation}")
     if origin is Literal:
         if value not in args:
@@ -193,7 +230,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise ConfigError(f"{where} has a non-string key {k!r}")
+                raise ConfigError(f"{where} has a non-string key {k!r}; quote it")
             out[k] = _convert(v, value_type, f"{key}.{k}", source)
         return out
     if annotation is Any:
@@ -214,7 +251,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
                 raise ConfigError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            digits = str(value)
+            raise ConfigError(f"{where} must be a finite number, got {digits[:6]}... ({len(digits)} digits)") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{where} must be finite, got {value}")
         return _check_range(value, key, where)
@@ -239,7 +280,7 @@ def _build(cls: type, data: Mapping, prefix: str, source: str):
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(where + str(k) for k in unknown)}; "
+            f"{source}: unknown key(s) {', '.join(where + _show_key(k) for k in unknown)}; "
             f"known under {prefix or 'the top level'}: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
@@ -289,12 +330,13 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
+        if not sep or not key.strip() or not key.isprintable():
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from None
+        except (yaml.YAMLError, RecursionError) as error:
+            problem = _describe_yaml_error(error)
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -305,11 +347,11 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of {', '.join(f.name for f in dataclasses.fields(RunConfig))}")
-    data = _to_plain(dict(data))
+    data = _to_plain(dict(data), source)
     if "phases" not in data:
         data["phases"] = [dataclasses.asdict(p) for p in RunConfig().phases]
     for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, value, f"override {key}")
+        _set_dotted(data, key, _to_plain(value, f"override {key}"), f"override {key}")
     config = _build(RunConfig, data, "", source)
     if not config.phases:
         raise ConfigError(f"{source}: phases is empty; give at least one phase")
@@ -337,8 +379,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         raise ConfigError(f"config file {path} cannot be read: {error}") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ConfigError(f"{path} is not valid YAML: {_describe_yaml_error(error)}") from None
     return config_from_dict(data, overrides, str(path))
 
 

@@ -6,9 +6,16 @@ dropout keys of (seed, step), so a run resumed from ``latest`` ends with the par
 uninterrupted run ends with.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one record per
-epoch), ``checkpoints/latest`` and ``checkpoints/best``, ``tensorboard/`` (event files: per-step
-training loss, per-epoch metrics and learning rates), ``curves.png``, and ``confusion.json`` / ``confusion.png``
-(the validation confusion matrix of the best checkpoint).
+epoch), ``checkpoints/latest`` and ``checkpoints/best`` (links to versioned directories, see
+:mod:`jaxtl.train.checkpoint`), ``tensorboard/`` (event files: per-step training loss, per-epoch
+metrics and learning rates), ``curves.png``, and ``confusion.json`` / ``confusion.png`` (the
+validation confusion matrix of the best checkpoint), and ``.lock`` (held while a process runs it).
+
+Crashes: at the end of an epoch ``best`` (when improved) is saved before ``latest``, so the epoch a
+resume starts from always has its ``best`` on disk; a run killed at any instant resumes from
+``latest`` (or, if that is damaged, from the previous version, with a line saying so) and ends with
+the parameters of an uninterrupted run. A non-finite loss or parameter stops the run before any
+checkpoint of it is written.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from jaxtl.errors import JaxtlError
 from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr, schedule
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train import checkpoint as ckpt
+from jaxtl.train.faults import fault_point
 from jaxtl.train.reporting import EventWriter, Progress, confusion_matrix, load_metrics, plot_confusion, plot_curves
 from jaxtl.train.step import ModelState, full_model, head_of, make_eval_step, make_train_step, merge_model, split_model
 from jaxtl.weights import Preprocessing
@@ -177,12 +185,11 @@ class Trainer:
     def _run(self, resume: bool) -> dict[str, Any]:
         config = self.config
         latest = self.run_dir / "checkpoints" / "latest"
-        meta = None
+        meta = resumed = None
         if resume:
-            meta = ckpt.load_meta(latest) if latest.exists() else None
-            if meta is None:
-                raise RunError(f"{self.run_dir} has no checkpoint to resume (looked for {latest}); start it without --resume")
-        elif latest.exists():
+            resumed = self._load_resume_point(latest)
+            meta = resumed.meta
+        elif ckpt.has_checkpoint(latest):
             raise RunError(
                 f"{self.run_dir} already holds a run (checkpoint {latest}); continue it with --resume, or choose another "
                 "run_dir (--set run_dir=...)"
@@ -210,9 +217,9 @@ class Trainer:
         best = {"metric": None, "epoch": None}
         opt_leaves = None
         previous_resumed = None
-        if meta is not None:
-            arrays = ckpt.load_arrays(latest)
-            _load_model_arrays(model, arrays["model"])
+        if resumed is not None:
+            arrays = resumed.arrays
+            _load_model_arrays(model, arrays["model"], source=str(resumed.path))
             start_phase, start_epoch, start_batch = meta["phase"], meta["epoch_in_phase"], meta["batch"]
             step, best = meta["step"], meta["best"]
             opt_leaves = arrays["opt_state"]
@@ -224,7 +231,10 @@ class Trainer:
                 prev_opt = prev.optax(prev_groups, prev.epochs * len(train_loader)).init(prev_state.trainable)
                 previous_resumed = (prev_groups, _unflatten_like(prev_opt, opt_leaves))
                 opt_leaves = None
-            self.log(f"resumed from {latest}: phase {phases[start_phase].name}, epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+            where = phases[start_phase].name if start_phase < len(phases) else "(all phases done)"
+            self.log(
+                f"resumed from {resumed.path}: phase {where}, epoch {start_epoch + 1}, batch {start_batch}, step {step}"
+            )
 
         metrics_path = self.run_dir / "metrics.jsonl"
         # A resumed run hides, in TensorBoard, what the interrupted one logged after its checkpoint.
@@ -233,6 +243,26 @@ class Trainer:
                 model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
                 (train_loader, val_loader, plain_loader), replicated, metrics_path,
             )  # fmt: skip
+
+    def _load_resume_point(self, latest: Path) -> ckpt.GoodCheckpoint:
+        """``latest``, or its newest intact previous version if it is damaged (said in one line)."""
+        if not ckpt.has_checkpoint(latest):
+            raise RunError(
+                f"{self.run_dir} has no checkpoint to resume (looked for {latest}); start it without --resume"
+            )
+        try:
+            resumed = ckpt.load_latest_good(latest)
+        except ckpt.CheckpointError as error:
+            raise RunError(
+                f"{self.run_dir} cannot be resumed: {error}. Start the run again, without --resume, in a new run_dir"
+            ) from None
+        if resumed.damaged:
+            path, reason = resumed.damaged[0]
+            self.log(
+                f"checkpoint {path} is damaged ({reason}); resuming from the previous good checkpoint {resumed.path} "
+                f"(step {resumed.meta['step']})"
+            )
+        return resumed
 
     def _phases(
         self, model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous, loaders,
@@ -283,7 +313,7 @@ class Trainer:
                 loader_epoch = epoch_base + epoch
                 first_batch = start_batch if (phase_index == start_phase and epoch == start_epoch) else 0
                 state, opt_state, step, train_metrics = self._train_epoch(
-                    train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features
+                    train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features, phase.name
                 )
                 val_metrics, confusion = self._evaluate(eval_step, state, val_loader, features)
                 record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": step, **train_metrics, **val_metrics}
@@ -306,10 +336,12 @@ class Trainer:
                     best = {"metric": val_metrics[config.train.checkpoint_metric], "epoch": loader_epoch + 1, **val_metrics}
                 meta_out = self._meta(position, best, record)
                 arrays = {"model": _model_arrays(model), "opt_state": _leaves(opt_state)}
-                ckpt.save_checkpoint(self.run_dir / "checkpoints" / "latest", arrays, meta_out)
+                self._check_finite_arrays(arrays, val_metrics["val_loss"], step, phase.name, loader_epoch)
+                # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
                 if improved:
-                    ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best", {"model": arrays["model"]}, meta_out)
+                    self._save("best", {"model": arrays["model"]}, meta_out, keep_previous=False)
                     self._write_confusion(confusion, loader_epoch + 1)
+                self._save("latest", arrays, meta_out)
             epoch_base += phase.epochs
             previous = (groups, opt_state)
             start_batch = 0
@@ -343,9 +375,12 @@ class Trainer:
             labels[batch.indices[rows]] = batch.labels[rows]
         return out, labels
 
-    def _train_epoch(self, train_step, state, opt_state, loader: Loader, epoch: int, first_batch: int, step: int, features):
+    def _train_epoch(
+        self, train_step, state, opt_state, loader: Loader, epoch: int, first_batch: int, step: int, features,
+        phase: str,
+    ):  # fmt: skip
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        pending = []
+        pending = []  # (step number, metrics on the device)
         started = time.perf_counter()
         images_seen = 0
 
@@ -355,7 +390,14 @@ class Trainer:
             if not pending:
                 return
             loss = count = 0.0
-            for m in jax.device_get(pending):
+            steps, values = zip(*pending)
+            for number, m in zip(steps, jax.device_get(values)):
+                if not math.isfinite(float(m["loss"])):
+                    raise RunError(
+                        f"non-finite training loss ({float(m['loss'])}) at step {number} (phase {phase!r}, epoch "
+                        f"{epoch + 1}); stopped without writing a checkpoint of it. {self._last_good()} Lower the "
+                        "learning rate (optim.lr, phases.N.lrs) or set optim.clip_grad_norm"
+                    )
                 loss += float(m["loss"]) * float(m["count"])
                 count += float(m["count"])
                 totals["correct"] += float(m["correct"])
@@ -376,17 +418,16 @@ class Trainer:
             labels = jax.device_put(batch.labels, self.sharding)
             mask = jax.device_put(batch.mask, self.sharding)
             state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
-            pending.append(metrics)
             step += 1
+            pending.append((step, metrics))
+            fault_point("train.step")
             images = int(batch.mask.sum())
             images_seen += images
             progress.update(1, images=images)
             if len(pending) >= self.config.train.log_every:
                 drain()
-                self._check_finite(totals["loss"], step, epoch)
         drain()
         progress.close()
-        self._check_finite(totals["loss"], step, epoch)
         seconds = time.perf_counter() - started
         n = max(totals["count"], 1.0)
         return state, opt_state, step, {
@@ -395,12 +436,35 @@ class Trainer:
             "train_images_per_s": images_seen / max(seconds, 1e-9),
         }
 
-    def _check_finite(self, loss: float, step: int, epoch: int) -> None:
-        if not math.isfinite(loss):
+    def _check_finite_arrays(self, arrays: dict, val_loss: float, step: int, phase: str, epoch: int) -> None:
+        """Stops the run before a checkpoint with a non-finite parameter, statistic or optimizer state is written."""
+        bad = [
+            ".".join(str(getattr(k, "key", k)) for k in path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
+            if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.isfinite(leaf).all()
+        ]
+        if bad or not math.isfinite(val_loss):
+            what = f"non-finite values in {', '.join(bad[:3])}" if bad else f"a non-finite validation loss ({val_loss})"
             raise RunError(
-                f"non-finite training loss at step {step} (epoch {epoch + 1}); the last good checkpoint is "
-                f"{self.run_dir / 'checkpoints' / 'latest'}. Lower the learning rate (optim.lr, phases.N.lrs)"
+                f"{what} after step {step} (phase {phase!r}, epoch {epoch + 1}); stopped without writing a checkpoint "
+                f"of it. {self._last_good()} Lower the learning rate (optim.lr, phases.N.lrs) or set "
+                "optim.clip_grad_norm"
             )
+
+    def _save(self, name: str, arrays: dict, meta: dict, *, keep_previous: bool = True) -> None:
+        try:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, arrays, meta, keep_previous=keep_previous)
+        except ckpt.CheckpointError as error:
+            raise RunError(f"{error}, then continue the run: jaxtl train --resume {self.run_dir}") from None
+
+    def _last_good(self) -> str:
+        latest = self.run_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            return "No checkpoint was written before."
+        try:
+            return f"The last good checkpoint is {latest} (step {ckpt.load_meta(latest)['step']})."
+        except ckpt.CheckpointError as error:
+            return f"The last checkpoint is damaged: {error}."
 
     @staticmethod
     def _cached_batches(loader: Loader, epoch: int, first_batch: int, cached: tuple[np.ndarray, np.ndarray]):
@@ -425,13 +489,15 @@ class Trainer:
         batches = self._cached_batches(loader, 0, 0, features["val"]) if features is not None else loader.epoch(0)
         num_classes = len(self.data.classes)
         confusion = np.zeros((num_classes, num_classes), np.int64)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             logits, m = eval_step(
                 state,
                 jax.device_put(batch.images, self.eval_sharding),
                 jax.device_put(batch.labels, self.eval_sharding),
                 jax.device_put(batch.mask, self.eval_sharding),
             )
+            if index == 0:
+                fault_point("train.eval")
             logits, m = jax.device_get((logits, m))
             rows = np.asarray(batch.mask, bool)
             confusion += confusion_matrix(batch.labels[rows], np.argmax(logits[rows], -1), num_classes)

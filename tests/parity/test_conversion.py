@@ -58,7 +58,8 @@ def test_export_is_loadable_strictly_with_every_torchvision_key():
 
 @pytest.mark.parametrize(
     "arch, num_classes",
-    [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3), ("efficientnet_b1", 7), ("efficientnet_v2_s", 5)],
+    [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3), ("efficientnet_b1", 7),
+     pytest.param("efficientnet_v2_s", 5, marks=pytest.mark.slow)],
 )
 def test_architecture_is_inferred_from_keys_and_shapes(arch, num_classes):
     torch_model = torchvision.models.get_model(arch, num_classes=num_classes)

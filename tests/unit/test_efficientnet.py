@@ -102,6 +102,7 @@ def test_stochastic_depth_is_identity_in_eval_mode():
     np.testing.assert_array_equal(layer(x), x)
 
 
+@pytest.mark.slow
 def test_efficientnet_train_mode_is_random_and_eval_mode_deterministic():
     model = jaxtl.models.create("efficientnet_b0", num_classes=4, seed=0)
     x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
@@ -111,7 +112,9 @@ def test_efficientnet_train_mode_is_random_and_eval_mode_deterministic():
     assert not np.allclose(model(x), model(x))  # dropout and stochastic depth masks change
 
 
-@pytest.mark.parametrize("arch, size", [("efficientnet_b0", (57, 71)), ("efficientnet_v2_s", (64, 64))])
+@pytest.mark.parametrize(
+    "arch, size", [("efficientnet_b0", (57, 71)), pytest.param("efficientnet_v2_s", (64, 64), marks=pytest.mark.slow)]
+)
 def test_forward_shapes(arch, size):
     model = jaxtl.models.create(arch, num_classes=3)
     model.eval()

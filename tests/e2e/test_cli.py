@@ -50,6 +50,7 @@ def test_convert_then_export_gives_back_the_same_torchvision_model(tmp_path, wei
     assert sidecar["arch"] == "resnet18" and sidecar["num_classes"] == 5
 
 
+@pytest.mark.slow
 def test_parity_command_prints_what_it_checked():
     result = run("parity", "resnet18", "--size", "33x47")
     for line in ["eval logits", "train logits", "running stats", "gradients", "export logits"]:

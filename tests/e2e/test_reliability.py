@@ -159,6 +159,7 @@ def truncate_largest_array_file(version: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_resume_falls_back_from_a_damaged_latest_and_says_so(tmp_path, env, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
@@ -318,6 +319,7 @@ def test_an_unreadable_image_is_named_and_skippable(tmp_path, monkeypatch):
 # --- predict on mixed inputs --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_gives_a_result_or_an_error_line_per_file(tmp_path, env, reference):
     checkpoint = str(reference / "checkpoints" / "best")
     mixed = tmp_path / "mixed"

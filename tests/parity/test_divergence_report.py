@@ -17,6 +17,7 @@ def pair():
     return torch_model, x, labels
 
 
+@pytest.mark.slow
 def test_a_wrong_running_variance_is_located_in_its_stage(pair):
     torch_model, x, labels = pair
     jax_model = from_torchvision(torch_model, "resnet18")

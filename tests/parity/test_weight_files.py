@@ -125,6 +125,7 @@ def test_the_recipe_checkpoint_wrapper_is_accepted(tmp_path):
     assert loaded.keys() == state.keys()
 
 
+@pytest.mark.slow
 def test_resnet50_with_a_fresh_7_way_head_from_converted_weights(tmp_path):
     torch_model = randomized_torchvision_model("resnet50", num_classes=1000, seed=4)
     path = _save_with_hash_name(torch_model.state_dict(), tmp_path, "resnet50")

@@ -112,9 +112,8 @@ def test_efficientnet_train_mode_is_random_and_eval_mode_deterministic():
     assert not np.allclose(model(x), model(x))  # dropout and stochastic depth masks change
 
 
-@pytest.mark.parametrize(
-    "arch, size", [("efficientnet_b0", (57, 71)), pytest.param("efficientnet_v2_s", (64, 64), marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # B0's shapes are also checked by its parity test in the quick set
+@pytest.mark.parametrize("arch, size", [("efficientnet_b0", (57, 71)), ("efficientnet_v2_s", (64, 64))])
 def test_forward_shapes(arch, size):
     model = jaxtl.models.create(arch, num_classes=3)
     model.eval()

@@ -473,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="a YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=3e-4 --set phases.0.epochs=1")  # fmt: skip
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint (verified against its manifest; if it is "
+        "damaged, from the previous intact version, with a line saying so)",
+    )
     train.set_defaults(run=cmd_train)
 
     predict = commands.add_parser(

@@ -86,15 +86,10 @@ def gradient_floor(gradients: dict[str, np.ndarray]) -> float:
     return 1e-6 * max(float(np.linalg.norm(g)) for g in gradients.values())
 
 
-@dataclasses.dataclass
-class ParityReport:
-    """All comparisons of one parity run, and where the models first diverge if they do."""
+class ComparisonSet:
+    """What a report of ``self.comparisons`` answers: passed, the failures, one check's records, its worst."""
 
-    arch: str
-    input_shape: tuple[int, ...]
-    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
-    divergence: list[str] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    comparisons: list[Comparison]
 
     @property
     def passed(self) -> bool:
@@ -104,16 +99,30 @@ class ParityReport:
     def failures(self) -> list[Comparison]:
         return [c for c in self.comparisons if not c.passed]
 
+    def of(self, check: str) -> list[Comparison]:
+        return [c for c in self.comparisons if c.check == check]
+
     def worst(self, check: str) -> Comparison:
         """The comparison of ``check`` with the largest relative L2 difference."""
-        return max((c for c in self.comparisons if c.check == check), key=lambda c: c.rel_l2)
+        return max(self.of(check), key=lambda c: c.rel_l2)
+
+
+@dataclasses.dataclass
+class ParityReport(ComparisonSet):
+    """All comparisons of one parity run, and where the models first diverge if they do."""
+
+    arch: str
+    input_shape: tuple[int, ...]
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
+    divergence: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def format(self) -> str:
         """A table: per check the number of tensors, the worst max-abs and relative L2, and the bounds."""
         lines = [f"parity {self.arch} on input {self.input_shape} (NHWC): {'PASS' if self.passed else 'FAIL'}"]
         lines.append(f"  {'check':<14} {'tensors':>7} {'max |diff|':>11} {'rel L2':>10}   bound (abs, rel)   result")
         for check in dict.fromkeys(c.check for c in self.comparisons):
-            group = [c for c in self.comparisons if c.check == check]
+            group = self.of(check)
             max_abs = max(c.max_abs for c in group)
             rel = max(c.rel_l2 for c in group)
             bound = ", ".join("-" if b is None else f"{b:.0e}" for b in TOLERANCES.get(check, (None, None)))

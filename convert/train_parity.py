@@ -31,7 +31,7 @@ import torch
 import torchvision
 from flax import nnx
 
-from convert.parity import Comparison, compare
+from convert.parity import Comparison, ComparisonSet, compare
 from convert.torchvision_state import torch_to_jaxtl_layout
 from jaxtl.errors import JaxtlError
 from jaxtl.models.state_dict import state_dict
@@ -404,7 +404,7 @@ def train_jaxtl(
 
 
 @dataclasses.dataclass
-class TrainingParityReport:
+class TrainingParityReport(ComparisonSet):
     """Every comparison of one training-parity run, and where the runs part if they do.
 
     Attributes:
@@ -428,21 +428,6 @@ class TrainingParityReport:
     @property
     def tolerances(self) -> dict[str, tuple[float | None, float | None]]:
         return TOLERANCES_FLOAT64 if self.dtype == "float64" else TOLERANCES
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
-
-    @property
-    def failures(self) -> list[Comparison]:
-        return [c for c in self.comparisons if not c.passed]
-
-    def of(self, check: str) -> list[Comparison]:
-        return [c for c in self.comparisons if c.check == check]
-
-    def worst(self, check: str) -> Comparison:
-        """The comparison of ``check`` with the largest relative difference."""
-        return max(self.of(check), key=lambda c: c.rel_l2)
 
     @property
     def first_loss_divergence(self) -> int | None:

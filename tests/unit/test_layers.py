@@ -102,6 +102,74 @@ def test_batch_norm_variance_is_two_pass_accurate():
     np.testing.assert_allclose(bn.running_var[...], exact, rtol=1e-3)
 
 
+def _torch_batch_norm_grads(x, weight, bias, cotangent):
+    """torch's train-mode batch_norm gradients (x NHWC float64 numpy) and its output."""
+    import torch
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    wt, bt = torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True)
+    y = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-5)
+    (y * torch.tensor(cotangent.transpose(0, 3, 1, 2))).sum().backward()
+    nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    return nhwc(y), (nhwc(xt.grad), wt.grad.numpy(), bt.grad.numpy())
+
+
+def test_batch_norm_gradient_is_torchs_and_padding_rows_take_no_part():
+    # The closed-form backward against torch's; with a batch mask, the result on the examples is
+    # torch's on the examples alone, and the padding rows get no gradient.
+    from jaxtl.models.layers import batch_norm_train
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, (6, 5, 4, 7))
+    weight, bias = rng.normal(1.0, 0.3, 7), rng.normal(0.0, 1.0, 7)
+    cotangent = rng.normal(size=x.shape)
+    mask = np.array([True, True, True, True, False, False])
+    with jax.enable_x64(True):
+        for rows in (None, mask):
+            keep = slice(None) if rows is None else rows
+            batch = None if rows is None else jnp.asarray(rows)
+
+            def f(x, w, b, batch=batch):
+                y = batch_norm_train(x, w, b, batch, 1e-5)[0]
+                return y, jnp.sum(y * cotangent)
+
+            y = f(x, weight, bias)[0]
+            grads = jax.grad(lambda *a: f(*a)[1], argnums=(0, 1, 2))(x, weight, bias)
+            want_y, want = _torch_batch_norm_grads(x[keep], weight, bias, cotangent[keep])
+            np.testing.assert_allclose(np.asarray(y)[keep], want_y, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(grads[0])[keep], want[0], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(grads[1], want[1], rtol=1e-10)
+            np.testing.assert_allclose(grads[2], want[2], rtol=1e-10)
+            if rows is not None:
+                assert not np.any(np.asarray(grads[0])[~mask])
+
+
+def test_batch_norm_in_bfloat16_keeps_float32_statistics():
+    # bf16 compute casts the affine parameters to bf16 too; the statistics, the example count
+    # (which bf16 cannot hold exactly: 8 * 31 * 31 = 7688) and the gradient sums stay float32.
+    from jaxtl.models.layers import batch_norm_train
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(0.5, 1.5, (8, 31, 31, 4)), jnp.bfloat16)
+    weight, bias = jnp.asarray([1.0, 0.5, 2.0, 1.5], jnp.bfloat16), jnp.asarray([0.0, 1.0, -1.0, 0.5], jnp.bfloat16)
+    mask = jnp.ones((8,), bool)
+    _, mean, var, count = batch_norm_train(x, weight, bias, mask, 1e-5)
+    x32 = np.asarray(x, np.float64)
+    assert mean.dtype == var.dtype == jnp.float32 and float(count) == 7688
+    np.testing.assert_allclose(mean, x32.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(var, x32.var(axis=(0, 1, 2)), rtol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+    grads = jax.grad(lambda x, w, b: jnp.sum(batch_norm_train(x, w, b, mask, 1e-5)[0] * cotangent), (0, 1, 2))(
+        x, weight, bias
+    )
+    _, want = _torch_batch_norm_grads(x32, np.asarray(weight, np.float64), np.asarray(bias, np.float64),
+                                      np.asarray(cotangent, np.float64))  # fmt: skip
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    for got, expected in zip(grads, want, strict=True):
+        got = np.asarray(got, np.float64)
+        assert np.linalg.norm(got - expected) <= 1e-2 * np.linalg.norm(expected)
+
+
 def test_batch_norm_train_mode_refuses_a_single_value_per_channel():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         BatchNorm2d(3)(jnp.ones((1, 1, 1, 3)))
@@ -164,7 +232,8 @@ def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, str
         ((2, 3, 5, 32), 3, 1, 1, 1),  # odd tiny map
         ((2, 7, 6, 32), 1, 2, 0, 1),  # strided 1x1 (downsample)
         ((2, 8, 10, 64), 3, 1, 1, 4),  # grouped, 16 channels per group (ResNeXt)
-        ((2, 8, 8, 32), 3, 2, 1, 8),  # grouped, 4 per group: XLA gradient
+        ((2, 8, 8, 32), 3, 2, 1, 8),  # grouped, 4 per group (ResNeXt's first stage): tap gradients
+        ((2, 9, 7, 32), 3, 1, 1, 8),  # grouped, stride 1 on an odd map
         ((2, 15, 13, 3), 7, 2, 3, 1),  # stem: 3 input channels
     ],
 )

@@ -106,10 +106,11 @@ def test_stochastic_depth_is_identity_in_eval_mode():
 def test_efficientnet_train_mode_is_random_and_eval_mode_deterministic():
     model = jaxtl.models.create("efficientnet_b0", num_classes=4, seed=0)
     x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    forward = nnx.jit(lambda model, x: model(x))  # one compile per mode; the RNG state advances per call
     model.eval()
-    np.testing.assert_array_equal(model(x), model(x))
+    np.testing.assert_array_equal(forward(model, x), forward(model, x))
     model.train()
-    assert not np.allclose(model(x), model(x))  # dropout and stochastic depth masks change
+    assert not np.allclose(forward(model, x), forward(model, x))  # dropout and stochastic depth masks change
 
 
 @pytest.mark.slow  # B0's shapes are also checked by its parity test in the quick set
@@ -118,7 +119,9 @@ def test_forward_shapes(arch, size):
     model = jaxtl.models.create(arch, num_classes=3)
     model.eval()
     x = jnp.ones((2, *size, 3))
-    assert model(x).shape == (2, 3)
-    assert model.forward_features(x).shape == (2, 1280)
-    stages = model.forward_intermediates(x)
-    assert list(stages)[0] == "features.0" and list(stages)[-2:] == ["avgpool", "classifier"]
+    # Traced, not run: shapes and the order of the stages (a jitted dict comes back sorted).
+    assert nnx.eval_shape(lambda model, x: model(x), model, x).shape == (2, 3)
+    assert nnx.eval_shape(lambda model, x: model.forward_features(x), model, x).shape == (2, 1280)
+    stages = []
+    nnx.eval_shape(lambda model, x: stages.extend(model.forward_intermediates(x)), model, x)
+    assert stages[0] == "features.0" and stages[-2:] == ["avgpool", "classifier"]

@@ -195,10 +195,7 @@ class BatchNorm2d(nnx.Module):
                 f"BatchNorm2d in train mode needs more than 1 value per channel, got input shape {x.shape}; "
                 "use a larger batch or put this module in eval mode (module.eval())"
             )
-        mask = _BATCH_MASK.get()
-        if mask is not None and mask.shape != x.shape[:1]:
-            raise ValueError(f"batch_mask of shape {mask.shape} does not match the batch of input shape {x.shape}")
-        y, batch_mean, var, count = batch_norm_train(x, self.weight[...], self.bias[...], mask, self.eps)
+        y, batch_mean, var, count = batch_norm_train(x, self.weight[...], self.bias[...], _BATCH_MASK.get(), self.eps)
         m = self.momentum
         unbiased_var = var * (count / (count - 1))
         # set_value, not `[...] =`: the indexed form compares the shardings of old and new value,
@@ -224,6 +221,8 @@ def batch_norm_train(
     differentiating the forward pass instead would store a float32 copy of x - mean and read the
     activations three times (the mean's gradient is a further reduction).
     """
+    if mask is not None and mask.shape != x.shape[:1]:
+        raise ValueError(f"batch_mask of shape {mask.shape} does not match the batch of input shape {x.shape}")
     dtype = jnp.promote_types(x.dtype, jnp.float32)  # of the statistics (bf16 compute casts weight too)
     rows = math.prod(x.shape[1:-1])
     if mask is None:

@@ -1,5 +1,6 @@
 """The torch-faithful layers against hand-computed values (shared/PITFALLS.md items 1-7, 10, 17)."""
 
+import functools
 import math
 
 import jax
@@ -196,32 +197,70 @@ def test_kaiming_normal_fan_out_matches_torch_std():
     assert float(jnp.std(kernel)) == pytest.approx(math.sqrt(2.0 / (128 * 9)), rel=0.02)
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(3, 1, (9, 11)), (5, 2, (10, 13)), (3, 2, (8, 8)), (5, 1, (4, 4))])
-def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, stride, size):
+@pytest.mark.parametrize(
+    "kernel, stride, size, padding, dilation",
+    [
+        (3, 1, (9, 11), 1, 1),
+        (5, 2, (10, 13), 2, 1),  # EfficientNet's strided 5x5
+        (3, 2, (8, 8), 1, 1),
+        (5, 1, (4, 4), 2, 1),  # kernel wider than the map
+        (3, 2, (9, 7), 0, 1),  # no padding, rows the slices never reach
+        (3, 1, (9, 9), 2, 2),  # dilated
+        (3, 3, (10, 11), 1, 1),  # stride 3: uncovered rows and columns at the end
+        (3, 2, (11, 10), 4, 1),  # padding wider than the kernel
+        (3, 1, (1, 1), 1, 1),
+    ],
+)
+def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, stride, size, padding, dilation):
+    # The written-out gradient (dilated cotangent and flipped kernel; one reduction per tap)
+    # against XLA's grouped conv and its autodiff, in float64: equal to rounding.
     from jaxtl.models.layers import depthwise_conv2d
 
-    keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (2, *size, 6))
-    w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
-    padding = ((kernel - 1) // 2,) * 2
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)  # numpy draws: jax.random.normal compiles ~2 s per shape here
+        x = jnp.asarray(rng.standard_normal((2, *size, 6)))
+        w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)))
+        strides, pads, dilations = (stride, stride), (padding, padding), (dilation, dilation)
 
-    def reference(x, w):
-        pads = tuple((p, p) for p in padding)
-        return jax.lax.conv_general_dilated(
-            x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
-            precision="highest",
-        )
+        @jax.jit
+        def reference(x, w):
+            return jax.lax.conv_general_dilated(
+                x,
+                w,
+                strides,
+                ((padding, padding),) * 2,
+                rhs_dilation=dilations,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=6,
+            )
 
-    def taps(x, w):
-        return depthwise_conv2d(x, w, stride=(stride, stride), padding=padding, dilation=(1, 1))
+        taps = jax.jit(lambda x, w: depthwise_conv2d(x, w, stride=strides, padding=pads, dilation=dilations))
+        expected = reference(x, w)
+        np.testing.assert_allclose(taps(x, w), expected, rtol=1e-12, atol=1e-12)
+        cotangent = jnp.asarray(rng.standard_normal(expected.shape))
+        grads_expected = jax.vjp(reference, x, w)[1](cotangent)
+        grads_actual = jax.vjp(taps, x, w)[1](cotangent)
+        for a, e in zip(grads_actual, grads_expected, strict=True):
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-11)
 
-    expected, actual = reference(x, w), taps(x, w)
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-    cotangent = jax.random.normal(keys[2], expected.shape)
-    grads_expected = jax.vjp(reference, x, w)[1](cotangent)
-    grads_actual = jax.vjp(taps, x, w)[1](cotangent)
-    for a, e in zip(grads_actual, grads_expected):
-        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+def test_depthwise_gradient_of_bf16_accumulates_in_float32():
+    # bf16 activations (mixed precision): the kernel gradient sums 2 x 32 x 32 products per tap in
+    # float32, then rounds once to bf16, so it is within bf16's rounding of the float64 gradient.
+    from jaxtl.models.layers import depthwise_conv2d
+
+    rng = np.random.default_rng(1)
+    x, w, dy = (
+        jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        for shape in ((2, 32, 32, 8), (3, 3, 1, 8), (2, 32, 32, 8))
+    )
+    conv = functools.partial(depthwise_conv2d, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    dx, dw = jax.vjp(conv, x, w)[1](dy)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    xd, dyd = (np.asarray(a, np.float64) for a in (x, dy))
+    xp = np.pad(xd, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.stack([(xp[:, i : i + 32, j : j + 32] * dyd).sum((0, 1, 2)) for i in range(3) for j in range(3)])
+    np.testing.assert_allclose(np.asarray(dw, np.float64).reshape(9, 8), expected, rtol=2**-8, atol=0.05)
 
 
 @pytest.mark.parametrize(
@@ -245,13 +284,13 @@ def test_cpu_conv_equals_xla_conv_forward_and_gradients(shape, kernel, stride, p
 def _check_cpu_conv(shape, kernel, stride, padding, groups):
     from jaxtl.models.layers import cpu_conv2d, taps_conv2d, xla_conv2d
 
-    keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], shape, jnp.float64)
-    w = jax.random.normal(keys[1], (kernel, kernel, shape[-1] // groups, 48), jnp.float64)
+    rng = np.random.default_rng(0)  # numpy draws: jax.random.normal compiles ~2 s per shape here
+    x = jnp.asarray(rng.standard_normal(shape))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1] // groups, 48)))
     args = ((stride, stride), (padding, padding), (1, 1), groups)
-    reference = lambda x, w: xla_conv2d(x, w, *args)  # noqa: E731
+    reference = jax.jit(lambda x, w: xla_conv2d(x, w, *args))
     expected = reference(x, w)
-    cotangent = jax.random.normal(keys[2], expected.shape, jnp.float64)
+    cotangent = jnp.asarray(rng.standard_normal(expected.shape))
     grads_expected = jax.vjp(reference, x, w)[1](cotangent)
     for conv in (cpu_conv2d, taps_conv2d):
         f = jax.jit(lambda x, w, conv=conv: conv(x, w, *args))

@@ -297,7 +297,8 @@ def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
     with jax.enable_x64(dtype == torch.float64):
         jax_dtype = jnp.float64 if dtype == torch.float64 else jnp.float32
         floats = nnx.state(candidate, nnx.Any(nnx.Param, nnx.BatchStat))
-        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(a, jax_dtype), floats))
+        # Cast through numpy: jnp.asarray(a, dtype) compiles one XLA conversion per shape.
+        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(np.asarray(a, jax_dtype)), floats))
         x_nhwc = jnp.asarray(to_nhwc(x.to(dtype)), jax_dtype)
         loss_and_grads = _jax_loss_and_grads(candidate, fast_compile=dtype == torch.float64)
         _, jax_grads = loss_and_grads(x_nhwc, jnp.asarray(labels.numpy()))

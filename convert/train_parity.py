@@ -590,7 +590,8 @@ def _cast_floats(model: nnx.Module, dtype) -> None:
     """Every floating-point array of ``model`` (parameters, BN statistics) cast to ``dtype`` in place."""
 
     def cast(value):
-        return value.astype(dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+        # Through numpy: an eager astype compiles one XLA program per shape (~50 for EfficientNet-B0).
+        return jnp.asarray(np.asarray(value, dtype)) if jnp.issubdtype(value.dtype, jnp.floating) else value
 
     nnx.update(model, jax.tree.map(cast, nnx.state(model)))
 
@@ -656,12 +657,22 @@ def run_training_parity(
     num_classes: int = 5,
     seed: int = 0,
     float64: bool = False,
+    float64_reference: bool = False,
 ) -> TrainingParityReport:
     """:func:`check_training_parity` on a fresh random pair (:func:`create_training_pair`) and batches."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     torch_model, jax_model = create_training_pair(arch, num_classes=num_classes, seed=seed)
     batches = training_batches(recipe.steps + 1, batch=batch, size=size, num_classes=num_classes, seed=seed + 1)
-    return check_training_parity(torch_model, jax_model, arch, recipe, batches[:-1], eval_batch=batches[-1][0], float64=float64)
+    return check_training_parity(
+        torch_model,
+        jax_model,
+        arch,
+        recipe,
+        batches[:-1],
+        eval_batch=batches[-1][0],
+        float64=float64,
+        float64_reference=float64_reference,
+    )
 
 
 __all__ = [

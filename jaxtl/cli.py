@@ -41,6 +41,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     _require_torch("convert")
+    from jaxtl.models.registry import get_builder
+
+    get_builder(args.arch)  # an unknown name fails before torch is imported (seconds).
     import convert
     from jaxtl import weights
 
@@ -100,14 +103,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         return _training_parity(args)
     args.size, args.batch, args.num_classes = args.size or (97, 131), args.batch or 2, args.num_classes or 10
+    from jaxtl.models.registry import get_builder
+
+    get_builder(args.arch)  # an unknown name fails here, with the known ones listed, before torch is imported.
     import torch
 
     from convert.parity import check_parity
     from convert.random_models import randomized_torchvision_model
     from convert.torchvision_state import from_torchvision
-    from jaxtl.models.registry import get_builder
 
-    get_builder(args.arch)  # an unknown name fails here, with the known ones listed.
     torch_model = randomized_torchvision_model(args.arch, num_classes=args.num_classes, seed=args.seed)
     jax_model = from_torchvision(torch_model, args.arch, source=f"random torchvision {args.arch}")
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -123,10 +127,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def _training_parity(args: argparse.Namespace) -> int:
-    from convert.train_parity import get_recipe, run_training_parity
     from jaxtl.models.registry import get_builder
 
     get_builder(args.arch)
+    from convert.train_parity import get_recipe, run_training_parity
+
     recipe = get_recipe(args.recipe)
     size, batch, num_classes = args.size or (64, 64), args.batch or 8, args.num_classes or 5
     print(

@@ -187,6 +187,11 @@ def _jax_forward(model: nnx.Module) -> Callable:
 _FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True, "xla_cpu_use_fusion_emitters": False}
 
 
+def fast_compile_options() -> dict:
+    """XLA options for a float64 reference computation: ``_FAST_COMPILE_CPU`` on CPU, none elsewhere."""
+    return dict(_FAST_COMPILE_CPU) if jax.default_backend() == "cpu" else {}
+
+
 def _jax_loss_and_grads(model: nnx.Module, *, fast_compile: bool = False) -> Callable:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -202,8 +207,7 @@ def _jax_loss_and_grads(model: nnx.Module, *, fast_compile: bool = False) -> Cal
 
     def run(x, labels):
         lowered = jax.jit(loss_and_grads).lower(params, rest, x, labels)
-        options = _FAST_COMPILE_CPU if fast_compile and jax.default_backend() == "cpu" else {}
-        return lowered.compile(compiler_options=options)(params, rest, x, labels)
+        return lowered.compile(compiler_options=fast_compile_options() if fast_compile else {})(params, rest, x, labels)
 
     return run
 

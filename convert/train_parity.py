@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import torch
 import torchvision
 from flax import nnx
 
-from convert.parity import Comparison, ComparisonSet, compare
+from convert.parity import Comparison, ComparisonSet, compare, fast_compile_options
 from convert.torchvision_state import torch_to_jaxtl_layout
 from jaxtl.errors import JaxtlError
 from jaxtl.models.state_dict import state_dict
@@ -361,10 +361,31 @@ def jaxtl_phase(phase: RecipePhase, recipe: Recipe, name: str) -> Phase:
     return Phase(name, rules, steps=phase.steps, optimizer=config, lrs=dict(phase.lrs), carry_state=False)
 
 
+def compiled_with(jitted: Callable, compiler_options: Mapping[str, Any] | None) -> Callable:
+    """``jitted``, compiled with ``compiler_options`` at its first call (None: as jax would)."""
+    if not compiler_options:
+        return jitted
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = jitted.lower(*args).compile(compiler_options=dict(compiler_options))
+        return compiled(*args)
+
+    return call
+
+
 def train_jaxtl(
-    model: nnx.Module, recipe: Recipe, batches: Iterator[tuple[jax.Array, jax.Array]]
+    model: nnx.Module,
+    recipe: Recipe,
+    batches: Iterator[tuple[jax.Array, jax.Array]],
+    *,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> tuple[nnx.Module, list[float], list[tuple[str, str, np.ndarray, np.ndarray]], ParamGroups]:
     """Runs ``recipe`` with jaxtl's phases and train step; batches are NHWC float32 (not normalised again).
+
+    ``compiler_options`` go to XLA for each phase's step (float64 runs compile with fewer passes).
 
     Returns:
         The trained model, the loss of every step, the held tensors (as :func:`train_torch`), and
@@ -381,7 +402,7 @@ def train_jaxtl(
         graphdef, state = split_model(model, groups)
         optimizer = phase.optax(groups)
         opt_state = optimizer.init(state.trainable)
-        step = make_train_step(graphdef, optimizer, donate=False)
+        step = compiled_with(make_train_step(graphdef, optimizer, donate=False), compiler_options)
         for _ in range(recipe_phase.steps):
             images, labels = next(batches)
             mask = jnp.ones(labels.shape, bool)
@@ -561,7 +582,11 @@ def check_training_parity(
         if float64:
             _cast_floats(candidate, jnp.float64)
         jax_batches = [(jnp.asarray(_nhwc(x)), jnp.asarray(y.numpy())) for x, y in batches]
-        candidate, jax_losses, jax_held, groups = train_jaxtl(candidate, recipe, iter(jax_batches))
+        # The float64 run is a reference: XLA:CPU compiles it 2-3x faster without LLVM's optimisation.
+        options = fast_compile_options() if float64 else None
+        candidate, jax_losses, jax_held, groups = train_jaxtl(
+            candidate, recipe, iter(jax_batches), compiler_options=options
+        )
         report = TrainingParityReport(
             arch, recipe, tuple(jax_batches[0][0].shape), str(dtype).removeprefix("torch."),
             list(zip(torch_losses, jax_losses)),
@@ -572,7 +597,7 @@ def check_training_parity(
                 compare("loss", f"step {step}", np.float64(expected), np.float64(actual), tolerances["loss"])
             )
         _compare_final(report, reference, candidate, start, groups)
-        _compare_eval_logits(report, reference, candidate, groups, eval_images)
+        _compare_eval_logits(report, reference, candidate, groups, eval_images, options)
     for check, held in (("frozen torch", torch_held), ("frozen jaxtl", jax_held)):
         for phase, name, before, after in held:
             report.comparisons.append(compare(check, f"{phase}: {name}", before, after, tolerances[check]))
@@ -636,13 +661,19 @@ def _compare_final(
 
 
 def _compare_eval_logits(
-    report: TrainingParityReport, reference, candidate, groups: ParamGroups, images: torch.Tensor
+    report: TrainingParityReport,
+    reference,
+    candidate,
+    groups: ParamGroups,
+    images: torch.Tensor,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> None:
     with torch.no_grad():
         expected = reference.eval()(images).numpy()
     graphdef, state = split_model(candidate, groups)
     labels = jnp.zeros((images.shape[0],), jnp.int32)
-    actual, _ = make_eval_step(graphdef)(state, jnp.asarray(_nhwc(images)), labels, jnp.ones(labels.shape, bool))
+    eval_step = compiled_with(make_eval_step(graphdef), compiler_options)
+    actual, _ = eval_step(state, jnp.asarray(_nhwc(images)), labels, jnp.ones(labels.shape, bool))
     report.comparisons.append(
         compare("eval logits", "logits", expected, np.asarray(actual), report.tolerances["eval logits"])
     )

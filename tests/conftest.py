@@ -2,9 +2,32 @@
 
 XLA's persistent compilation cache is shared by the whole session (per worker): the CLI runs of
 tests/e2e compile the same programs, and a cached executable is the same program.
+
+Under pytest-xdist each worker runs on its own share of the CPUs (`-n 2` on 2 cores: one core each),
+as do the processes it starts: two workers whose XLA and torch thread pools each span every core
+only contend for them.
 """
 
+import os
+
 import pytest
+
+
+def _pin_xdist_worker() -> None:
+    """Restricts this xdist worker (and its children) to its own slice of the CPUs, before torch or
+    jax start their thread pools (both size them from the affinity mask)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker is None or count < 2 or len(cpus) < count:
+        return
+    share = len(cpus) // count
+    index = int(worker.removeprefix("gw")) % count
+    mine = cpus[index * share : (index + 1) * share]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+
+
+_pin_xdist_worker()
 
 
 @pytest.fixture(scope="session")

@@ -354,25 +354,20 @@ def taps_conv2d(x: Array, kernel: Array, stride: Pair, padding: Pair, dilation: 
     Each tap is a plain (grouped) matrix product, so the gradients are matrix products and slices too.
     """
     kh, kw, cg, out = kernel.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, height, width, _ = x.shape
-    out_h, out_w = _out_size(height, kh, sh, ph, dh), _out_size(width, kw, sw, pw, dw)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, ph, 0), (pw, pw, 0), (0, 0, 0)))
+    out_h = _out_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = _out_size(width, kw, stride[1], padding[1], dilation[1])
     og = out // groups
-    # (kh, kw, G, Cg, Og): group g maps input channels [g*Cg, (g+1)*Cg) to outputs [g*Og, (g+1)*Og).
-    taps = kernel.reshape(kh, kw, cg, groups, og).transpose(0, 1, 3, 2, 4)
+    # (kh * kw, G, Cg, Og): group g maps input channels [g*Cg, (g+1)*Cg) to outputs [g*Og, (g+1)*Og).
+    weights = kernel.reshape(kh * kw, cg, groups, og).transpose(0, 2, 1, 3)
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            start = (0, i * dh, j * dw, 0)
-            limit = (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, groups * cg)
-            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1))
-            if groups == 1:
-                term = jnp.einsum("nhwc,co->nhwo", tap, taps[i, j, 0])
-            else:
-                tap = tap.reshape(n, out_h, out_w, groups, cg)
-                term = jnp.einsum("nhwgc,gco->nhwgo", tap, taps[i, j]).reshape(n, out_h, out_w, out)
-            y = term if y is None else y + term
+    for index, tap in enumerate(_tap_slices(_pad_spatial(x, padding), (kh, kw), stride, dilation, (out_h, out_w))):
+        if groups == 1:
+            term = jnp.einsum("nhwc,co->nhwo", tap, weights[index, 0])
+        else:
+            tap = tap.reshape(n, out_h, out_w, groups, cg)
+            term = jnp.einsum("nhwgc,gco->nhwgo", tap, weights[index]).reshape(n, out_h, out_w, out)
+        y = term if y is None else y + term
     return y
 
 
@@ -456,10 +451,9 @@ def depthwise_conv2d(
     return _depthwise(x, kernel, tuple(stride), tuple(padding), tuple(dilation))
 
 
-def _depthwise_taps(x: Array, kernel: Array, stride: Pair, dilation: Pair, out_hw: Pair) -> list[Array]:
+def _tap_slices(x: Array, kernel_hw: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> list[Array]:
     """The ``out_hw`` strided slices of (already padded) x that meet each kernel tap, in kernel order."""
-    kh, kw = kernel.shape[:2]
-    (sh, sw), (dh, dw), (out_h, out_w) = stride, dilation, out_hw
+    (kh, kw), (sh, sw), (dh, dw), (out_h, out_w) = kernel_hw, stride, dilation, out_hw
     n, channels = x.shape[0], x.shape[3]
     return [
         jax.lax.slice(
@@ -483,7 +477,7 @@ def _depthwise_valid(x: Array, kernel: Array, stride: Pair, dilation: Pair) -> A
     # lax ops, not jnp indexing and operators: those trace a small jit each, k*k times per conv.
     weights = kernel.reshape(kh * kw, channels)
     out = None
-    for index, tap in enumerate(_depthwise_taps(x, kernel, stride, dilation, out_hw)):
+    for index, tap in enumerate(_tap_slices(x, (kh, kw), stride, dilation, out_hw)):
         weight = jax.lax.index_in_dim(weights, index, keepdims=False)
         tap = jax.lax.mul(tap, jax.lax.broadcast_in_dim(weight, tap.shape, (3,)))
         out = tap if out is None else jax.lax.add(out, tap)
@@ -512,7 +506,7 @@ def _depthwise_bwd(stride, padding, dilation, residuals, dy):
     # 3x slower on XLA:CPU (it takes its fast reduction kernel only for a plain product).
     acc = jnp.promote_types(x.dtype, jnp.float32)
     dy_acc = dy.astype(acc)
-    taps = _depthwise_taps(_pad_spatial(x, padding), kernel, stride, dilation, dy.shape[1:3])
+    taps = _tap_slices(_pad_spatial(x, padding), (kh, kw), stride, dilation, dy.shape[1:3])
     dkernel = jnp.stack([jnp.sum(tap.astype(acc) * dy_acc, axis=(0, 1, 2)) for tap in taps])
     dkernel = dkernel.reshape(kh, kw, 1, channels)
     # Input gradient: the transpose of "pad, then strided slices" is a stride-1 correlation of dy,

@@ -81,7 +81,7 @@ GPU = Settings(
     compile=True, budget_s=420,
 )  # fmt: skip
 SMOKE = Settings(
-    archs=("resnet18",), batch=4, eval_batch=4, size=64, num_classes=5, steps=2, rounds=2,
+    archs=("resnet18",), batch=4, eval_batch=4, size=32, num_classes=5, steps=2, rounds=2,
     loader_arch="resnet18", loader_images=16, workers=2, compile=False, budget_s=600,
 )  # fmt: skip
 
@@ -209,9 +209,10 @@ def torch_batches(n: int, batch: int, size: int, num_classes: int, seed: int) ->
 # cases ---------------------------------------------------------------------------------------
 
 
-def bench_train_and_eval(arch: str, s: Settings, deadline: float) -> list[Result]:
+def bench_train_and_eval(arch: str, s: Settings, deadline: float, trainers: dict[str, JaxtlTrainer]) -> list[Result]:
+    """Train and eval throughput of ``arch``; its jaxtl trainer is left in ``trainers`` for the loader case."""
     nb = 4  # rotate among distinct batches
-    jx = JaxtlTrainer(arch, s)
+    jx = trainers[arch] = JaxtlTrainer(arch, s)
     jb = jaxtl_batches(nb, s.batch, s.size, s.num_classes, seed=1)
     start = time.perf_counter()
     first = jx.step(*jb[0])
@@ -291,18 +292,21 @@ def bench_torch_compile(arch: str, s: Settings, jx, jb, run_jaxtl) -> Result:
     return result
 
 
-def bench_loader(s: Settings, root: Path) -> Result:
-    """Training fed by each framework's own input pipeline from JPEG files, one epoch per round."""
+def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -> Result:
+    """Training fed by each framework's own input pipeline from JPEG files, one epoch per round.
+
+    The model keeps ``s.num_classes`` outputs (the 5 classes' labels are among them), so that the
+    train case's ``trainer`` of the same architecture, whose step is compiled, can be passed in.
+    """
     arch = s.loader_arch
-    classes = 5
+    classes = min(5, s.num_classes)
     per_class = max(1, s.loader_images // classes)
     data = generate_synthetic(root, num_classes=classes, train_per_class=per_class, val_per_class=1) / "train"
     preprocessing = Preprocessing(resize_size=256, crop_size=s.size, interpolation="bilinear", mean=MEAN, std=STD)
     transform = TrainTransform(preprocessing, random_resized_crop=True, flip_p=0.5)
     loader = Loader(ImageFolder(data), transform, batch_size=s.batch, shuffle=True, num_workers=s.workers, seed=0)
-    ss = Settings(**{**asdict(s), "num_classes": classes})
-    jx = JaxtlTrainer(arch, ss)
-    tt = TorchTrainer(arch, ss)
+    jx = trainer or JaxtlTrainer(arch, s)
+    tt = TorchTrainer(arch, s)
     torch_loader = torch.utils.data.DataLoader(
         torchvision.datasets.ImageFolder(
             str(data),
@@ -414,12 +418,15 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the case's models and batches are gone: give their memory back
 
+    trainers: dict[str, JaxtlTrainer] = {}
     for arch in s.archs:
-        attempt(f"train+eval {arch}", lambda arch=arch: bench_train_and_eval(arch, s, deadline))
+        attempt(f"train+eval {arch}", lambda arch=arch: bench_train_and_eval(arch, s, deadline, trainers))
+        if arch != s.loader_arch:
+            trainers.pop(arch, None)  # only the loader's architecture is needed again
     if not args.no_loader:
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data or Path(tmp) / "synthetic"
-            attempt("loader->train", lambda: [report(bench_loader(s, root))])
+            attempt("loader->train", lambda: [report(bench_loader(s, root, trainers.get(s.loader_arch)))])
 
     total = time.perf_counter() - start
     print(f"\n{HEADER}")

@@ -41,7 +41,24 @@ def _numpy_generator(key: Array) -> np.random.Generator | None:
     return np.random.default_rng(data.astype(np.uint64).tolist())
 
 
+# Set while a model is built for its shapes only (registry.abstract_model): the initializers then
+# trace a zeros broadcast instead of a random draw, a third of an abstract build's time.
+_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxtl_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Within it, the initializers of this module return zeros: for builds whose values are discarded."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 def _normal(key: Array, shape: tuple[int, ...], dtype, std: float) -> Array:
+    if _SHAPES_ONLY.get():
+        return jnp.zeros(shape, dtype)
     rng = _numpy_generator(key)
     if rng is None:
         return std * jax.random.normal(key, shape, dtype)
@@ -49,6 +66,8 @@ def _normal(key: Array, shape: tuple[int, ...], dtype, std: float) -> Array:
 
 
 def _uniform(key: Array, shape: tuple[int, ...], dtype, bound: float) -> Array:
+    if _SHAPES_ONLY.get():
+        return jnp.zeros(shape, dtype)
     rng = _numpy_generator(key)
     if rng is None:
         return jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from flax import nnx
 
 from jaxtl.errors import UnknownModelError, WeightsError
+from jaxtl.models.layers import shapes_only
 from jaxtl.models.state_dict import load_state_dict
 
 _BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
@@ -70,8 +72,14 @@ def abstract_model(arch: str, *, num_classes: int = 1000) -> nnx.Module:
     For inspecting an architecture (names, shapes, parameter counts) and as the target that
     ``load_state_dict`` fills with converted weights.
     """
+    # A copy of one build per (arch, num_classes): conversion fills the model it gets in place.
+    return nnx.clone(_abstract_template(arch, num_classes))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_template(arch: str, num_classes: int) -> nnx.Module:
     builder = get_builder(arch)
-    with _no_tracer_provenance():
+    with _no_tracer_provenance(), shapes_only():
         return nnx.eval_shape(lambda: builder(num_classes=num_classes, rngs=nnx.Rngs(0)))
 
 

@@ -52,6 +52,16 @@ def test_parameter_paths_are_torchvision_state_dict_keys():
     assert len(shapes) == 102
 
 
+def test_each_abstract_model_is_its_own_copy():
+    # Built once per (arch, num_classes) and copied: filling one copy leaves the next abstract.
+    first = jaxtl.models.abstract_model("resnet18", num_classes=3)
+    first.fc.bias.set_value(jnp.arange(3.0))
+    second = jaxtl.models.abstract_model("resnet18", num_classes=3)
+    assert isinstance(second.fc.bias.get_value(), jax.ShapeDtypeStruct)
+    assert second.fc.bias.get_value().shape == (3,) and second.fc.weight.get_value().shape == (512, 3)
+    assert jaxtl.models.abstract_model("resnet18", num_classes=4).fc.bias.get_value().shape == (4,)
+
+
 def test_resnet50_is_v1_5_with_the_stride_on_the_3x3_conv():
     model = jaxtl.models.abstract_model("resnet50")
     block = model.layer2[0]

@@ -35,6 +35,20 @@ def compilation_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("xla-compilation-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def persistent_compilation_cache(compilation_cache):
+    """The tests' own compiles go through the same cache as their CLI runs: recipes, phases and
+    eval steps of training parity that compile the same program compile it once per worker."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache))
+    cache.reset_cache()  # takes the directory even if something compiled before this fixture
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.reset_cache()
+
+
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path, monkeypatch, compilation_cache):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))

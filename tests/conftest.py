@@ -35,15 +35,17 @@ def compilation_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("xla-compilation-cache")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module")
 def persistent_compilation_cache(compilation_cache):
-    """The tests' own compiles go through the same cache as their CLI runs: recipes, phases and
-    eval steps of training parity that compile the same program compile it once per worker."""
+    """The module's own compiles go through the cache its CLI runs use, for modules whose tests
+    compile the same programs (training parity's recipes share phases and eval steps). Not for
+    every module: keying and writing an entry costs ~1 s per large program, and most programs of
+    the suite are compiled once."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cache
 
     jax.config.update("jax_compilation_cache_dir", str(compilation_cache))
-    cache.reset_cache()  # takes the directory even if something compiled before this fixture
+    cache.reset_cache()  # takes the directory even if something compiled before
     yield
     jax.config.update("jax_compilation_cache_dir", None)
     cache.reset_cache()

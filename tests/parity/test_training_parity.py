@@ -27,6 +27,9 @@ from convert.train_parity import (
     training_batches,
 )
 
+# Recipes, phases and eval steps that compile the same program compile it once per worker.
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+
 ARCHS = ["resnet18", "efficientnet_b0"]
 QUICK = {("resnet18", "feature_extraction")}
 CASES = [

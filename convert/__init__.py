@@ -46,11 +46,11 @@ def convert_weights(
         Nothing is written when any check fails.
     """
     jaxtl.models.registry.get_builder(arch)  # an unknown arch fails before any download.
-    path = Path(weights)
-    if path.is_file() or str(weights).endswith((".pth", ".pt", ".bin")):
-        named_spec = None
+    source = jaxtl_weights.weights_source(arch, weights)
+    if isinstance(source, Path):
+        path, named_spec = source, None
     else:
-        named_spec = jaxtl_weights.get_weight_spec(arch, str(weights))
+        named_spec = source
         path = download_weights(named_spec) if timeout_s is None else download_weights(named_spec, timeout_s=timeout_s)
     state, sha256 = load_state_dict_file(path)
     model = from_torchvision(state, arch, source=str(path))

@@ -41,11 +41,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     _require_torch("convert")
+    from jaxtl import weights
     from jaxtl.models.registry import get_builder
 
-    get_builder(args.arch)  # an unknown name fails before torch is imported (seconds).
+    get_builder(args.arch)  # an unknown arch, weight name or missing file fails before torch is imported.
+    weights.weights_source(args.arch, args.weights)
     import convert
-    from jaxtl import weights
 
     path = convert.convert_weights(args.arch, args.weights, out=args.out)
     spec = weights.load_weight_spec(path)
@@ -61,12 +62,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     _require_torch("export")
     import dataclasses
 
+    from jaxtl import weights
+
+    is_checkpoint = (Path(args.checkpoint) / "meta.json").is_file()
+    if not is_checkpoint:
+        weights.load_weight_spec(args.checkpoint)  # not converted weights either: fails before torch is imported
     import torch
 
     import convert
-    from jaxtl import models, weights
+    from jaxtl import models
 
-    if (Path(args.checkpoint) / "meta.json").is_file():  # a training checkpoint
+    if is_checkpoint:  # a training checkpoint
         model, meta, preprocessing = _load_checkpoint_model(args.checkpoint)
         arch, num_classes = meta["arch"], meta["num_classes"]
         info = {
@@ -207,7 +213,6 @@ def _make_model_factory(model_config, seed: int):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxtl.config import load_config
-    from jaxtl.train.loop import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -222,6 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             import dataclasses
 
             config = dataclasses.replace(config, run_dir=config.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
+    from jaxtl.train.loop import Trainer  # after the config's checks: a bad config fails in a fraction of a second
+
     started = time.perf_counter()
     result = Trainer(config, _make_model_factory(config.model, config.train.seed)).run(resume=bool(args.resume))
     best = result["best"]
@@ -560,18 +567,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _enable_compilation_cache() -> None:
     """XLA's persistent compilation cache in jaxtl's cache: a second run of a config skips its compiles.
 
-    ``JAX_COMPILATION_CACHE_DIR`` (jax's own variable) takes precedence; an empty value disables it.
+    jax's own variables take precedence: ``JAX_COMPILATION_CACHE_DIR`` (an empty value disables the
+    cache) and ``JAX_COMPILATION_CACHE_MAX_SIZE`` in bytes (default here 4 GiB). A bounded cache is
+    also a locked one, so that concurrent runs share it safely. They are set as environment variables,
+    which jax reads when it is imported: a bad argument or config is reported before jax is loaded.
     """
+    import importlib.util
     import os
-
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    import jax
 
     from jaxtl.weights import cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    defaults = {
+        "jax_compilation_cache_dir": str(cache_dir() / "xla"),
+        "jax_compilation_cache_max_size": 4 << 30,
+        "jax_persistent_cache_min_compile_time_secs": 1.0,
+    }
+    if importlib.util.find_spec("filelock") is None:  # a --no-deps install: jax can bound the cache only with it
+        del defaults["jax_compilation_cache_max_size"]
+    unset = {name: value for name, value in defaults.items() if name.upper() not in os.environ}
+    os.environ.update({name.upper(): str(value) for name, value in unset.items()})  # read when jax is imported
+    if "jax" in sys.modules:  # main() called in a process that has imported jax already
+        import jax
+
+        for name, value in unset.items():
+            jax.config.update(name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

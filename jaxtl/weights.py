@@ -196,6 +196,26 @@ def get_weight_spec(arch: str, name: str) -> WeightSpec:
     return dataclasses.replace(spec, categories=imagenet_categories())
 
 
+def weights_source(arch: str, weights: str | os.PathLike) -> WeightSpec | Path:
+    """What a ``--weights`` argument names: the spec of a torchvision weight name, or a state_dict file.
+
+    A path that exists, or that ends in .pth, .pt or .bin, is a file; anything else is a weight name.
+    Needs no torch, so a missing file or an unknown name fails in a fraction of a second.
+
+    Raises:
+        WeightsError: a file that does not exist, or a name that ``arch`` has no weights of.
+    """
+    path = Path(weights)
+    if path.is_file():
+        return path
+    if str(weights).endswith((".pth", ".pt", ".bin")):
+        raise WeightsError(
+            f"weights file {path} does not exist; give the path of a torchvision state_dict file, "
+            f"or a weight name of {arch} ({', '.join(['DEFAULT', *list_weights(arch)])})"
+        )
+    return get_weight_spec(arch, str(weights))
+
+
 def find_spec_by_file_name(file_name: str) -> WeightSpec | None:
     """The spec of a torchvision weight file recognised by its name (``resnet50-11ad3fa6.pth``)."""
     for names in _SPECS.values():

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,51 @@ def test_bad_input_gets_one_clear_error(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# main() in a fresh process, then the heavy modules it loaded.
+LOADED = """import sys
+from jaxtl.cli import main
+code = main(sys.argv[1:])
+print("loaded:", *sorted(m for m in ("jax", "torch") if m in sys.modules))
+sys.exit(code)"""
+
+
+@pytest.mark.parametrize(
+    "args, message, not_loaded",
+    [
+        (["convert", "resnet18", "--weights", "IMAGENET1K_V9"], "unknown weights 'IMAGENET1K_V9'", "torch"),
+        (["convert", "resnet18", "--weights", "/missing/file.pth"], "/missing/file.pth does not exist", "torch"),
+        (["export", "/missing/dir", "--out", "x.pth"], "/missing/dir is not a jaxtl converted-weights", "torch"),
+        (["train", "/missing/run.yaml"], "/missing/run.yaml does not exist", "jax"),
+        (["train", "configs/quickstart.yaml", "--set", "optim.lr=-1"], "optim.lr = -1.0 is out of range", "jax"),
+        (["train", "--resume", "/missing/run"], "/missing/run is not a jaxtl run directory", "jax"),
+    ],
+    ids=["weight-name", "weight-file", "export-dir", "config-file", "config-value", "resume-dir"],
+)
+def test_bad_input_is_reported_before_torch_or_jax_is_loaded(args, message, not_loaded):
+    root = Path(__file__).parents[2]
+    command = [sys.executable, "-c", LOADED, *args]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=root, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    loaded = result.stdout.split("loaded:")[1].split()
+    assert not_loaded not in loaded and (not_loaded == "jax" or "torch" not in loaded)
+
+
+def test_the_compilation_cache_is_bounded_in_jaxtls_cache_unless_jax_is_told_otherwise(tmp_path):
+    code = (
+        "from jaxtl.cli import _enable_compilation_cache\n"
+        "_enable_compilation_cache()\n"
+        "import jax\n"
+        "c = jax.config\n"
+        "print(c.jax_compilation_cache_dir, c.jax_compilation_cache_max_size, c.jax_persistent_cache_min_compile_time_secs)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"JAXTL_CACHE": str(tmp_path)}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.split() == [str(tmp_path / "xla"), str(4 << 30), "1.0"]
+    env |= {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine"), "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}
+    mine = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert mine.stdout.split() == [str(tmp_path / "mine"), "-1", "1.0"]
 
 
 def test_help_describes_every_command():

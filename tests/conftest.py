@@ -1,7 +1,7 @@
 """Shared test set-up: every test gets its own jaxtl and torch caches, never the user's.
 
-XLA's persistent compilation cache is shared by the whole session (per worker): the CLI runs of
-tests/e2e compile the same programs, and a cached executable is the same program.
+XLA's persistent compilation cache is shared by the whole session, both workers included: the CLI
+runs of tests/e2e compile the same programs, and a cached executable is the same program.
 
 Under pytest-xdist each worker runs on its own share of the CPUs (`-n 2` on 2 cores: one core each),
 as do the processes it starts: two workers whose XLA and torch thread pools each span every core
@@ -32,7 +32,14 @@ _pin_xdist_worker()
 
 @pytest.fixture(scope="session")
 def compilation_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla-compilation-cache")
+    """One XLA compilation cache for the session: under pytest-xdist, the directory next to the
+    workers' own temporary directories, so a program that one worker compiled the other reads.
+    Bounded, which makes jax lock the cache for each read and write (the jaxtl CLI bounds it too)."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-compilation-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +51,13 @@ def persistent_compilation_cache(compilation_cache):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cache
 
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
     jax.config.update("jax_compilation_cache_dir", str(compilation_cache))
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
     cache.reset_cache()  # takes the directory even if something compiled before
     yield
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_compilation_cache_max_size", previous[1])
     cache.reset_cache()
 
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 
 POLICIES = {"full": "full", "last block + head": "last_n_blocks:1", "head only": "head_only"}
@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile-probe", help=argparse.SUPPRESS)  # ARCH:POLICY, internal
     parser.add_argument("--compile-only", action="store_true", help="only the compile times (of the first arch)")
+    parser.add_argument("--no-compile", action="store_true", help="no compile times, only the steps")
+    parser.add_argument("--cases", default=",".join([*POLICIES, "eval"]), help="a comma-separated subset of: "
+                        + ", ".join([*POLICIES, "eval"]))  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -183,10 +186,11 @@ def main(argv=None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {args.batch} (eval {args.eval_batch}) at {args.size}; "
           f"{args.steps} steps x {args.rounds} rounds", flush=True)  # fmt: skip
-    header = f"{'case':<34} {'jaxtl':>8} {'torch':>8} {'torch CL':>9} {'/torch':>7} {'/CL':>6}  img/s"
     rows = []
     for arch in [] if args.compile_only else args.archs.split(","):
         for label, policy in [*POLICIES.items(), ("eval", None)]:
+            if label not in args.cases.split(","):
+                continue
             if policy is None:
                 runs = eval_sides(arch, args.eval_batch, args.size)
             else:
@@ -201,10 +205,16 @@ def main(argv=None) -> int:
             rows.append(row)
             j, t, c = rates["jaxtl"], rates["torch NCHW"], rates["torch channels_last"]
             print(f"{arch + ' ' + label:<34} {j:8.2f} {t:8.2f} {c:9.2f} {j / t:6.2f}x {j / c:5.2f}x", flush=True)
-        full = next(r for r in rows if r["arch"] == arch and r["case"] == "full")
-        last = next(r for r in rows if r["arch"] == arch and r["case"] == "last block + head")
-        print(f"{arch}: last block + head step time / full step time = {full['jaxtl'] / last['jaxtl']:.3f}", flush=True)
+        rate = {r["case"]: r["jaxtl"] for r in rows if r["arch"] == arch}
+        if "full" in rate and "last block + head" in rate:
+            print(f"{arch}: last block + head step time / full step time = "
+                  f"{rate['full'] / rate['last block + head']:.3f}", flush=True)  # fmt: skip
 
+    return _report(args, rows, {} if args.no_compile else compile_times(args))
+
+
+def compile_times(args) -> dict[str, dict[str, float]]:
+    """The first arch's full-step compile, cold and then with the cache the cold process filled."""
     compiles = {}
     arch = args.archs.split(",")[0]
     with tempfile.TemporaryDirectory() as cache:
@@ -216,20 +226,26 @@ def main(argv=None) -> int:
                 capture_output=True, text=True, env=env, check=True,
             ).stdout  # fmt: skip
             compiles[run] = json.loads(out.split("compile_probe=")[1].splitlines()[0])
+    return compiles
+
+
+def _report(args, rows: list[dict], compiles: dict) -> int:
+    header = f"{'case':<34} {'jaxtl':>8} {'torch':>8} {'torch CL':>9} {'/torch':>7} {'/CL':>6}  img/s"
     print(f"\n{header}")
     for row in rows:
         j, t, c = row["jaxtl"], row["torch NCHW"], row["torch channels_last"]
         print(f"{row['arch'] + ' ' + row['case']:<34} {j:8.2f} {t:8.2f} {c:9.2f} {j / t:6.2f}x {j / c:5.2f}x")
-    c = compiles
-    cold, warm = sum(c["cold"].values()), sum(c["warm"].values())
-    print(f"{arch} full train step in a fresh process, trace + lower + compile: {cold:.1f} s with an empty compilation "
-          f"cache ({c['cold']['trace_lower']:.1f} + {c['cold']['compile']:.1f}), {warm:.1f} s with the cache filled "
-          f"({c['warm']['trace_lower']:.1f} + {c['warm']['compile']:.1f}) = {warm / cold:.0%}")  # fmt: skip
+    c, arch = compiles, args.archs.split(",")[0]
+    if compiles:
+        cold, warm = sum(c["cold"].values()), sum(c["warm"].values())
+        print(f"{arch} full train step in a fresh process, trace + lower + compile: {cold:.1f} s with an empty "
+              f"compilation cache ({c['cold']['trace_lower']:.1f} + {c['cold']['compile']:.1f}), {warm:.1f} s with "
+              f"the cache filled ({c['warm']['trace_lower']:.1f} + {c['warm']['compile']:.1f}) = {warm / cold:.0%}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "cpu_steps",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "images_per_second": rows,
             "compile_seconds": compiles,

@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 
 import jax
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"ratio jaxtl / torch: {ratio:.2f}x")
     result = {
         "benchmark": "data_loader",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "images": n,
         "batch": args.batch,
         "workers": args.workers,

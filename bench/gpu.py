@@ -38,7 +38,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
+from datetime import datetime, timezone, UTC  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import flax  # noqa: E402
@@ -355,7 +355,7 @@ def report(result: Result) -> Result:
 
 def environment() -> dict:
     info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "flax": flax.__version__,
         "torch": torch.__version__,

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 POLICIES = {"full": "full", "last block + head": "last_n_blocks:1", "head only": "head_only"}

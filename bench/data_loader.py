@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jax

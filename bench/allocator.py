@@ -19,8 +19,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
+
+from cpu_steps import write_json  # bench/, the directory of this script
 
 HERE = Path(__file__).resolve().parent
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -63,14 +64,7 @@ def main(argv=None) -> int:
         g, t = statistics.median(glibc), statistics.median(rates["tcmalloc"][(case, side)])
         results.append({"case": case, "side": side, "glibc": g, "tcmalloc": t, "gain": t / g})
         print(f"{case:<28} {side:<20} {g:8.2f} {t:9.2f} {t / g - 1:+6.0%}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "benchmark": "allocator",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "results": results,
-        }, indent=2) + "\n")  # fmt: skip
+    write_json(args, "allocator", results=results)
     return 0
 
 

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
                         + ", ".join([*POLICIES, "eval"]))  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    unknown = set(args.cases.split(",")) - {*POLICIES, "eval"}
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; the cases are {', '.join([*POLICIES, 'eval'])}")
 
     if args.compile_probe:
         arch, policy = args.compile_probe.split("@")
@@ -241,16 +244,20 @@ def _report(args, rows: list[dict], compiles: dict) -> int:
         print(f"{arch} full train step in a fresh process, trace + lower + compile: {cold:.1f} s with an empty "
               f"compilation cache ({c['cold']['trace_lower']:.1f} + {c['cold']['compile']:.1f}), {warm:.1f} s with "
               f"the cache filled ({c['warm']['trace_lower']:.1f} + {c['warm']['compile']:.1f}) = {warm / cold:.0%}")  # fmt: skip
+    write_json(args, "cpu_steps", images_per_second=rows, compile_seconds=compiles)
+    return 0
+
+
+def write_json(args: argparse.Namespace, benchmark: str, **results) -> None:
+    """``results`` with the benchmark's name, the date and the settings, to ``args.json`` if it is set."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "benchmark": "cpu_steps",
+            "benchmark": benchmark,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "images_per_second": rows,
-            "compile_seconds": compiles,
+            **results,
         }, indent=2) + "\n")  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

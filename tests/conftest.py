@@ -6,9 +6,14 @@ runs of tests/e2e compile the same programs, and a cached executable is the same
 Under pytest-xdist each worker runs on its own share of the CPUs (`-n 2` on 2 cores: one core each),
 as do the processes it starts: two workers whose XLA and torch thread pools each span every core
 only contend for them.
+
+On CPU the suite compiles with XLA's cheap backend options (see _compile_cheaply): its programs
+run a few steps on a few pixels, and compiling them at full optimisation was most of its time.
 """
 
+import importlib.metadata
 import os
+import shlex
 
 import pytest
 
@@ -28,6 +33,46 @@ def _pin_xdist_worker() -> None:
 
 
 _pin_xdist_worker()
+
+# XLA:CPU options that cut a compile by 35-65% and slow the compiled program 2-3x: the suite's
+# programs are compiled once and run a few steps at a few pixels each. (convert.parity compiles its
+# float64 reference with the same options, for the same reason.) Optimisation passes rewrite how a
+# program computes, never what: every test still compares against PyTorch or an uninterrupted run
+# at its own tolerance. The quickstart end-to-end test runs with the caller's XLA_FLAGS, compiled as
+# users' runs are (the `production_xla_env` fixture).
+CHEAP_CPU_COMPILE = {
+    "xla_backend_optimization_level": "0",
+    "xla_llvm_disable_expensive_passes": "true",
+    "xla_cpu_use_fusion_emitters": "false",
+}
+CALLERS_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+
+
+def _compile_cheaply() -> None:
+    """Adds CHEAP_CPU_COMPILE to XLA_FLAGS for this process and those it starts, before jax starts its
+    backend. Not where a GPU plugin is installed (GPU compiles are fast, and the level is shared), nor
+    for options the caller's XLA_FLAGS already sets, nor at all with JAXTL_TEST_XLA=default."""
+    if os.environ.get("JAXTL_TEST_XLA") == "default":
+        return
+    names = (d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions())
+    if any(name.startswith(("jax-cuda", "jax-rocm")) for name in names):
+        return
+    flags = shlex.split(CALLERS_XLA_FLAGS or "")
+    named = {flag.lstrip("-").split("=")[0] for flag in flags}
+    flags += [f"--{key}={value}" for key, value in CHEAP_CPU_COMPILE.items() if key not in named]
+    os.environ["XLA_FLAGS"] = shlex.join(flags)
+
+
+_compile_cheaply()
+
+
+@pytest.fixture
+def production_xla_env() -> dict[str, str]:
+    """os.environ with the caller's XLA_FLAGS: a jaxtl process started with it compiles as users' runs do."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    if CALLERS_XLA_FLAGS is not None:
+        env["XLA_FLAGS"] = CALLERS_XLA_FLAGS
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,10 @@ def arrays(checkpoint):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_path):
+def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_path, production_xla_env):
     run_dir = tmp_path / "run"
-    result = train(run_dir, "quickstart.yaml", "phases.0.epochs=2", "phases.1.epochs=1")
+    # Compiled as a user's run is, not with the suite's cheap options (tests/conftest.py).
+    result = train(run_dir, "quickstart.yaml", "phases.0.epochs=2", "phases.1.epochs=1", env=production_xla_env)
     out = result.stdout
     assert "head-only phase on cached features" in out and "optimizer state carried over for group(s) head" in out
     assert "best val acc@1" in out and f"jaxtl predict {run_dir}/checkpoints/best" in out
@@ -96,7 +97,7 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
     assert all("img/s" in line and " loss " in line for line in progress)
 
     # eval of the best checkpoint reproduces the logged best accuracy
-    evaluated = run("eval", str(run_dir / "checkpoints" / "best"))
+    evaluated = run("eval", str(run_dir / "checkpoints" / "best"), env=production_xla_env)
     assert f"acc@1 {best_meta['best']['val_acc1']:.4f}" in evaluated.stdout
 
     # predict names the stored classes; a bad file gets its own error line, the others still run
@@ -104,7 +105,8 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
     images = sorted(val.rglob("*.jpg"))[:3]
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    predicted = run("predict", str(run_dir / "checkpoints" / "best"), *map(str, images), str(bad), "--top-k", "3", check=False)
+    best = str(run_dir / "checkpoints" / "best")
+    predicted = run("predict", best, *map(str, images), str(bad), "--top-k", "3", check=False, env=production_xla_env)
     assert predicted.returncode == 1
     lines = predicted.stdout.strip().splitlines()
     assert len(lines) == 4 and "not an image PIL can read" in lines[-1]
@@ -191,7 +193,7 @@ def test_feature_caching_equals_training_through_the_frozen_backbone(tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
     overrides = ("data.batch_size=8", "data.eval_batch_size=8", "phases.0.epochs=1", "phases.1.epochs=1")
     eight = train(tmp_path / "eight", "quickstart.yaml", *overrides, env=env)
     assert "on 8 device(s)" in eight.stdout

@@ -10,6 +10,8 @@ epoch), ``checkpoints/latest`` and ``checkpoints/best`` (links to versioned dire
 :mod:`jaxtl.train.checkpoint`), ``tensorboard/`` (event files: per-step training loss, per-epoch
 metrics and learning rates), ``curves.png``, and ``confusion.json`` / ``confusion.png`` (the
 validation confusion matrix of the best checkpoint), and ``.lock`` (held while a process runs it).
+The two figures are redrawn at most every ``figures_every_s`` seconds (30) and at the end of every
+phase: on small data an epoch is shorter than drawing them.
 
 Crashes: at the end of an epoch ``best`` (when improved) is saved before ``latest``, so the epoch a
 resume starts from always has its ``best`` on disk; a run killed at any instant resumes from
@@ -20,6 +22,7 @@ checkpoint of it is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -50,7 +53,15 @@ from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr,
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train.faults import fault_point
-from jaxtl.train.reporting import EventWriter, Progress, confusion_matrix, load_metrics, plot_confusion, plot_curves
+from jaxtl.train.reporting import (
+    EventWriter,
+    Figures,
+    Progress,
+    confusion_matrix,
+    load_metrics,
+    plot_confusion,
+    plot_curves,
+)
 from jaxtl.train.step import ModelState, full_model, head_of, make_eval_step, make_train_step, merge_model, split_model
 from jaxtl.weights import Preprocessing
 
@@ -155,11 +166,13 @@ class Trainer:
         *,
         log: Callable[[str], None] = print,
         progress_every_s: float = 10.0,
+        figures_every_s: float = 30.0,
     ):
         self.config = config
         self.make_model = make_model
         self.log = log
         self.progress_every_s = progress_every_s
+        self.figures_every_s = figures_every_s
         self.run_dir = Path(config.run_dir)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -238,11 +251,21 @@ class Trainer:
 
         metrics_path = self.run_dir / "metrics.jsonl"
         # A resumed run hides, in TensorBoard, what the interrupted one logged after its checkpoint.
+        self.figures = Figures(self.figures_every_s)
         with EventWriter(self.run_dir / "tensorboard", purge_step=step + 1 if meta is not None else None) as self.events:
-            return self._phases(
-                model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
-                (train_loader, val_loader, plain_loader), replicated, metrics_path,
-            )  # fmt: skip
+            try:
+                result = self._phases(
+                    model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
+                    (train_loader, val_loader, plain_loader), replicated, metrics_path,
+                )  # fmt: skip
+            except BaseException:
+                # A run that stops (a non-finite loss, Ctrl-C) leaves the figures of its last epoch too,
+                # but a figure that cannot be drawn must not hide why it stopped.
+                with contextlib.suppress(Exception):
+                    self.figures.flush()
+                raise
+            self.figures.flush()
+            return result
 
     def _load_resume_point(self, latest: Path) -> ckpt.GoodCheckpoint:
         """``latest``, or its newest intact previous version if it is damaged (said in one line)."""
@@ -342,6 +365,7 @@ class Trainer:
                     self._save("best", {"model": arrays["model"]}, meta_out, keep_previous=False)
                     self._write_confusion(confusion, loader_epoch + 1)
                 self._save("latest", arrays, meta_out)
+            self.figures.flush()
             epoch_base += phase.epochs
             previous = (groups, opt_state)
             start_batch = 0
@@ -517,7 +541,7 @@ class Trainer:
         tmp = self.run_dir / "confusion.json.tmp"
         tmp.write_text(json.dumps(data) + "\n")
         tmp.replace(self.run_dir / "confusion.json")
-        plot_confusion(confusion, self.data.classes, self.run_dir / "confusion.png")
+        self.figures.update("confusion", lambda: plot_confusion(confusion, self.data.classes, self.run_dir / "confusion.png"))
 
     def _report_epoch(
         self, record: dict, groups: ParamGroups, phase: Phase, total_steps: int, phase_steps: int, metrics_path: Path
@@ -530,7 +554,8 @@ class Trainer:
                 lr = schedule(optimizer, group_lr(groups, name, optimizer), total_steps)
                 scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr)
         self.events.scalars(scalars, record["step"])
-        plot_curves(load_metrics(metrics_path), self.run_dir / "curves.png", title=f"{self.config.model.arch}, {self.run_dir.name}")
+        title = f"{self.config.model.arch}, {self.run_dir.name}"
+        self.figures.update("curves", lambda: plot_curves(load_metrics(metrics_path), self.run_dir / "curves.png", title=title))
 
     def _is_better(self, metrics: dict[str, float], best: dict) -> bool:
         key = self.config.train.checkpoint_metric

@@ -17,6 +17,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 
 from jaxtl.train.reporting import (
     EventWriter,
+    Figures,
     Progress,
     ReportingError,
     confusion_matrix,
@@ -324,3 +325,36 @@ def test_progress_without_images_reports_batches_per_second_and_rejects_device_a
     assert stream.getvalue() == "features  3/3 [100%]  0.50 batch/s  loss 0.250  in 0:06\n"
     with pytest.raises(ReportingError, match="must be a Python number or string"):
         Progress(3, stream=io.StringIO()).update(loss=np.array([0.5]))
+
+
+# -- figures of a running job ------------------------------------------------------------------------
+
+
+def test_figures_draw_at_once_then_at_most_every_every_s_and_the_newest_on_flush():
+    clock, drawn = FakeClock(), []
+    figures = Figures(30.0, clock=clock)
+    figures.update("curves", lambda: drawn.append(("curves", 1)))  # the first epoch: drawn at once
+    assert drawn == [("curves", 1)] and figures.pending == []
+    for epoch in (2, 3):  # 10 s apart: kept for later, the newer replacing the older
+        clock.now += 10.0
+        figures.update("curves", lambda epoch=epoch: drawn.append(("curves", epoch)))
+    figures.update("confusion", lambda: drawn.append(("confusion", 3)))
+    assert drawn == [("curves", 1)] and figures.pending == ["curves", "confusion"]
+    clock.now += 10.0  # 30 s since the last drawing: everything pending is drawn
+    figures.update("curves", lambda: drawn.append(("curves", 4)))
+    assert drawn[1:] == [("curves", 4), ("confusion", 3)] and figures.pending == []
+    clock.now += 1.0
+    figures.update("curves", lambda: drawn.append(("curves", 5)))
+    figures.flush()  # the end of a phase or run: drawn whatever the time
+    figures.flush()  # nothing pending: nothing drawn twice
+    assert drawn[3:] == [("curves", 5)]
+
+
+def test_figures_every_0_draws_every_update_and_a_negative_interval_is_refused():
+    drawn = []
+    figures = Figures(0.0, clock=FakeClock())
+    for epoch in range(3):
+        figures.update("curves", lambda epoch=epoch: drawn.append(epoch))
+    assert drawn == [0, 1, 2]
+    with pytest.raises(ReportingError, match="every_s must be >= 0 seconds, got -1"):
+        Figures(-1)

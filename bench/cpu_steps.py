@@ -12,6 +12,8 @@ Then the compile time of jaxtl's full train step in fresh processes (trace and l
 compile): with an empty persistent compilation cache, and again with the cache the first process
 filled, where the compile is a read of the cached executable.
 
+jaxtl runs with the XLA flags its commands add (jaxtl/xla.py); ``--xla default`` measures without them.
+
     python bench/cpu_steps.py [--archs resnet18,efficientnet_b0] [--steps 2] [--rounds 3] [--compile-only] [--json PATH]
 """
 
@@ -173,8 +175,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="no compile times, only the steps")
     parser.add_argument("--cases", default=",".join([*POLICIES, "eval"]), help="a comma-separated subset of: "
                         + ", ".join([*POLICIES, "eval"]))  # fmt: skip
+    parser.add_argument("--xla", choices=("jaxtl", "default"), default="jaxtl",
+                        help="jaxtl: the XLA flags the jaxtl commands add (jaxtl/xla.py, the default); default: XLA's own")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.xla == "jaxtl":
+        from jaxtl.xla import use_cpu_flags
+
+        use_cpu_flags()  # before jax is imported; the compile probes inherit it
     unknown = set(args.cases.split(",")) - {*POLICIES, "eval"}
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; the cases are {', '.join([*POLICIES, 'eval'])}")
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {args.batch} (eval {args.eval_batch}) at {args.size}; "
-          f"{args.steps} steps x {args.rounds} rounds", flush=True)  # fmt: skip
+          f"{args.steps} steps x {args.rounds} rounds; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)  # fmt: skip
     rows = []
     for arch in [] if args.compile_only else args.archs.split(","):
         for label, policy in [*POLICIES.items(), ("eval", None)]:

@@ -7,15 +7,16 @@ Under pytest-xdist each worker runs on its own share of the CPUs (`-n 2` on 2 co
 as do the processes it starts: two workers whose XLA and torch thread pools each span every core
 only contend for them.
 
-On CPU the suite compiles with XLA's cheap backend options (see _compile_cheaply): its programs
+On CPU the suite compiles with XLA's cheap backend options (see _xla_flags): its programs
 run a few steps on a few pixels, and compiling them at full optimisation was most of its time.
 """
 
 import importlib.metadata
 import os
-import shlex
 
 import pytest
+
+from jaxtl.xla import add_xla_flags, use_cpu_flags
 
 
 def _pin_xdist_worker() -> None:
@@ -48,27 +49,26 @@ CHEAP_CPU_COMPILE = {
 CALLERS_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 
 
-def _compile_cheaply() -> None:
-    """Adds CHEAP_CPU_COMPILE to XLA_FLAGS for this process and those it starts, before jax starts its
-    backend. Not where a GPU plugin is installed (GPU compiles are fast, and the level is shared), nor
-    for options the caller's XLA_FLAGS already sets, nor at all with JAXTL_TEST_XLA=default."""
+def _xla_flags() -> None:
+    """Sets XLA_FLAGS for this process and those it starts, before jax starts its backend: the flags the
+    jaxtl commands add (jaxtl/xla.py), so that in-process tests compile as a run does, and
+    CHEAP_CPU_COMPILE, but not where a GPU plugin is installed (GPU compiles are fast, and the
+    optimisation level is shared) nor with JAXTL_TEST_XLA=default. The caller's own flags win."""
+    use_cpu_flags()
     if os.environ.get("JAXTL_TEST_XLA") == "default":
         return
     names = (d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions())
     if any(name.startswith(("jax-cuda", "jax-rocm")) for name in names):
         return
-    flags = shlex.split(CALLERS_XLA_FLAGS or "")
-    named = {flag.lstrip("-").split("=")[0] for flag in flags}
-    flags += [f"--{key}={value}" for key, value in CHEAP_CPU_COMPILE.items() if key not in named]
-    os.environ["XLA_FLAGS"] = shlex.join(flags)
+    add_xla_flags(CHEAP_CPU_COMPILE)
 
 
-_compile_cheaply()
+_xla_flags()
 
 
 @pytest.fixture
 def production_xla_env() -> dict[str, str]:
-    """os.environ with the caller's XLA_FLAGS: a jaxtl process started with it compiles as users' runs do."""
+    """os.environ with the caller's XLA_FLAGS: a jaxtl command started with it compiles as users' runs do."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     if CALLERS_XLA_FLAGS is not None:
         env["XLA_FLAGS"] = CALLERS_XLA_FLAGS

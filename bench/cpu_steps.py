@@ -12,7 +12,7 @@ Then the compile time of jaxtl's full train step in fresh processes (trace and l
 compile): with an empty persistent compilation cache, and again with the cache the first process
 filled, where the compile is a read of the cached executable.
 
-jaxtl runs with the XLA flags its commands add (jaxtl/xla.py); ``--xla default`` measures without them.
+``--xla ynnpack`` runs jaxtl with XLA:CPU's dots in YNNPACK (jaxtl/xla.py, opt-in).
 
     python bench/cpu_steps.py [--archs resnet18,efficientnet_b0] [--steps 2] [--rounds 3] [--compile-only] [--json PATH]
 """
@@ -175,14 +175,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="no compile times, only the steps")
     parser.add_argument("--cases", default=",".join([*POLICIES, "eval"]), help="a comma-separated subset of: "
                         + ", ".join([*POLICIES, "eval"]))  # fmt: skip
-    parser.add_argument("--xla", choices=("jaxtl", "default"), default="jaxtl",
-                        help="jaxtl: the XLA flags the jaxtl commands add (jaxtl/xla.py, the default); default: XLA's own")  # fmt: skip
+    parser.add_argument("--xla", choices=("default", "ynnpack"), default="default",
+                        help="ynnpack: XLA:CPU's dots in YNNPACK (jaxtl/xla.py, opt-in); default: XLA's own kernels")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.xla == "jaxtl":
-        from jaxtl.xla import use_cpu_flags
+    if args.xla == "ynnpack":
+        from jaxtl.xla import use_ynnpack, ynnpack_supported
 
-        use_cpu_flags()  # before jax is imported; the compile probes inherit it
+        if not ynnpack_supported():
+            parser.error("--xla ynnpack: the flag was not tested with this jaxlib (see jaxtl/xla.py)")
+        use_ynnpack()  # before jax is imported; the compile probes inherit it
     unknown = set(args.cases.split(",")) - {*POLICIES, "eval"}
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; the cases are {', '.join([*POLICIES, 'eval'])}")

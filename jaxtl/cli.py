@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from jaxtl.errors import JaxtlError
-from jaxtl.xla import use_cpu_flags
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -596,7 +595,6 @@ def _enable_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    use_cpu_flags()  # before jax is imported; see jaxtl/xla.py
     if args.command in ("train", "eval", "predict"):
         _enable_compilation_cache()
     try:

@@ -1,7 +1,18 @@
-"""XLA flags the ``jaxtl`` commands run with, and the helper that adds flags to ``XLA_FLAGS``.
+"""XLA flags: adding them to ``XLA_FLAGS``, and the opt-in YNNPACK dots for XLA:CPU.
 
-XLA reads ``XLA_FLAGS`` once, when jax starts its first backend: set them before the first
+XLA reads ``XLA_FLAGS`` once, when jax starts its first backend: set flags before the first
 computation. Neither torch nor jax is imported here.
+
+YNNPACK: ``--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` makes XLA:CPU
+hand each dot it emits to YNNPACK instead of its own kernels. Measured on 2 cores
+(bench/cpu_steps.py --xla ynnpack, 2026-11-29, ResNet-18 at 224): eval 29.5 -> 44.2 img/s, full
+fine-tuning step 6.8 -> 9.8, last block + head 22.4 -> 27.5; EfficientNet-B0 eval 50 -> 67. It is
+not on by default: it is experimental in XLA; float64 programs run ~7x slower under it; and its
+float32 results differ from XLA's own kernels by rounding (relative 2e-7 on ResNet-18's features),
+which in two places of the parity suite lands just beyond a bound set on XLA's kernels (ResNet-152's
+train-mode logits at 1.02e-5 against 1e-5 relative; one near-zero squeeze-excitation bias of
+EfficientNet-B0 in the progressive recipe). Turn it on with :func:`use_ynnpack` (or the flag itself
+in ``XLA_FLAGS``) before jax computes.
 """
 
 from __future__ import annotations
@@ -12,23 +23,15 @@ import re
 import shlex
 from collections.abc import Mapping, MutableMapping
 
-# XLA:CPU hands each dot it emits to YNNPACK instead of its own kernels. Measured on 2 cores
-# (bench/cpu_steps.py, ResNet-18 at 224, 2026-11-29): eval 29.5 -> 44.2 img/s, full fine-tuning step
-# 6.8 -> 9.8, last block + head 22.4 -> 27.5; EfficientNet-B0 eval 50 -> 67. The results move by
-# float32 rounding only (relative 2e-7 on ResNet-18's features), and every parity test passes with it.
-# Compiles are faster too. GPU compiles ignore xla_cpu_* flags. XLA aborts on a flag it does not
-# know, and this one is experimental: it is added only for the jaxlib releases it was tested with.
-CPU_FLAGS: dict[str, str] = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-CPU_FLAGS_JAXLIB = ((0, 10),)  # (major, minor) releases of jaxlib
+YNNPACK: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA aborts on a flag it does not know: the (major, minor) jaxlib releases the flag was tested with.
+YNNPACK_JAXLIB = ((0, 10),)
 
 
 def add_xla_flags(flags: Mapping[str, str], environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """Appends ``--name=value`` to ``environ["XLA_FLAGS"]`` for each of ``flags`` it does not name yet.
 
-    A flag already in ``XLA_FLAGS`` keeps its value, so a user's own setting wins (an empty value,
-    ``--xla_cpu_experimental_ynn_fusion_type=``, turns YNNPACK off). Returns the flags added.
+    A flag already in ``XLA_FLAGS`` keeps its value: the user's own setting wins. Returns the flags added.
     """
     current = shlex.split(environ.get("XLA_FLAGS", ""))
     named = {flag.lstrip("-").split("=", 1)[0] for flag in current}
@@ -38,16 +41,19 @@ def add_xla_flags(flags: Mapping[str, str], environ: MutableMapping[str, str] = 
     return added
 
 
-def use_cpu_flags(environ: MutableMapping[str, str] = os.environ, *, jaxlib_version: str | None = None) -> list[str]:
-    """Adds :data:`CPU_FLAGS` to ``XLA_FLAGS`` where jaxlib is a release they were tested with (the
-    installed one unless ``jaxlib_version`` says otherwise), as the ``jaxtl`` commands do. Call it
-    before jax's first computation. Returns the flags added."""
+def ynnpack_supported(jaxlib_version: str | None = None) -> bool:
+    """Whether the installed jaxlib (or ``jaxlib_version``) is a release the YNNPACK flag was tested with."""
     if jaxlib_version is None:
         try:
             jaxlib_version = importlib.metadata.version("jaxlib")
         except importlib.metadata.PackageNotFoundError:
-            return []
+            return False
     release = re.match(r"(\d+)\.(\d+)", jaxlib_version)
-    if release is None or (int(release[1]), int(release[2])) not in CPU_FLAGS_JAXLIB:
-        return []
-    return add_xla_flags(CPU_FLAGS, environ)
+    return release is not None and (int(release[1]), int(release[2])) in YNNPACK_JAXLIB
+
+
+def use_ynnpack(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Adds :data:`YNNPACK` to ``XLA_FLAGS`` (see the module's docstring) where jaxlib supports it; call
+    it before jax's first computation. Returns the flags added: none on another jaxlib, or where
+    ``XLA_FLAGS`` sets the flag already."""
+    return add_xla_flags(YNNPACK, environ) if ynnpack_supported() else []

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from jaxtl.xla import add_xla_flags, use_cpu_flags
+from jaxtl.xla import add_xla_flags
 
 
 def _pin_xdist_worker() -> None:
@@ -50,11 +50,9 @@ CALLERS_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 
 
 def _xla_flags() -> None:
-    """Sets XLA_FLAGS for this process and those it starts, before jax starts its backend: the flags the
-    jaxtl commands add (jaxtl/xla.py), so that in-process tests compile as a run does, and
-    CHEAP_CPU_COMPILE, but not where a GPU plugin is installed (GPU compiles are fast, and the
-    optimisation level is shared) nor with JAXTL_TEST_XLA=default. The caller's own flags win."""
-    use_cpu_flags()
+    """Adds CHEAP_CPU_COMPILE to XLA_FLAGS for this process and those it starts, before jax starts its
+    backend; not where a GPU plugin is installed (GPU compiles are fast, and the optimisation level is
+    shared), nor with JAXTL_TEST_XLA=default. The caller's own flags win."""
     if os.environ.get("JAXTL_TEST_XLA") == "default":
         return
     names = (d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions())

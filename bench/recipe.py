@@ -11,10 +11,11 @@ The PyTorch side is the recipe verbatim (bench/recipe_torch.py): ``model.train()
 its frozen backbone's BatchNorm runs on batch statistics and updates its running statistics; jaxtl's
 head_only policy keeps frozen BatchNorm in eval mode, computes the backbone's features once and
 trains the head on them. jaxtl runs twice: with an empty XLA compilation cache, then with the cache
-the first run filled. Rounds alternate; the table gives the median wall time, best validation
+the first run filled; with ``--ynnpack`` a third time, with XLA:CPU's dots in YNNPACK (jaxtl/xla.py)
+and a cache an untimed run of it filled. Rounds alternate; the table gives the median wall time, best validation
 accuracy and peak resident memory of each side's main process.
 
-    python bench/recipe.py [--rounds 1] [--epochs 10] [--workers 2] [--json PATH]
+    python bench/recipe.py [--rounds 1] [--epochs 10] [--workers 2] [--ynnpack] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers / jaxtl loader threads")
     parser.add_argument("--per-class", type=int, default=60, help="train images per class (val: a third)")
+    parser.add_argument("--ynnpack", action="store_true", help="also time jaxtl with YNNPACK dots (jaxtl/xla.py)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -95,15 +97,28 @@ def main(argv=None) -> int:
         f"{args.workers} workers",
         flush=True,
     )
-    results: dict[str, list] = {"torch": [], "jaxtl (cold cache)": [], "jaxtl (warm cache)": []}
+    from jaxtl.xla import use_ynnpack, ynnpack_supported
+
+    jaxtl_sides = [("jaxtl (cold cache)", "cold", {}), ("jaxtl (warm cache)", "warm", {})]
+    if args.ynnpack:
+        if not ynnpack_supported():
+            parser.error("--ynnpack: the flag was not tested with this jaxlib (see jaxtl/xla.py)")
+        ynn_env = dict(env)
+        use_ynnpack(ynn_env)
+        # Its own cache, filled by a run before the timing: the flag is part of the compile's key.
+        jaxtl_sides.append(("jaxtl (YNNPACK, warm cache)", "ynnpack", ynn_env))
+    results: dict[str, list] = {"torch": [], **{name: [] for name, _, _ in jaxtl_sides}}
     for r in range(args.rounds):
         seconds, rss, out = timed(torch_cmd, env)
         accuracy = float(re.findall(r"best_val_acc=([0-9.]+)", out)[-1])
         results["torch"].append((seconds, accuracy, rss))
         print(f"torch  round {r + 1}: {seconds:6.1f} s  best val acc {accuracy:.3f}  peak RSS {rss} MiB", flush=True)
         # An empty compilation cache, then the same cache as the cold run left it.
-        run_env = dict(env, JAX_COMPILATION_CACHE_DIR=str(work / f"xla-cache-{r}"))
-        for name, cache in (("jaxtl (cold cache)", "cold"), ("jaxtl (warm cache)", "warm")):
+        for name, cache, side_env in jaxtl_sides:
+            cache_dir = work / ("xla-cache-ynnpack" if side_env else f"xla-cache-{r}")
+            run_env = dict(side_env or env, JAX_COMPILATION_CACHE_DIR=str(cache_dir))
+            if side_env and r == 0:
+                timed(jaxtl_cmd("warm-up-ynnpack"), run_env)
             seconds, rss, out = timed(jaxtl_cmd(f"run-{cache}-{r}"), run_env)
             accuracy = float(re.findall(r"best val acc@1 ([0-9.]+)", out)[-1])
             results[name].append((seconds, accuracy, rss))

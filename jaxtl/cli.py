@@ -568,9 +568,12 @@ def _enable_compilation_cache() -> None:
     """XLA's persistent compilation cache in jaxtl's cache: a second run of a config skips its compiles.
 
     jax's own variables take precedence: ``JAX_COMPILATION_CACHE_DIR`` (an empty value disables the
-    cache) and ``JAX_COMPILATION_CACHE_MAX_SIZE`` in bytes (default here 4 GiB). A bounded cache is
-    also a locked one, so that concurrent runs share it safely. They are set as environment variables,
-    which jax reads when it is imported: a bad argument or config is reported before jax is loaded.
+    cache), ``JAX_COMPILATION_CACHE_MAX_SIZE`` in bytes (default here 4 GiB) and
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (default here 0: every compile is kept; jax's 1 s
+    would recompile a head-only step, 0.6 s, and the small conversions of weight loading on every run).
+    A bounded cache is also a locked one, so that concurrent runs share it safely. They are set as
+    environment variables, which jax reads when it is imported: a bad argument or config is reported
+    before jax is loaded.
     """
     import importlib.util
     import os
@@ -580,7 +583,7 @@ def _enable_compilation_cache() -> None:
     defaults = {
         "jax_compilation_cache_dir": str(cache_dir() / "xla"),
         "jax_compilation_cache_max_size": 4 << 30,
-        "jax_persistent_cache_min_compile_time_secs": 1.0,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
     }
     if importlib.util.find_spec("filelock") is None:  # a --no-deps install: jax can bound the cache only with it
         del defaults["jax_compilation_cache_max_size"]

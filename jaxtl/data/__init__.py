@@ -1,13 +1,14 @@
 """Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader."""
 
-from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches
-from jaxtl.data.sources import IMG_EXTENSIONS, ImageFolder, TfdsSource, image_folder_splits, load_image
+from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
+from jaxtl.data.sources import IMG_EXTENSIONS, ConcatSource, ImageFolder, TfdsSource, image_folder_splits, load_image
 from jaxtl.data.synthetic import generate_synthetic
 from jaxtl.data.transforms import EvalTransform, TrainTransform, normalize
 
 __all__ = [
     "IMG_EXTENSIONS",
     "Batch",
+    "ConcatSource",
     "EvalTransform",
     "ImageFolder",
     "Loader",
@@ -16,6 +17,7 @@ __all__ = [
     "TrainTransform",
     "data_sharding",
     "device_batches",
+    "even_batch_size",
     "generate_synthetic",
     "image_folder_splits",
     "load_image",

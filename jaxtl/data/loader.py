@@ -66,6 +66,22 @@ class LoaderState:
         return cls(epoch=int(data["epoch"]), batch=int(data["batch"]))
 
 
+def even_batch_size(n: int, max_batch: int, multiple: int = 1) -> int:
+    """The batch size that covers ``n`` examples in as few batches of at most ``max_batch`` as can be,
+    with the least padding; a multiple of ``multiple`` (as ``max_batch`` must be).
+
+    400 examples, at most 64 a batch: 7 batches of 58 (6 padding rows), where 64 would pad 48.
+    """
+    if n < 1 or max_batch < 1 or multiple < 1 or max_batch % multiple:
+        raise ValueError(
+            f"even_batch_size(n={n}, max_batch={max_batch}, multiple={multiple}): n and max_batch must be >= 1, "
+            "max_batch a multiple of multiple"
+        )
+    batches = -(-n // max_batch)  # ceiling division
+    size = -(-n // batches)
+    return -(-size // multiple) * multiple
+
+
 def default_num_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

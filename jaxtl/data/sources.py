@@ -32,6 +32,37 @@ class Source(Protocol):
     def describe(self, index: int) -> str: ...
 
 
+class ConcatSource:
+    """Sources one after the other: index ``i`` of the second is ``len(first) + i`` here."""
+
+    def __init__(self, *sources: Source):
+        if not sources:
+            raise ValueError("ConcatSource needs at least one source")
+        self.sources = sources
+        self.classes = sources[0].classes
+        self._ends = np.cumsum([len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def _locate(self, index: int) -> tuple[Source, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is outside the {len(self)} examples")
+        part = int(np.searchsorted(self._ends, index, side="right"))
+        return self.sources[part], index - (int(self._ends[part - 1]) if part else 0)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        source, local = self._locate(index)
+        return source.load(local)
+
+    def describe(self, index: int) -> str:
+        source, local = self._locate(index)
+        return source.describe(local)
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({', '.join(map(repr, self.sources))})"
+
+
 def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
     """torchvision's ``find_classes``: every sub-directory is a class (hidden ones too), sorted by name."""
     try:

@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +40,13 @@ from flax import nnx
 
 from jaxtl.config import RunConfig, save_config
 from jaxtl.data import (
+    ConcatSource,
     EvalTransform,
     Loader,
     TfdsSource,
     TrainTransform,
     data_sharding,
+    even_batch_size,
     generate_synthetic,
     image_folder_splits,
 )
@@ -125,6 +127,14 @@ def _is_cacheable(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> 
     )
 
 
+class CachedFeatures(NamedTuple):
+    """A frozen backbone's output for one split, by source index; ``valid`` is False for a skipped file."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int32
+    valid: np.ndarray  # (N,) bool
+
+
 class RunLock:
     """An exclusive lock on a run directory: a second run pointed at it refuses to start."""
 
@@ -186,8 +196,11 @@ class Trainer:
         common = dict(num_workers=d.num_workers, skip_bad_files=d.skip_bad_files)
         train = Loader(self.data.train, augment, batch_size=d.batch_size, shuffle=True, seed=seed, **common)
         val = Loader(self.data.val, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
-        # Unaugmented images in a fixed order, for computing a frozen backbone's features once.
-        plain = Loader(self.data.train, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
+        # train then val, unaugmented and in order, for computing a frozen backbone's features in one
+        # pass: one compiled shape, in batches as even as data.eval_batch_size allows (least padding).
+        both = ConcatSource(self.data.train, self.data.val)
+        size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
+        plain = Loader(both, EvalTransform(preprocessing), batch_size=size, shuffle=False, **common)
         return train, val, plain
 
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -324,10 +337,7 @@ class Trainer:
             features = None
             if cached:
                 started = time.perf_counter()
-                features = {
-                    "train": self._features(graphdef, state, plain_loader),
-                    "val": self._features(graphdef, state, val_loader),
-                }
+                features = self._features(graphdef, state, plain_loader)
                 self.log(
                     f"  head-only phase on cached features: backbone run once over {len(self.data.train)} + "
                     f"{len(self.data.val)} images in {time.perf_counter() - started:.1f}s"
@@ -378,26 +388,32 @@ class Trainer:
 
     # -- epochs ---------------------------------------------------------------------------------
 
-    def _features(self, graphdef, state: ModelState, loader: Loader) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled features of every example of ``loader``'s source, by source index (eval-mode backbone)."""
+    def _features(self, graphdef, state: ModelState, loader: Loader) -> dict[str, CachedFeatures]:
+        """The eval-mode backbone's pooled features of every train and val example, by source index.
+
+        ``loader`` runs over the train split then the val split (see ``_loaders``).
+        """
+        from jaxtl.data.transforms import normalize
 
         @jax.jit
         def features(state, images):
             model = nnx.merge(graphdef, *state, copy=True)
             model.eval()
-            from jaxtl.data.transforms import normalize
-
             return model.forward_features(normalize(images, self.mean, self.std, xp=jnp))
 
-        out, labels = None, np.zeros((len(loader.source),), np.int32)
+        n = len(loader.source)
+        out, labels, valid = None, np.zeros((n,), np.int32), np.zeros((n,), bool)
         for batch in loader.epoch(0):
             f = np.asarray(features(state, jax.device_put(batch.images, self.eval_sharding)))
             if out is None:
-                out = np.zeros((len(loader.source), f.shape[-1]), np.float32)
-            rows = batch.indices >= 0
-            out[batch.indices[rows]] = f[rows]
-            labels[batch.indices[rows]] = batch.labels[rows]
-        return out, labels
+                out = np.zeros((n, f.shape[-1]), np.float32)
+            rows = batch.indices[batch.mask]  # not the padding, nor a file skipped (data.skip_bad_files)
+            out[rows], labels[rows], valid[rows] = f[batch.mask], batch.labels[batch.mask], True
+        split = len(self.data.train)
+        return {
+            "train": CachedFeatures(out[:split], labels[:split], valid[:split]),
+            "val": CachedFeatures(out[split:], labels[split:], valid[split:]),
+        }
 
     def _train_epoch(
         self, train_step, state, opt_state, loader: Loader, epoch: int, first_batch: int, step: int, features,
@@ -491,18 +507,20 @@ class Trainer:
             return f"The last checkpoint is damaged: {error}."
 
     @staticmethod
-    def _cached_batches(loader: Loader, epoch: int, first_batch: int, cached: tuple[np.ndarray, np.ndarray]):
-        """The loader's batches of ``epoch`` (same order, same padding) with cached features as images."""
+    def _cached_batches(loader: Loader, epoch: int, first_batch: int, cached: CachedFeatures):
+        """The loader's batches of ``epoch`` (same order, same padding) with cached features as images.
+
+        A file skipped in the feature pass is masked out, as the loader masks it.
+        """
         from jaxtl.data import Batch
 
-        features, labels = cached
         for b in range(first_batch, len(loader)):
             indices = loader.batch_indices(epoch, b)
-            rows = indices >= 0
-            safe = np.where(rows, indices, 0)
+            safe = np.where(indices >= 0, indices, 0)
+            rows = (indices >= 0) & cached.valid[safe]
             yield Batch(
-                images=np.where(rows[:, None], features[safe], 0.0).astype(np.float32),
-                labels=np.where(rows, labels[safe], 0).astype(np.int32),
+                images=np.where(rows[:, None], cached.features[safe], 0.0).astype(np.float32),
+                labels=np.where(rows, cached.labels[safe], 0).astype(np.int32),
                 mask=rows,
                 indices=indices,
             )

@@ -120,10 +120,14 @@ def test_the_compilation_cache_is_bounded_in_jaxtls_cache_unless_jax_is_told_oth
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"JAXTL_CACHE": str(tmp_path)}
     default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert default.stdout.split() == [str(tmp_path / "xla"), str(4 << 30), "1.0"]
-    env |= {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine"), "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}
+    assert default.stdout.split() == [str(tmp_path / "xla"), str(4 << 30), "0.0"]
+    env |= {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine"),
+        "JAX_COMPILATION_CACHE_MAX_SIZE": "-1",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2.5",
+    }
     mine = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert mine.stdout.split() == [str(tmp_path / "mine"), "-1", "1.0"]
+    assert mine.stdout.split() == [str(tmp_path / "mine"), "-1", "2.5"]
 
 
 def test_help_describes_every_command():

@@ -281,10 +281,20 @@ def test_a_hostile_folder_stops_at_the_first_bad_file_or_is_skipped_and_counted(
     error = error_line(run(command(tmp_path / "strict", *folder), env, expect=2))
     assert error.startswith(f"jaxtl train: error: {first_bad}: ")
 
-    skipping = run(command(tmp_path / "skipping", *folder, "data.skip_bad_files=true"), env)
-    assert f"skipped {len(bad)} unreadable file(s) (data.skip_bad_files)" in skipping.stdout
-    record = json.loads((tmp_path / "skipping" / "metrics.jsonl").read_text())
-    assert np.isfinite(record["train_loss"])
+    val_bad = root / "val" / Path(bad[0]).parent.name / "bad-val.jpg"
+    val_bad.write_bytes(b"")
+    skip = [*folder, "data.skip_bad_files=true"]
+    skipping = run(command(tmp_path / "skipping", *skip), env)
+    assert f"skipped {len(bad) + 1} unreadable file(s) (data.skip_bad_files)" in skipping.stdout
+    # The head trained on cached features (the default here) sees exactly the examples the head trained
+    # through the frozen backbone sees: a skipped file is left out of both, in train and in val.
+    assert "on cached features" in skipping.stdout
+    run(command(tmp_path / "uncached", *skip, "train.feature_cache=false"), env)
+    (cached,) = [json.loads(line) for line in (tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()]
+    (uncached,) = [json.loads(line) for line in (tmp_path / "uncached" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(cached["train_loss"])
+    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-5), key
 
 
 def test_an_unreadable_image_is_named_and_skippable(tmp_path, monkeypatch):

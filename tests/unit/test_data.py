@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from jaxtl.data import (
+    ConcatSource,
     EvalTransform,
     ImageFolder,
     Loader,
@@ -20,6 +21,7 @@ from jaxtl.data import (
     TrainTransform,
     data_sharding,
     device_batches,
+    even_batch_size,
     generate_synthetic,
     image_folder_splits,
     load_image,
@@ -360,6 +362,51 @@ def test_loader_rejects_bad_arguments(folder):
         Loader(folder, EvalTransform(SMALL), batch_size=0, shuffle=False)
     with pytest.raises(ValueError, match="start_batch=9"):
         list(Loader(folder, EvalTransform(SMALL), batch_size=4, shuffle=False).epoch(0, 9))
+
+
+@pytest.mark.parametrize(
+    ("n", "max_batch", "multiple", "expected"),
+    [
+        (400, 64, 1, 58),  # 7 batches: 6 padding rows, not 48
+        (300, 64, 1, 60),  # 5 full batches
+        (128, 64, 1, 64),
+        (65, 64, 1, 33),  # 2 batches either way: 1 padding row, not 63
+        (1, 64, 1, 1),
+        (400, 64, 8, 64),  # 58 rounded up to a multiple of 8 devices
+        (100, 64, 8, 56),
+        (7, 8, 8, 8),
+    ],
+)
+def test_even_batch_size_needs_the_fewest_batches_and_pads_least(n, max_batch, multiple, expected):
+    size = even_batch_size(n, max_batch, multiple)
+    assert size == expected
+    batches = -(-n // size)
+    assert batches == -(-n // max_batch)  # no more batches than max_batch needs
+    assert size % multiple == 0 and size <= max_batch
+    assert batches * size - n < batches * multiple  # each batch pads less than one multiple
+
+
+def test_even_batch_size_rejects_bad_arguments():
+    for args in [(0, 64, 1), (10, 0, 1), (10, 60, 8), (10, 8, 0)]:
+        with pytest.raises(ValueError, match="even_batch_size"):
+            even_batch_size(*args)
+
+
+def test_concat_source_indexes_its_sources_one_after_the_other(tmp_path):
+    splits = image_folder_splits(small_synthetic(tmp_path))
+    train, val = splits["train"], splits["val"]
+    both = ConcatSource(train, val)
+    assert len(both) == len(train) + len(val) == 30 and both.classes == train.classes
+    for index, (source, local) in {0: (train, 0), 20: (train, 20), 21: (val, 0), 29: (val, 8)}.items():
+        assert both.describe(index) == source.describe(local)
+        image, label = both.load(index)
+        expected, expected_label = source.load(local)
+        assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected))
+    for index in (-1, 30):
+        with pytest.raises(IndexError, match=f"index {index} is outside the 30 examples"):
+            both.describe(index)
+    loader = Loader(both, EvalTransform(SMALL), batch_size=even_batch_size(len(both), 8), shuffle=False)
+    assert len(loader) == 4 and sorted(epoch_indices(loader, 0)) == [-1, -1, *range(30)]
 
 
 # --- tfds ------------------------------------------------------------------------------------------

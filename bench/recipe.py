@@ -125,14 +125,15 @@ def main(argv=None) -> int:
             print(f"{name} round {r + 1}: {seconds:6.1f} s  best val acc {accuracy:.3f}  peak RSS {rss} MiB", flush=True)
 
     torch_s = statistics.median(s for s, _, _ in results["torch"])
-    print(f"\n{'side':<22} {'wall s':>8} {'best val acc':>13} {'peak RSS MiB':>13} {'time / torch':>13}")
+    width = max(map(len, results))
+    print(f"\n{'side':<{width}} {'wall s':>8} {'best val acc':>13} {'peak RSS MiB':>13} {'time / torch':>13}")
     summary = {}
     for name, runs in results.items():
         s = statistics.median(x for x, _, _ in runs)
         acc = statistics.median(a for _, a, _ in runs)
         rss = max(m for _, _, m in runs)
         summary[name] = {"seconds": s, "best_val_acc": acc, "peak_rss_mib": rss, "time_over_torch": s / torch_s}
-        print(f"{name:<22} {s:8.1f} {acc:13.3f} {rss:13d} {s / torch_s:12.3f}x")
+        print(f"{name:<{width}} {s:8.1f} {acc:13.3f} {rss:13d} {s / torch_s:12.3f}x")
     print("(time / torch < 1: jaxtl faster; peak RSS of the main process, DataLoader workers not counted)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

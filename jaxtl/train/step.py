@@ -70,6 +70,20 @@ def head_of(model: nnx.Module, features: jax.Array) -> jax.Array:
     return getattr(model, model.head_name)(features)
 
 
+def reseed_streams(model: nnx.Module, key: jax.Array) -> None:
+    """Gives every RNG stream of ``model`` (dropout, stochastic depth) its own key drawn from ``key``, counts at 0.
+
+    Every stream is reseeded, whatever its tag: a model built with ``nnx.Rngs(seed)`` (as
+    :func:`jaxtl.models.create` builds them) tags its streams ``default``, one built with
+    ``nnx.Rngs(dropout=...)`` tags them ``dropout``. Streams get distinct keys, so two layers never
+    draw the same mask. The masks of a step are then a function of ``key`` alone, not of the
+    streams' counters, which checkpoints do not hold.
+    """
+    tags = sorted({node.key.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+    if tags:
+        nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -101,7 +115,7 @@ def make_train_step(
             if compute_dtype is not None:
                 params = _cast(params, compute_dtype)
             model = nnx.merge(graphdef, *params, state.rest, copy=True)
-            nnx.reseed(model, dropout=jax.random.fold_in(base_key, step_index))
+            reseed_streams(model, jax.random.fold_in(base_key, step_index))
             inputs = x if compute_dtype is None else x.astype(compute_dtype)
             with batch_mask(mask):  # padding rows take no part in BatchNorm's batch statistics
                 logits = _at_least_float32(forward(model, inputs))

@@ -99,6 +99,19 @@ def _keyed_leaves(tree: Any) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _schedule_counts(tree: Any) -> set[str]:
+    """The paths of the step counts of the LR schedules (``optax.ScaleByScheduleState``) in ``tree``."""
+
+    def is_schedule(node: Any) -> bool:
+        return isinstance(node, optax.ScaleByScheduleState)
+
+    found = set()
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_schedule)[0]:
+        if is_schedule(node):
+            found.update(jax.tree_util.keystr(path + sub) for sub, _ in jax.tree_util.tree_flatten_with_path(node)[0])
+    return found
+
+
 def carry_optimizer_state(
     old_groups: ParamGroups, old_state: Any, new_groups: ParamGroups, new_state: Any
 ) -> tuple[Any, list[str]]:
@@ -106,7 +119,9 @@ def carry_optimizer_state(
 
     For each group trainable in both phases, every state leaf whose path (and so parameter) exists
     in both and whose shape matches is taken from ``old_state``: moments of parameters that stay,
-    and the group's step count. Returns the state and the names of the groups carried.
+    and the optimizer's step count (Adam's bias correction goes on). The LR schedule's count is
+    not: each phase's schedule spans that phase's steps and starts at its step 0. Returns the state
+    and the names of the groups carried.
     """
     carried = []
     inner = dict(new_state.inner_states)
@@ -114,12 +129,14 @@ def carry_optimizer_state(
         if name not in old_groups.groups or old_groups.groups[name].frozen or new_groups.groups[name].frozen:
             continue
         old_leaves = _keyed_leaves(old_state.inner_states[name])
+        fresh = _schedule_counts(state)
         paths, treedef = jax.tree_util.tree_flatten_with_path(state)
         leaves = []
         for path, leaf in paths:
-            old = old_leaves.get(jax.tree_util.keystr(path))
+            key = jax.tree_util.keystr(path)
+            old = old_leaves.get(key)
             same = old is not None and getattr(old, "shape", None) == getattr(leaf, "shape", None)
-            leaves.append(old if same else leaf)
+            leaves.append(old if same and key not in fresh else leaf)
         inner[name] = jax.tree_util.tree_unflatten(treedef, leaves)
         carried.append(name)
     return new_state._replace(inner_states=inner), carried

@@ -378,6 +378,36 @@ def test_phase_transition_carries_the_state_of_parameters_that_stay():
     assert groups2.groups["head"].lr == 0.01 and groups2.groups["blocks"].lr == 0.001
 
 
+def test_a_carried_group_starts_the_next_phases_schedule_at_its_first_step():
+    # SGD without momentum or decay: an update is -lr(schedule count) * gradient, by hand.
+    config = OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="warmup_cosine",
+                             warmup_steps=1, final_lr_fraction=0.0)  # fmt: skip
+    model = tiny()
+    first = Phase("head", "head_only", steps=3, optimizer=config)
+    second = Phase("last", "last_n_blocks:1", steps=4, optimizer=config, lrs={"head": 0.1, "blocks": 0.01})
+    groups1, groups2 = first.groups(model), second.groups(model)
+    trainable1 = split_model(model, groups1)[1].trainable
+    optimizer1 = first.optax(groups1, 3)
+    state1 = optimizer1.init(trainable1)
+    grads1 = jax.tree.map(jnp.ones_like, trainable1)
+    for _ in range(3):
+        _, state1 = optimizer1.update(grads1, state1, trainable1)
+    trainable2 = split_model(model, groups2)[1].trainable
+    optimizer2 = second.optax(groups2, 4)
+    carried, names = carry_optimizer_state(groups1, state1, groups2, optimizer2.init(trainable2))
+    assert names == ["head"]
+    grads2 = jax.tree.map(jnp.ones_like, trainable2)
+    # The second phase's schedule: 0 at its step 0 (warmup), the peak 0.1 at step 1, then cosine to 0
+    # at step 4. A head that kept the first phase's count (3) would run at lr(3) = 0.0146, then lr(4) = 0.
+    expected = [0.0, 0.1, 0.1 * 0.5 * (1 + np.cos(np.pi / 3))]
+    for lr in expected:
+        updates, carried = optimizer2.update(grads2, carried, trainable2)
+        flat = _flat(updates)
+        np.testing.assert_allclose(flat["fc.weight"], -lr * np.ones((6, 3)), rtol=1e-6, atol=1e-9)
+        # The new group (lr 0.01) starts its schedule at step 0 too.
+        np.testing.assert_allclose(flat["layer2.conv.weight"], -lr / 10 * np.ones((3, 3, 4, 6)), rtol=1e-6, atol=1e-9)
+
+
 def test_progressive_unfreezing_is_three_phases():
     phases = progressive_unfreezing(epochs=(2, 1, 3))
     model = RESNET18

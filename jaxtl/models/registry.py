@@ -122,7 +122,7 @@ def create(
         arch: a name from ``list_models()``, e.g. ``"resnet50"``.
         num_classes: width of the classifier head. Defaults to the weights' (1000 without weights).
             With weights of another width, the backbone is loaded and the head freshly initialised
-            with torch's default init from ``seed``.
+            as a new ``nn.Linear`` is, from ``seed`` (:func:`reset_head`).
         weights: None for torchvision's own random init; a converted-weights directory; or a
             torchvision weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) already in the cache.
         seed: seed of the random initialisation.
@@ -143,4 +143,26 @@ def create(
     model = builder(num_classes=num_classes, rngs=nnx.Rngs(seed))
     fresh_head = (f"{model.head_name}.",) if num_classes != spec.num_classes else ()
     load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
+    if fresh_head:
+        reset_head(model, seed)
     return model
+
+
+def reset_head(model: nnx.Module, seed: int = 0) -> None:
+    """Initialises the head as the recipe's new one, ``nn.Linear(in_features, num_classes)``, from ``seed``.
+
+    Every Linear of the head gets torch's default init, U(-1/sqrt(in_features), 1/sqrt(in_features)) for
+    the weight and the bias, whatever the architecture's builder gives its own classifier: torchvision's
+    EfficientNets draw theirs from U(+-1/sqrt(num_classes)) with a zero bias, 16x wider for 5 classes.
+    """
+    import jax
+
+    from jaxtl.models.layers import Linear, torch_default_uniform
+
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 0x4EAD))
+    for _, layer in nnx.iter_graph(getattr(model, model.head_name)):
+        if isinstance(layer, Linear):
+            init = torch_default_uniform(layer.in_features)
+            layer.weight.set_value(init(rngs.params(), layer.weight.get_value().shape, layer.weight.get_value().dtype))
+            if layer.bias is not None:
+                layer.bias.set_value(init(rngs.params(), layer.bias.get_value().shape, layer.bias.get_value().dtype))

@@ -52,6 +52,21 @@ def test_hash_prefix_is_read_from_torchvision_file_names(name, prefix):
     assert weights.sha256_prefix_of(name) == prefix
 
 
+def test_an_efficientnets_fresh_head_is_initialised_as_the_recipes_new_linear(tmp_path):
+    # torchvision's EfficientNet draws its own classifier from U(+-1/sqrt(num_classes)), bias 0: for 5
+    # classes 16x wider than the nn.Linear(1280, 5) the recipe puts in its place.
+    model = jaxtl.models.create("efficientnet_b0", num_classes=10, seed=1)
+    path = weights.save_converted_weights(tmp_path / "b0", state_dict(model), _spec("efficientnet_b0"))
+    builders_own = jaxtl.models.create("efficientnet_b0", num_classes=5).classifier[1].weight[...]
+    assert np.abs(np.asarray(builders_own)).max() > 0.4
+    fresh = state_dict(jaxtl.models.create("efficientnet_b0", num_classes=5, weights=path, seed=2))
+    assert_torch_linear_init(fresh["classifier.1.weight"], fresh["classifier.1.bias"], 1280)
+    original = state_dict(model)
+    for key in original:
+        if not key.startswith("classifier."):
+            np.testing.assert_array_equal(fresh[key], original[key])
+
+
 def test_converted_weights_round_trip_with_their_spec(converted):
     path, original = converted
     loaded, spec = weights.load_converted_weights(path)
@@ -66,13 +81,24 @@ def test_create_from_converted_weights(converted):
     assert all(np.array_equal(v, original[k]) for k, v in state_dict(model).items())
 
 
+def assert_torch_linear_init(weight: np.ndarray, bias: np.ndarray, in_features: int) -> None:
+    """U(-1/sqrt(in), 1/sqrt(in)) for both, as nn.Linear(in_features, n) initialises them."""
+    bound = 1 / np.sqrt(in_features)
+    for values in (weight, bias):
+        assert np.abs(values).max() <= bound and np.abs(values).max() > 0.8 * bound
+    assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)  # the uniform's standard deviation
+
+
 def test_create_with_another_head_width_loads_the_backbone_and_a_fresh_head(converted):
     path, original = converted
     model = jaxtl.models.create("resnet18", num_classes=7, weights=path, seed=5)
     loaded = state_dict(model)
-    fresh = state_dict(jaxtl.models.create("resnet18", num_classes=7, seed=5))
     assert loaded["fc.weight"].shape == (512, 7)
-    np.testing.assert_array_equal(loaded["fc.weight"], fresh["fc.weight"])  # torch-style init from the seed
+    assert_torch_linear_init(loaded["fc.weight"], loaded["fc.bias"], 512)
+    again = state_dict(jaxtl.models.create("resnet18", num_classes=7, weights=path, seed=5))
+    other = state_dict(jaxtl.models.create("resnet18", num_classes=7, weights=path, seed=6))
+    np.testing.assert_array_equal(loaded["fc.weight"], again["fc.weight"])  # a function of the seed
+    assert not np.array_equal(loaded["fc.weight"], other["fc.weight"])
     for key in original:
         if not key.startswith("fc."):
             np.testing.assert_array_equal(loaded[key], original[key])

@@ -10,6 +10,7 @@ and stored in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -134,7 +135,11 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "phases.*.epochs": (1, None),
     "phases.*.lrs.*": (0, None),
     "train.log_every": (1, None),
+    "train.seed": (0, 2**63 - 1),  # numpy's generators take no negative seed, jax's keys no wider one
+    "data.synthetic.seed": (0, 2**63 - 1),
+    "optim.betas.*": (0, 1),  # and below 1 (_BELOW_HIGH): a beta of 1 divides Adam's bias correction by 0
 }
+_BELOW_HIGH = {"optim.betas.*"}  # ranges whose upper bound is excluded
 
 
 # Bounds on what a config may hold: YAML aliases can make a list that holds itself, or a few lines
@@ -268,8 +273,9 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 def _check_range(value: float, key: str, where: str) -> float:
     low, high = _RANGES.get(_range_key(key), (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    below = _range_key(key) in _BELOW_HIGH
+    if (low is not None and value < low) or (high is not None and (value >= high if below else value > high)):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if below else ']'}"
         raise ConfigError(f"{where} = {value} is out of range {bounds}")
     return value
 
@@ -385,4 +391,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    """Writes ``config`` as YAML to ``path`` atomically: a failed write (a full disk) leaves the old file whole."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(staging, "w", encoding="utf-8") as f:
+            f.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -62,6 +62,10 @@ def test_defaults_without_a_file():
         (["data.source=tfds"], "data.tfds_name is required"),
         (["train.feature_cache=maybe"], "train.feature_cache must be true or false"),
         (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
+        (["optim.betas=[0.9, 1.0]"], r"optim.betas.1 = 1.0 is out of range \[0, 1\)"),
+        (["optim.betas=[-0.1, 0.99]"], r"optim.betas.0 = -0.1 is out of range \[0, 1\)"),
+        (["train.seed=-1"], r"train.seed = -1 is out of range \[0, 9223372036854775807\]"),
+        (["data.synthetic.seed=-3"], r"data.synthetic.seed = -3 is out of range"),
         (["nonsense"], "is not KEY=VALUE"),
         (["data=[1, 2]"], "data must be a mapping"),
     ],
@@ -87,3 +91,22 @@ def test_bad_files(tmp_path):
         config_from_dict(repeated)
     with pytest.raises(ConfigError, match="phases.0.name is required"):
         config_from_dict({"phases": [{"policy": "full"}]})
+
+
+def test_save_config_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(RunConfig(), path)
+    before = path.read_text()
+    changed = config_from_dict({}, ["optim.lr=0.5"], "test")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_config(changed, path)
+    assert path.read_text() == before  # the old file whole, no staging file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    monkeypatch.undo()
+    save_config(changed, path)
+    assert load_config(path).optim.lr == 0.5

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxtl.errors import WeightsMismatchError
 from jaxtl.models import list_models
-from jaxtl.models.registry import abstract_model
+from jaxtl.models.registry import abstract_model, fill_rng_state
 from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
 
 BN_COUNTER = ".num_batches_tracked"
@@ -115,6 +115,7 @@ def from_torchvision(
     # Shapes only: every array is about to be replaced, so no random init is spent on them.
     model = abstract_model(arch, num_classes=num_classes)
     load_state_dict(model, torch_to_jaxtl_layout(model, state), source=source)
+    fill_rng_state(model)  # dropout and stochastic depth streams: keys, so that it trains
     return model
 
 

@@ -34,6 +34,7 @@ from flax import nnx
 from convert.parity import Comparison, ComparisonSet, compare, fast_compile_options
 from convert.torchvision_state import torch_to_jaxtl_layout
 from jaxtl.errors import JaxtlError
+from jaxtl.models.registry import fill_rng_state
 from jaxtl.models.state_dict import state_dict
 from jaxtl.optim import OptimizerConfig, ParamGroups, Phase, Rule, full, head_only, last_n_blocks
 from jaxtl.train.step import make_eval_step, make_train_step, merge_model, split_model
@@ -223,22 +224,6 @@ def disable_dropout(torch_model: torch.nn.Module, jax_model: nnx.Module) -> None
     for _, module in nnx.iter_modules(jax_model):
         if isinstance(module, nnx.Dropout):  # jaxtl's StochasticDepth is an nnx.Dropout
             module.rate = 0.0
-
-
-def fill_abstract_rng_state(model: nnx.Module) -> None:
-    """Gives RNG streams that hold only shapes (``from_torchvision`` builds on an abstract model, so an
-    EfficientNet's dropout streams are ``jax.ShapeDtypeStruct``) concrete keys and counts, so that a
-    jitted step can take the model's state. The values never matter here: dropout rates are 0."""
-
-    def fill(variable: nnx.Variable) -> nnx.Variable:
-        value = variable.get_value()
-        if not isinstance(value, jax.ShapeDtypeStruct):
-            return variable
-        concrete = jax.random.key(0) if isinstance(variable, nnx.RngKey) else jnp.zeros(value.shape, value.dtype)
-        return variable.replace(concrete)
-
-    state = nnx.state(model, nnx.RngState)
-    nnx.update(model, jax.tree.map(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 # --- the PyTorch side, as the recipe writes it ------------------------------------------------------
@@ -574,7 +559,7 @@ def check_training_parity(
     eval_images = (batches[0][0] if eval_batch is None else eval_batch).to(dtype)
     reference, candidate = copy.deepcopy(torch_model).to(dtype), nnx.clone(jax_model)
     disable_dropout(reference, candidate)
-    fill_abstract_rng_state(candidate)
+    fill_rng_state(candidate)  # a model built on abstract_model elsewhere
     start = state_dict(candidate)
     torch_losses, torch_held = train_torch(reference, recipe, iter(batches))
     x64 = jax.enable_x64(True) if float64 else contextlib.nullcontext()

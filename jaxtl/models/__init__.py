@@ -15,7 +15,7 @@ from jaxtl.models.efficientnet import (
     efficientnet_v2_m,
     efficientnet_v2_s,
 )
-from jaxtl.models.registry import abstract_model, create, list_models, register_model, reset_head
+from jaxtl.models.registry import abstract_model, create, fill_rng_state, list_models, register_model, reset_head
 from jaxtl.models.resnet import (
     ResNet,
     resnet18,
@@ -48,6 +48,7 @@ __all__ = [
     "ResNet",
     "abstract_model",
     "create",
+    "fill_rng_state",
     "reset_head",
     "list_models",
     "load_state_dict",

@@ -148,6 +148,26 @@ def create(
     return model
 
 
+def fill_rng_state(model: nnx.Module, seed: int = 0) -> None:
+    """Gives RNG streams that hold only shapes concrete keys (each its own, from ``seed``) and counts of 0.
+
+    A model filled from :func:`abstract_model` (``convert.from_torchvision``, a loaded checkpoint) has
+    parameters but shape-only dropout and stochastic-depth streams; after this it runs in train mode.
+    Streams that hold values are left as they are.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(seed)
+    streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
+    for index, stream in enumerate(streams):
+        if isinstance(stream.key.get_value(), jax.ShapeDtypeStruct):
+            stream.key.set_value(jax.random.fold_in(key, index))
+        count = stream.count.get_value()
+        if isinstance(count, jax.ShapeDtypeStruct):
+            stream.count.set_value(jnp.zeros(count.shape, count.dtype))
+
+
 def reset_head(model: nnx.Module, seed: int = 0) -> None:
     """Initialises the head as the recipe's new one, ``nn.Linear(in_features, num_classes)``, from ``seed``.
 

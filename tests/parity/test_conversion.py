@@ -1,10 +1,12 @@
 """Conversion both ways: strict key accounting, layouts by layer type, and the export round trip."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torchvision
+from flax import nnx
 
 from convert import from_torchvision, infer_arch, to_torchvision
 from convert.parity import to_nhwc
@@ -74,6 +76,20 @@ def test_efficientnet_export_round_trip_is_exact():
     fresh.load_state_dict(to_torchvision(from_torchvision(torch_model, "efficientnet_b0")), strict=True)
     for key, value in torch_model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value) or key.endswith("num_batches_tracked"), key
+
+
+def test_a_converted_efficientnet_trains_with_dropout_and_stochastic_depth():
+    # from_torchvision fills an abstract model: its RNG streams need keys before a train-mode forward.
+    model = from_torchvision(randomized_torchvision_model("efficientnet_b0", num_classes=3, seed=2))
+    streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
+    keys = {tuple(np.asarray(jax.random.key_data(s.key.get_value())).tolist()) for s in streams}
+    assert len(streams) == len(keys) == 17  # 16 stochastic depths and the classifier's dropout, each its own key
+    forward = nnx.jit(lambda model, x: model(x))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+    model.train()
+    assert not np.allclose(forward(model, x), forward(model, x))  # new masks on every call
+    model.eval()
+    np.testing.assert_array_equal(forward(model, x), forward(model, x))
 
 
 def test_weights_of_another_architecture_list_the_keys():

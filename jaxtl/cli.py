@@ -350,7 +350,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if list(data.classes) != meta["classes"]:
         raise JaxtlError(f"the data's classes {list(data.classes)} differ from the checkpoint's {meta['classes']}")
     source = data.val if args.split == "val" else data.train
-    loader = Loader(source, EvalTransform(preprocessing), batch_size=config.data.eval_batch_size, shuffle=False)
+    d = config.data
+    loader = Loader(
+        source, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False,
+        num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
+    )  # fmt: skip
     forward = jax.jit(lambda x: model(normalize(x, preprocessing.mean, preprocessing.std, xp=jax.numpy)))
     correct = count = 0
     for batch in loader.epoch(0):
@@ -358,7 +362,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         correct += int(((predictions == batch.labels) & batch.mask).sum())
         count += int(batch.mask.sum())
     loader.close()
-    print(f"{args.checkpoint} on {args.split} ({count} images): acc@1 {correct / count:.4f}")
+    skipped = f", {len(loader.skipped)} unreadable file(s) skipped (data.skip_bad_files)" if loader.skipped else ""
+    if not count:
+        raise JaxtlError(f"no image of the {args.split} split could be read{skipped}")
+    print(f"{args.checkpoint} on {args.split} ({count} images{skipped}): acc@1 {correct / count:.4f}")
     return 0
 
 

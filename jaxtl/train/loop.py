@@ -220,7 +220,13 @@ class Trainer:
                 f"{self.run_dir} already holds a run (checkpoint {latest}); continue it with --resume, or choose another "
                 "run_dir (--set run_dir=...)"
             )
-        save_config(config, self.run_dir / "config.yaml")
+        try:
+            save_config(config, self.run_dir / "config.yaml")
+        except OSError as error:
+            raise RunError(
+                f"cannot write {self.run_dir / 'config.yaml'}: {error.strerror or error}; free disk space or make "
+                f"{self.run_dir} writable"
+            ) from None
         self.data = load_data(config)
         num_classes = len(self.data.classes)
         model, self.weights_info = self.make_model(num_classes)
@@ -454,6 +460,10 @@ class Trainer:
             else loader.epoch(epoch, first_batch)
         )
         for batch in batches:
+            if not batch.mask.any():  # every file of it skipped (data.skip_bad_files): no statistics to take
+                step += 1
+                progress.update(1, images=0)
+                continue
             inputs = jax.device_put(batch.images, self.sharding)
             labels = jax.device_put(batch.labels, self.sharding)
             mask = jax.device_put(batch.mask, self.sharding)

@@ -295,6 +295,41 @@ def test_a_hostile_folder_stops_at_the_first_bad_file_or_is_skipped_and_counted(
     assert np.isfinite(cached["train_loss"])
     for key in ("train_loss", "train_acc1", "val_loss", "val_acc1"):
         assert cached[key] == pytest.approx(uncached[key], abs=1e-5), key
+    # jaxtl eval reads the run's data settings: it skips and counts the same files.
+    best = tmp_path / "skipping" / "checkpoints" / "best"
+    evaluated = run([*JAXTL, "eval", str(best), "--split", "train"], env)
+    good = len(ImageFolder(root / "train")) - len(bad)
+    assert f"on train ({good} images, {len(bad)} unreadable file(s) skipped (data.skip_bad_files))" in evaluated.stdout
+
+
+@pytest.mark.slow
+def test_a_batch_of_only_skipped_files_is_passed_over_where_batchnorm_trains(tmp_path, env):
+    # BatchNorm in train mode takes the batch's statistics over its readable rows: none would give 0 / 0.
+    from jaxtl.data import EvalTransform, ImageFolder, Loader, generate_synthetic
+    from jaxtl.weights import Preprocessing
+
+    root = generate_synthetic(tmp_path / "data", seed=0, num_classes=2, train_per_class=4, val_per_class=2)
+    for i in range(4):
+        (root / "train" / "checkerboard" / f"bad-{i}.jpg").write_bytes(b"")
+    folder = ImageFolder(root / "train")
+    bad = {i for i, (path, _) in enumerate(folder.samples) if "bad-" in path}
+    transform = EvalTransform(Preprocessing(resize_size=73, crop_size=64))
+
+    def all_bad_batch(seed):  # the loader's first-epoch order for the run's seed, in batches of 2
+        order = Loader(folder, transform, batch_size=2, shuffle=True, seed=seed).order(0)
+        return any(set(pair) <= bad for pair in order.reshape(-1, 2).tolist())
+
+    seed = next(seed for seed in range(100) if all_bad_batch(seed))
+    overrides = [
+        "data.source=folder", f"data.root={root}", "data.skip_bad_files=true", "data.crop_size=64",
+        "data.batch_size=2", "data.eval_batch_size=2", f"train.seed={seed}",
+        "phases=[{name: all, policy: full, epochs: 1}]",
+    ]  # fmt: skip
+    result = run(command(tmp_path / "run", *overrides), env)
+    assert "skipped 4 unreadable file(s)" in result.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])
+    assert (tmp_path / "run" / "checkpoints" / "latest" / "meta.json").is_file()
 
 
 def test_an_unreadable_image_is_named_and_skippable(tmp_path, monkeypatch):

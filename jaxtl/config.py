@@ -89,6 +89,7 @@ class PhaseConfig:
     epochs: int = 1
     lrs: dict[str, float] = dataclasses.field(default_factory=dict)
     carry_state: bool = True
+    bn: Literal["train", "frozen"] | None = None  # every BatchNorm's mode in the phase; None: the policy's
 
 
 @dataclasses.dataclass(frozen=True)

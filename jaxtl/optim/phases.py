@@ -18,7 +18,7 @@ import jax
 import optax
 from flax import nnx
 
-from jaxtl.optim.groups import ParamGroupError, ParamGroups, Rule, assign
+from jaxtl.optim.groups import BN_POLICIES, BNPolicy, ParamGroupError, ParamGroups, Rule, assign
 from jaxtl.optim.optimizer import OptimizerConfig, build_optimizer
 from jaxtl.optim.policies import get_policy
 
@@ -35,6 +35,9 @@ class Phase:
         optimizer: optimizer settings of the phase.
         lrs: peak learning rate per group name, overriding the rules' (``{"head": 1e-3, "blocks": 1e-4}``).
         carry_state: carry the optimizer state of parameters that stay in a same-named trainable group.
+        bn: every BatchNorm layer's mode in this phase, whatever the policy's groups say: ``"frozen"``
+            (running statistics used and kept, the recipe's ``model.apply(set_batchnorm_eval)`` for
+            fine-tuning on little data) or ``"train"``; None keeps each group's.
     """
 
     name: str
@@ -44,8 +47,11 @@ class Phase:
     optimizer: OptimizerConfig = OptimizerConfig()
     lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
     carry_state: bool = True
+    bn: BNPolicy | None = None
 
     def __post_init__(self):
+        if self.bn is not None and self.bn not in BN_POLICIES:
+            raise ParamGroupError(f"phase {self.name!r}: bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
         if (self.steps is None) == (self.epochs is None):
             raise ParamGroupError(f"phase {self.name!r}: set exactly one of steps and epochs")
         length = self.steps if self.steps is not None else self.epochs
@@ -75,7 +81,15 @@ class Phase:
             name: dataclasses.replace(group, lr=self.lrs[name]) if name in self.lrs else group
             for name, group in groups.groups.items()
         }
-        return dataclasses.replace(groups, groups=updated)
+        if self.bn is None:
+            return dataclasses.replace(groups, groups=updated)
+        # Every BatchNorm in the phase's mode; groups that hold BatchNorm weights say so in the summary.
+        holding = {groups.labels[f"{module}.weight"] for module in groups.batch_norms}
+        updated = {
+            name: dataclasses.replace(group, bn=self.bn) if name in holding else group
+            for name, group in updated.items()
+        }
+        return dataclasses.replace(groups, groups=updated, batch_norms=dict.fromkeys(groups.batch_norms, self.bn))
 
     def optax(self, groups: ParamGroups, total_steps: int | None = None) -> optax.GradientTransformation:
         return build_optimizer(groups, self.optimizer, total_steps)

@@ -112,7 +112,9 @@ def _optimizer_config(config: RunConfig) -> OptimizerConfig:
 def phases_of(config: RunConfig) -> list[Phase]:
     optimizer = _optimizer_config(config)
     return [
-        Phase(p.name, p.policy, epochs=p.epochs, optimizer=optimizer, lrs=dict(p.lrs), carry_state=p.carry_state)
+        Phase(
+            p.name, p.policy, epochs=p.epochs, optimizer=optimizer, lrs=dict(p.lrs), carry_state=p.carry_state, bn=p.bn
+        )
         for p in config.phases
     ]
 

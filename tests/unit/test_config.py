@@ -64,6 +64,7 @@ def test_defaults_without_a_file():
         (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
         (["optim.betas=[0.9, 1.0]"], r"optim.betas.1 = 1.0 is out of range \[0, 1\)"),
         (["optim.betas=[-0.1, 0.99]"], r"optim.betas.0 = -0.1 is out of range \[0, 1\)"),
+        (["phases.0.bn=eval"], "phases.0.bn is 'eval'; expected one of 'train', 'frozen'"),
         (["train.seed=-1"], r"train.seed = -1 is out of range \[0, 9223372036854775807\]"),
         (["data.synthetic.seed=-3"], r"data.synthetic.seed = -3 is out of range"),
         (["nonsense"], "is not KEY=VALUE"),

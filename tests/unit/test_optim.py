@@ -408,6 +408,25 @@ def test_a_carried_group_starts_the_next_phases_schedule_at_its_first_step():
         np.testing.assert_allclose(flat["layer2.conv.weight"], -lr / 10 * np.ones((3, 3, 4, 6)), rtol=1e-6, atol=1e-9)
 
 
+def test_a_phase_can_hold_every_batchnorm_in_eval_mode_while_its_groups_train():
+    # The recipe's model.apply(set_batchnorm_eval) for fine-tuning on little data, as a phase setting.
+    model = tiny()
+    held = Phase("all", "full", steps=1, bn="frozen").groups(model)
+    assert set(held.batch_norms.values()) == {"frozen"} and held.groups["backbone"].bn_policy == "frozen"
+    assert set(Phase("all", "full", steps=1).groups(model).batch_norms.values()) == {"train"}
+    graphdef, state = split_model(model, held)
+    optimizer = build_optimizer(held, OptimizerConfig(name="sgd", lr=0.1))
+    images = jax.random.randint(jax.random.key(0), (4, 8, 8, 3), 0, 256).astype(jnp.uint8)
+    after, _, _ = make_train_step(graphdef, optimizer, donate=False)(
+        state, optimizer.init(state.trainable), images, jnp.array([0, 1, 2, 0]), jnp.ones(4, bool), 0
+    )
+    for a, b in zip(jax.tree.leaves(state.rest), jax.tree.leaves(after.rest), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # running statistics kept
+    assert not np.array_equal(state.trainable["bn1"]["weight"][...], after.trainable["bn1"]["weight"][...])
+    with pytest.raises(ParamGroupError, match="bn='eval' is not one of train, frozen"):
+        Phase("all", "full", steps=1, bn="eval")
+
+
 def test_progressive_unfreezing_is_three_phases():
     phases = progressive_unfreezing(epochs=(2, 1, 3))
     model = RESNET18

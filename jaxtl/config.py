@@ -273,8 +273,9 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 
 def _check_range(value: float, key: str, where: str) -> float:
-    low, high = _RANGES.get(_range_key(key), (None, None))
-    below = _range_key(key) in _BELOW_HIGH
+    range_key = _range_key(key)
+    low, high = _RANGES.get(range_key, (None, None))
+    below = range_key in _BELOW_HIGH
     if (low is not None and value < low) or (high is not None and (value >= high if below else value > high)):
         bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if below else ']'}"
         raise ConfigError(f"{where} = {value} is out of range {bounds}")

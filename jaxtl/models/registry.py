@@ -151,8 +151,8 @@ def create(
 def fill_rng_state(model: nnx.Module, seed: int = 0) -> None:
     """Gives RNG streams that hold only shapes concrete keys (each its own, from ``seed``) and counts of 0.
 
-    A model filled from :func:`abstract_model` (``convert.from_torchvision``, a loaded checkpoint) has
-    parameters but shape-only dropout and stochastic-depth streams; after this it runs in train mode.
+    A model filled from :func:`abstract_model` (as ``convert.from_torchvision`` fills one) has parameters
+    but shape-only dropout and stochastic-depth streams; after this it runs in train mode.
     Streams that hold values are left as they are.
     """
     import jax
@@ -183,6 +183,7 @@ def reset_head(model: nnx.Module, seed: int = 0) -> None:
     for _, layer in nnx.iter_graph(getattr(model, model.head_name)):
         if isinstance(layer, Linear):
             init = torch_default_uniform(layer.in_features)
-            layer.weight.set_value(init(rngs.params(), layer.weight.get_value().shape, layer.weight.get_value().dtype))
-            if layer.bias is not None:
-                layer.bias.set_value(init(rngs.params(), layer.bias.get_value().shape, layer.bias.get_value().dtype))
+            for param in (layer.weight, layer.bias):
+                if param is not None:
+                    value = param.get_value()
+                    param.set_value(init(rngs.params(), value.shape, value.dtype))

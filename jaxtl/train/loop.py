@@ -49,6 +49,7 @@ from jaxtl.data import (
     even_batch_size,
     generate_synthetic,
     image_folder_splits,
+    normalize,
 )
 from jaxtl.errors import JaxtlError
 from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr, schedule
@@ -401,7 +402,6 @@ class Trainer:
 
         ``loader`` runs over the train split then the val split (see ``_loaders``).
         """
-        from jaxtl.data.transforms import normalize
 
         @jax.jit
         def features(state, images):

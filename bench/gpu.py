@@ -11,8 +11,8 @@ Cases, each timed for both frameworks in alternating rounds after warm-up (media
 - eval: forward passes in bf16 (jaxtl ``make_eval_step(compute_dtype=bf16)``; PyTorch
   ``inference_mode`` + autocast + channels_last).
 - loader: training fed by the real input pipelines from generated JPEGs (RandomResizedCrop + flip):
-  jaxtl's ``Loader`` threads + ``device_batches`` against ``DataLoader(num_workers=W,
-  pin_memory=True)``, both into the model's train step above.
+  jaxtl's ``Loader`` (worker processes, then worker threads) + ``device_batches`` against
+  ``DataLoader(num_workers=W, pin_memory=True)``, both into the model's train step above.
 
 It needs only the jax and torch already installed (``pip install --no-deps -e .`` or PYTHONPATH=.),
 stops starting new cases after ``--budget-s`` seconds, and prints each result as it comes.
@@ -292,11 +292,13 @@ def bench_torch_compile(arch: str, s: Settings, jx, jb, run_jaxtl) -> Result:
     return result
 
 
-def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -> Result:
+def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -> list[Result]:
     """Training fed by each framework's own input pipeline from JPEG files, one epoch per round.
 
-    The model keeps ``s.num_classes`` outputs (the 5 classes' labels are among them), so that the
-    train case's ``trainer`` of the same architecture, whose step is compiled, can be passed in.
+    jaxtl's loader runs twice, with worker processes and with worker threads (the same batches);
+    both are compared with torch's DataLoader. The model keeps ``s.num_classes`` outputs (the 5
+    classes' labels are among them), so that the train case's ``trainer`` of the same architecture,
+    whose step is compiled, can be passed in.
     """
     arch = s.loader_arch
     classes = min(5, s.num_classes)
@@ -304,7 +306,12 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     data = generate_synthetic(root, num_classes=classes, train_per_class=per_class, val_per_class=1) / "train"
     preprocessing = Preprocessing(resize_size=256, crop_size=s.size, interpolation="bilinear", mean=MEAN, std=STD)
     transform = TrainTransform(preprocessing, random_resized_crop=True, flip_p=0.5)
-    loader = Loader(ImageFolder(data), transform, batch_size=s.batch, shuffle=True, num_workers=s.workers, seed=0)
+    loaders = {
+        kind: Loader(
+            ImageFolder(data), transform, batch_size=s.batch, shuffle=True, num_workers=s.workers, seed=0, worker_type=kind
+        )
+        for kind in ("process", "thread")
+    }
     jx = trainer or JaxtlTrainer(arch, s)
     tt = TorchTrainer(arch, s)
     torch_loader = torch.utils.data.DataLoader(
@@ -325,7 +332,7 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     )
     epochs = iter(range(1_000_000))
 
-    def run_jaxtl() -> int:
+    def run_jaxtl(loader: Loader) -> int:
         metrics = None
         for batch in device_batches(loader.epoch(next(epochs))):
             metrics = jx.step(batch.images, batch.labels, batch.mask)
@@ -341,11 +348,17 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
         torch_sync()
         return n
 
-    run_jaxtl(), run_torch()  # warm-up: compile, worker start
-    rates = alternate({"jaxtl": run_jaxtl, "torch": run_torch}, max(2, s.rounds // 2))
-    loader.close()
-    note = f"{len(loader.source)} JPEGs/epoch, {s.workers} workers"
-    return Result("loader->train", arch, s.batch, rates["jaxtl"], rates["torch"], note=note)
+    runs = {kind: lambda loader=loader: run_jaxtl(loader) for kind, loader in loaders.items()} | {"torch": run_torch}
+    for run in runs.values():
+        run()  # warm-up: compile, worker start
+    rates = alternate(runs, max(2, s.rounds // 2))
+    for loader in loaders.values():
+        loader.close()
+    note = f"{len(loaders['thread'].source)} JPEGs/epoch"
+    return [
+        Result("loader->train", arch, s.batch, rates["process"], rates["torch"], note=f"{note}, {s.workers} processes"),
+        Result("loader threads", arch, s.batch, rates["thread"], rates["torch"], note=f"{note}, {s.workers} threads"),
+    ]
 
 
 def report(result: Result) -> Result:
@@ -426,7 +439,7 @@ def main(argv=None) -> int:
     if not args.no_loader:
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data or Path(tmp) / "synthetic"
-            attempt("loader->train", lambda: [report(bench_loader(s, root, trainers.get(s.loader_arch)))])
+            attempt("loader->train", lambda: [report(r) for r in bench_loader(s, root, trainers.get(s.loader_arch))])
 
     total = time.perf_counter() - start
     print(f"\n{HEADER}")

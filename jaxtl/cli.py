@@ -353,7 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     d = config.data
     loader = Loader(
         source, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False,
-        num_workers=d.num_workers, skip_bad_files=d.skip_bad_files,
+        num_workers=d.num_workers, skip_bad_files=d.skip_bad_files, worker_type=d.worker_type,
     )  # fmt: skip
     forward = jax.jit(lambda x: model(normalize(x, preprocessing.mean, preprocessing.std, xp=jax.numpy)))
     correct = count = 0

@@ -55,6 +55,8 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int | None = None
+    # Loader workers: processes from 4 workers on where they can run, threads below (jaxtl.data.Loader).
+    worker_type: Literal["auto", "thread", "process"] = "auto"
     # The weights' eval preprocessing by default; set crop_size to train and evaluate at another
     # resolution (resize_size then keeps the weights' resize/crop ratio unless given too).
     crop_size: int | None = None

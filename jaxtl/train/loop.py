@@ -196,7 +196,7 @@ class Trainer:
             if size % num_devices:
                 raise RunError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
         augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
-        common = dict(num_workers=d.num_workers, skip_bad_files=d.skip_bad_files)
+        common = dict(num_workers=d.num_workers, skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)
         train = Loader(self.data.train, augment, batch_size=d.batch_size, shuffle=True, seed=seed, **common)
         val = Loader(self.data.val, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
         # train then val, unaugmented and in order, for computing a frozen backbone's features in one
@@ -274,11 +274,17 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         # A resumed run hides, in TensorBoard, what the interrupted one logged after its checkpoint.
         self.figures = Figures(self.figures_every_s)
-        with EventWriter(self.run_dir / "tensorboard", purge_step=step + 1 if meta is not None else None) as self.events:
+        loaders = (train_loader, val_loader, plain_loader)
+        with (
+            EventWriter(self.run_dir / "tensorboard", purge_step=step + 1 if meta is not None else None) as self.events,
+            contextlib.ExitStack() as stack,
+        ):
+            for loader in loaders:
+                stack.callback(loader.close)  # worker processes and their shared memory
             try:
                 result = self._phases(
                     model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
-                    (train_loader, val_loader, plain_loader), replicated, metrics_path,
+                    loaders, replicated, metrics_path,
                 )  # fmt: skip
             except BaseException:
                 # A run that stops (a non-finite loss, Ctrl-C) leaves the figures of its last epoch too,

@@ -20,7 +20,9 @@ def test_gpu_benchmark_smoke_mode_runs_every_case(tmp_path):
     data = json.loads(out.read_text())
     assert data["failures"] == []
     cases = {(r["case"], r["arch"]) for r in data["results"]}
-    assert cases == {("train bf16", "resnet18"), ("eval bf16", "resnet18"), ("loader->train", "resnet18")}
+    assert cases == {
+        ("train bf16", "resnet18"), ("eval bf16", "resnet18"), ("loader->train", "resnet18"), ("loader threads", "resnet18")
+    }  # fmt: skip
     for r in data["results"]:
         # Both frameworks measured, and the ratio is theirs.
         assert r["jaxtl"] > 0 and r["torch"] > 0, r

@@ -142,7 +142,9 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
 @pytest.mark.slow
 def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     overrides = ("phases.0.epochs=2", "phases.1.epochs=3")
-    train(tmp_path / "whole", "quickstart.yaml", *overrides)
+    # Loader worker processes for the uninterrupted run, threads (auto, 2 workers) for the cut one:
+    # the same batches either way.
+    train(tmp_path / "whole", "quickstart.yaml", *overrides, "data.worker_type=process")
     # Stop a second run with SIGKILL once its first checkpoint of phase 2 exists, then resume it.
     command = [*JAXTL, "train", str(CONFIGS / "quickstart.yaml")]
     for s in (f"run_dir={tmp_path / 'cut'}", *TINY, *overrides):

@@ -1,5 +1,6 @@
 """Data without torch: the synthetic set, the loader's order, resume, padding, bad files, tfds."""
 
+import gc
 import hashlib
 import io
 import os
@@ -409,6 +410,112 @@ def test_concat_source_indexes_its_sources_one_after_the_other(tmp_path):
     assert len(loader) == 4 and sorted(epoch_indices(loader, 0)) == [-1, -1, *range(30)]
 
 
+
+# --- worker processes ----------------------------------------------------------------------------
+
+
+def batches_equal(a, b) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("images", "labels", "mask", "indices"))
+
+
+def test_process_workers_give_the_thread_workers_batches_byte_for_byte(folder):
+    transform = TrainTransform(SMALL, random_resized_crop=True, flip_p=0.5)
+    make = lambda kind: Loader(folder, transform, batch_size=8, shuffle=True, seed=4, num_workers=2, worker_type=kind)
+    with make("process") as processes, make("thread") as threads:
+        for epoch in (0, 1, 2):  # three epochs: every shared-memory slot is reused
+            a, b = list(processes.epoch(epoch)), list(threads.epoch(epoch))
+            assert len(a) == len(b) == 3 and all(map(batches_equal, a, b))
+        assert not a[-1].images[5:].any()  # the padding rows of a reused slot are zero
+        resumed = list(processes.epoch(1, start_batch=2))
+        assert batches_equal(resumed[0], list(threads.epoch(1))[2])
+        # An epoch left after one batch: its queued work is cancelled or waited for, not mixed into the next.
+        abandoned = processes.epoch(7)
+        next(abandoned)
+        del abandoned
+        assert all(map(batches_equal, processes.epoch(2), threads.epoch(2)))
+        assert type(processes._workers).__name__ == "_Processes"
+
+
+def test_process_workers_stop_at_or_skip_bad_files_as_threads_do(tmp_path, caplog):
+    bad = hostile_folder(tmp_path)
+    folder = ImageFolder(tmp_path)
+    with Loader(folder, EvalTransform(SMALL), batch_size=4, shuffle=False, num_workers=2, worker_type="process") as loader:
+        with pytest.raises(DataError, match="3x.jpg: an empty"):
+            list(loader.epoch(0))
+    make = lambda kind: Loader(
+        folder, EvalTransform(SMALL), batch_size=4, shuffle=True, skip_bad_files=True, num_workers=2, worker_type=kind
+    )
+    with make("process") as processes, make("thread") as threads:
+        for epoch in (0, 1):
+            assert all(map(batches_equal, processes.epoch(epoch), threads.epoch(epoch)))
+        assert sorted(processes.skipped) == sorted(threads.skipped) == sorted(bad + bad)
+    assert caplog.text.count("skipped") >= 4  # logged in the main process
+
+
+def test_closing_process_workers_frees_their_shared_memory(folder):
+    from multiprocessing.shared_memory import SharedMemory
+
+    loader = Loader(folder, EvalTransform(SMALL), batch_size=8, shuffle=False, num_workers=2, worker_type="process")
+    first = list(loader.epoch(0))
+    name = loader._workers.memory.name
+    loader.close()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)
+    assert all(map(batches_equal, first, loader.epoch(0)))  # a later epoch starts new workers
+    name = loader._workers.memory.name
+    del loader  # never closed: collecting it frees the memory too
+    gc.collect()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)
+
+
+def test_a_killed_worker_process_is_one_clear_error(folder):
+    loader = Loader(folder, EvalTransform(SMALL), batch_size=8, shuffle=False, num_workers=2, worker_type="process")
+    with loader:
+        list(loader.epoch(0))
+        for process in loader._workers.pool._processes.values():
+            os.kill(process.pid, 9)
+        with pytest.raises(DataError, match=r"loader worker process for ImageFolder\(.*stopped: killed"):
+            list(loader.epoch(1))
+
+
+def unpicklable_transform(preprocessing):
+    transform = EvalTransform(preprocessing)
+    return type("Local", (), {"output_size": transform.output_size, "__call__": lambda self, image, rng: transform(image)})()
+
+
+def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder, monkeypatch, caplog):
+    from jaxtl.data import loader as loader_module
+
+    assert loader_module.PROCESS_WORKERS_FROM == 4
+    kinds = {}
+    for name, workers, transform in (
+        ("three", 3, EvalTransform(SMALL)),
+        ("four", 4, EvalTransform(SMALL)),
+        ("unpicklable", 4, unpicklable_transform(SMALL)),
+    ):
+        with Loader(folder, transform, batch_size=8, shuffle=False, num_workers=workers, worker_type="auto") as loader:
+            batches = list(loader.epoch(0))
+            kinds[name] = type(loader._workers).__name__
+        assert sum(int(b.mask.sum()) for b in batches) == len(folder)
+    assert kinds == {"three": "_Threads", "four": "_Processes", "unpicklable": "_Threads"}
+    with pytest.raises(DataError, match="worker_type='process' needs a source and transform that pickle.*Local"):
+        list(Loader(folder, unpicklable_transform(SMALL), batch_size=8, shuffle=False, worker_type="process").epoch(0))
+
+    # A container's small /dev/shm: writing past it would kill the process with SIGBUS.
+    usage = loader_module.shutil.disk_usage("/")
+    monkeypatch.setattr(loader_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    caplog.set_level("INFO", logger="jaxtl.data.loader")
+    with Loader(folder, EvalTransform(SMALL), batch_size=256, shuffle=False, num_workers=4, worker_type="auto") as loader:
+        next(loader.epoch(0))
+        assert type(loader._workers).__name__ == "_Threads"
+    assert "threads, not processes: /dev/shm has 1 MiB free" in caplog.text
+    with pytest.raises(DataError, match=r"/dev/shm has 1 MiB free .* need 2 MiB \(3 batches of 256\).*--shm-size"):
+        next(Loader(folder, EvalTransform(SMALL), batch_size=256, shuffle=False, worker_type="process").epoch(0))
+    with pytest.raises(ValueError, match="worker_type='fibre' is not one of"):
+        Loader(folder, EvalTransform(SMALL), batch_size=8, shuffle=False, worker_type="fibre")
+
+
 # --- tfds ------------------------------------------------------------------------------------------
 
 
@@ -422,6 +529,8 @@ def test_tfds_source_through_the_loader():
         assert image.mode == "RGB" and 0 <= label < 5
         loader = Loader(source, EvalTransform(SMALL), batch_size=4, shuffle=True)
         batches = list(loader.epoch(0))
+        with Loader(source, EvalTransform(SMALL), batch_size=4, shuffle=True, num_workers=2, worker_type="process") as p:
+            assert all(map(batches_equal, p.epoch(0), batches))
     indices = np.concatenate([b.indices for b in batches])
     assert sorted(indices[indices >= 0]) == list(range(11))
     assert batches[0].images.shape == (4, 32, 32, 3)

@@ -353,6 +353,7 @@ class Trainer:
             if cached:
                 started = time.perf_counter()
                 features = self._features(graphdef, state, plain_loader)
+                plain_loader.close()  # frees its workers; a later cached phase starts new ones
                 self.log(
                     f"  head-only phase on cached features: backbone run once over {len(self.data.train)} + "
                     f"{len(self.data.val)} images in {time.perf_counter() - started:.1f}s"
@@ -387,7 +388,7 @@ class Trainer:
                 self._check_finite_arrays(arrays, val_metrics["val_loss"], step, phase.name, loader_epoch)
                 # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
                 if improved:
-                    self._save("best", {"model": arrays["model"]}, meta_out, keep_previous=False)
+                    self._save("best", arrays, meta_out, keep_previous=False)
                     self._write_confusion(confusion, loader_epoch + 1)
                 self._save("latest", arrays, meta_out)
             self.figures.flush()

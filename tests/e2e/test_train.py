@@ -45,6 +45,14 @@ def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_trees_equal(a, b):
+    import jax
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(x, y)
+
+
 def arrays(checkpoint):
     from jaxtl.train.checkpoint import load_arrays
     from jaxtl.weights import _flatten
@@ -218,6 +226,14 @@ def test_every_config_runs_shrunk(tmp_path, config):
     for output in ("curves.png", "confusion.png", "confusion.json", "config.yaml"):
         assert (run_dir / output).is_file(), output
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # best holds what latest holds, optimizer state included (the same state when best is the last epoch).
+    from jaxtl.train.checkpoint import load_arrays, load_meta
+
+    best, latest = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "latest"
+    best_arrays, latest_arrays = load_arrays(best), load_arrays(latest)
+    assert best_arrays.keys() == latest_arrays.keys() == {"model", "opt_state"}
+    if load_meta(best)["step"] == load_meta(latest)["step"]:
+        assert_trees_equal(best_arrays, latest_arrays)
 
 
 def test_config_errors_are_one_clear_line(tmp_path):

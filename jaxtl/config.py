@@ -101,6 +101,9 @@ class TrainConfig:
     feature_cache: bool = True  # head-only phases without augmentation train on features computed once
     log_every: int = 10
     checkpoint_metric: Literal["val_acc1", "val_loss"] = "val_acc1"
+    # Also write checkpoints/latest every N steps inside an epoch (None: at epoch ends only), so that
+    # a kill loses at most N steps of a long epoch; a resume continues from the batch after it.
+    checkpoint_every_steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "phases.*.epochs": (1, None),
     "phases.*.lrs.*": (0, None),
     "train.log_every": (1, None),
+    "train.checkpoint_every_steps": (1, None),
     "train.seed": (0, 2**63 - 1),  # numpy's generators take no negative seed, jax's keys no wider one
     "data.synthetic.seed": (0, 2**63 - 1),
     "optim.betas.*": (0, 1),  # and below 1 (_BELOW_HIGH): a beta of 1 divides Adam's bias correction by 0

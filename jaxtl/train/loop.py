@@ -16,8 +16,9 @@ phase: on small data an epoch is shorter than drawing them.
 Crashes: at the end of an epoch ``best`` (when improved) is saved before ``latest``, so the epoch a
 resume starts from always has its ``best`` on disk; a run killed at any instant resumes from
 ``latest`` (or, if that is damaged, from the previous version, with a line saying so) and ends with
-the parameters of an uninterrupted run. A non-finite loss or parameter stops the run before any
-checkpoint of it is written.
+the parameters of an uninterrupted run. With ``train.checkpoint_every_steps`` ``latest`` is also
+saved inside epochs, with the position of the next batch and the epoch's loss and accuracy sums so
+far. A non-finite loss or parameter stops the run before any checkpoint of it is written.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -196,7 +198,7 @@ class Trainer:
             if size % num_devices:
                 raise RunError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
         augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
-        common = dict(num_workers=d.num_workers, skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)
+        common = {"num_workers": d.num_workers, "skip_bad_files": d.skip_bad_files, "worker_type": d.worker_type}
         train = Loader(self.data.train, augment, batch_size=d.batch_size, shuffle=True, seed=seed, **common)
         val = Loader(self.data.val, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
         # train then val, unaugmented and in order, for computing a frozen backbone's features in one
@@ -249,6 +251,7 @@ class Trainer:
         )
 
         start_phase, start_epoch, start_batch, step = 0, 0, 0, 0
+        start_totals = None
         best = {"metric": None, "epoch": None}
         opt_leaves = None
         previous_resumed = None
@@ -256,6 +259,7 @@ class Trainer:
             arrays = resumed.arrays
             _load_model_arrays(model, arrays["model"], source=str(resumed.path))
             start_phase, start_epoch, start_batch = meta["phase"], meta["epoch_in_phase"], meta["batch"]
+            start_totals = meta.get("epoch_totals")  # of the epoch's batches before start_batch
             step, best = meta["step"], meta["best"]
             opt_leaves = arrays["opt_state"]
             if start_epoch == 0 and start_batch == 0 and start_phase > 0:
@@ -283,8 +287,8 @@ class Trainer:
                 stack.callback(loader.close)  # worker processes and their shared memory
             try:
                 result = self._phases(
-                    model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous_resumed,
-                    loaders, replicated, metrics_path,
+                    model, phases, (start_phase, start_epoch, start_batch, start_totals), step, best, opt_leaves,
+                    previous_resumed, loaders, replicated, metrics_path,
                 )  # fmt: skip
             except BaseException:
                 # A run that stops (a non-finite loss, Ctrl-C) leaves the figures of its last epoch too,
@@ -316,11 +320,14 @@ class Trainer:
         return resumed
 
     def _phases(
-        self, model, phases, start_phase, start_epoch, start_batch, step, best, opt_leaves, previous, loaders,
-        replicated, metrics_path,
+        self, model, phases, start, step, best, opt_leaves, previous, loaders, replicated, metrics_path,
     ) -> dict[str, Any]:  # fmt: skip
-        """The phases from (start_phase, start_epoch, start_batch) on; ``previous`` seeds the optimizer carry-over."""
+        """The phases from ``start`` on; ``previous`` seeds the optimizer carry-over.
+
+        ``start`` is (phase, epoch in phase, batch, the epoch's metric totals before that batch or None).
+        """
         config = self.config
+        start_phase, start_epoch, start_batch, start_totals = start
         train_loader, val_loader, plain_loader = loaders
         epoch_base = sum(p.epochs for p in phases[:start_phase])
         for phase_index in range(start_phase, len(phases)):
@@ -360,10 +367,14 @@ class Trainer:
                 )
             for epoch in range(start_epoch if phase_index == start_phase else 0, phase.epochs):
                 loader_epoch = epoch_base + epoch
-                first_batch = start_batch if (phase_index == start_phase and epoch == start_epoch) else 0
+                resuming = phase_index == start_phase and epoch == start_epoch
+                first_batch = start_batch if resuming else 0
+
+                save_mid_epoch = functools.partial(self._save_mid_epoch, graphdef, best, phase_index, epoch, phase.name)
                 state, opt_state, step, train_metrics = self._train_epoch(
-                    train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features, phase.name
-                )
+                    train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features, phase.name,
+                    totals=start_totals if resuming and first_batch else None, checkpoint=save_mid_epoch,
+                )  # fmt: skip
                 val_metrics, confusion = self._evaluate(eval_step, state, val_loader, features)
                 record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": step, **train_metrics, **val_metrics}
                 with open(metrics_path, "a", encoding="utf-8") as f:
@@ -432,9 +443,15 @@ class Trainer:
 
     def _train_epoch(
         self, train_step, state, opt_state, loader: Loader, epoch: int, first_batch: int, step: int, features,
-        phase: str,
+        phase: str, *, totals: dict | None = None, checkpoint=None,
     ):  # fmt: skip
-        totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        """The epoch's batches from ``first_batch`` on; ``totals`` are the sums of the batches before it.
+
+        ``checkpoint(state, opt_state, step, next_batch, totals)`` is called every
+        ``train.checkpoint_every_steps`` steps that leave batches in the epoch.
+        """
+        totals = dict(totals or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+        every = self.config.train.checkpoint_every_steps
         pending = []  # (step number, metrics on the device)
         started = time.perf_counter()
         images_seen = 0
@@ -468,23 +485,26 @@ class Trainer:
             if features is not None
             else loader.epoch(epoch, first_batch)
         )
-        for batch in batches:
+        for index, batch in enumerate(batches, start=first_batch):
             if not batch.mask.any():  # every file of it skipped (data.skip_bad_files): no statistics to take
                 step += 1
                 progress.update(1, images=0)
-                continue
-            inputs = jax.device_put(batch.images, self.sharding)
-            labels = jax.device_put(batch.labels, self.sharding)
-            mask = jax.device_put(batch.mask, self.sharding)
-            state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
-            step += 1
-            pending.append((step, metrics))
-            fault_point("train.step")
-            images = int(batch.mask.sum())
-            images_seen += images
-            progress.update(1, images=images)
-            if len(pending) >= self.config.train.log_every:
-                drain()
+            else:
+                inputs = jax.device_put(batch.images, self.sharding)
+                labels = jax.device_put(batch.labels, self.sharding)
+                mask = jax.device_put(batch.mask, self.sharding)
+                state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
+                step += 1
+                pending.append((step, metrics))
+                fault_point("train.step")
+                images = int(batch.mask.sum())
+                images_seen += images
+                progress.update(1, images=images)
+                if len(pending) >= self.config.train.log_every:
+                    drain()
+            if every and checkpoint is not None and step % every == 0 and index + 1 < len(loader):
+                drain()  # stops at a non-finite loss before it is saved
+                checkpoint(state, opt_state, step, index + 1, dict(totals))
         drain()
         progress.close()
         seconds = time.perf_counter() - started
@@ -494,6 +514,16 @@ class Trainer:
             "train_acc1": totals["correct"] / n,
             "train_images_per_s": images_seen / max(seconds, 1e-9),
         }
+
+    def _save_mid_epoch(
+        self, graphdef, best: dict, phase_index: int, epoch: int, phase: str, state, opt_state, step: int,
+        batch: int, totals: dict,
+    ) -> None:  # fmt: skip
+        """checkpoints/latest before ``batch`` of epoch ``epoch`` of a phase (train.checkpoint_every_steps)."""
+        arrays = {"model": _model_arrays(merge_model(graphdef, jax.device_get(state))), "opt_state": _leaves(opt_state)}
+        self._check_finite_arrays(arrays, 0.0, step, phase, epoch)
+        position = {"phase": phase_index, "epoch_in_phase": epoch, "batch": batch, "step": step, "epoch_totals": totals}
+        self._save("latest", arrays, self._meta(position, best, {}))
 
     def _check_finite_arrays(self, arrays: dict, val_loss: float, step: int, phase: str, epoch: int) -> None:
         """Stops the run before a checkpoint with a non-finite parameter, statistic or optimizer state is written."""

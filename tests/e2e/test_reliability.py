@@ -150,6 +150,25 @@ def test_killed_at_any_point_resumes_to_the_uninterrupted_parameters(tmp_path, e
     assert len(versions["best"]) == 1 and versions["leftovers"] == [], versions
 
 
+
+def test_a_kill_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, env, reference):
+    run_dir = tmp_path / "run"
+    # Checkpoints every 2 steps inside an epoch: after steps 2 and 4 of epoch 1, 6 and 8 of epoch 2 (5
+    # steps an epoch; step 5 and 10 end an epoch and are saved there). Killed as step 8 is dispatched.
+    overrides = ("train.checkpoint_every_steps=2",)
+    run(command(run_dir, *overrides), env, expect=-signal.SIGKILL, fault="kill:train.step:8")
+    meta = load_meta(run_dir / "checkpoints" / "latest")
+    assert (meta["step"], meta["epoch_in_phase"], meta["batch"]) == (6, 1, 1)
+    resumed = resume(run_dir, env)
+    assert "epoch 2, batch 1, step 6" in resumed.stdout
+    assert_same_checkpoint(reference / "checkpoints" / "latest", run_dir / "checkpoints" / "latest")
+    assert_same_checkpoint(reference / "checkpoints" / "best", run_dir / "checkpoints" / "best")
+    # The resumed epoch's train loss counts the batches before the checkpoint too.
+    records = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    keys = ("epoch", "step", "train_loss", "train_acc1", "val_loss", "val_acc1")
+    assert [[r[k] for k in keys] for r in records(run_dir)] == [[r[k] for k in keys] for r in records(reference)]
+
+
 # --- damaged checkpoints ------------------------------------------------------------------------------
 
 

@@ -51,7 +51,6 @@ from jaxtl.data import (
     even_batch_size,
     generate_synthetic,
     image_folder_splits,
-    normalize,
 )
 from jaxtl.errors import JaxtlError
 from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr, schedule
@@ -67,7 +66,16 @@ from jaxtl.train.reporting import (
     plot_confusion,
     plot_curves,
 )
-from jaxtl.train.step import ModelState, full_model, head_of, make_eval_step, make_train_step, merge_model, split_model
+from jaxtl.train.step import (
+    ModelState,
+    full_model,
+    head_of,
+    make_eval_step,
+    make_features_step,
+    make_train_step,
+    merge_model,
+    split_model,
+)
 from jaxtl.weights import Preprocessing
 
 
@@ -355,11 +363,14 @@ class Trainer:
                 graphdef, optimizer, mean=self.mean, std=self.std, forward=head_of if cached else full_model,
                 compute_dtype=compute_dtype, seed=config.train.seed,
             )  # fmt: skip
-            eval_step = make_eval_step(graphdef, mean=self.mean, std=self.std, forward=head_of if cached else full_model)
+            eval_step = make_eval_step(
+                graphdef, mean=self.mean, std=self.std, forward=head_of if cached else full_model,
+                compute_dtype=compute_dtype,
+            )  # fmt: skip
             features = None
             if cached:
                 started = time.perf_counter()
-                features = self._features(graphdef, state, plain_loader)
+                features = self._features(graphdef, state, plain_loader, compute_dtype)
                 plain_loader.close()  # frees its workers; a later cached phase starts new ones
                 self.log(
                     f"  head-only phase on cached features: backbone run once over {len(self.data.train)} + "
@@ -415,17 +426,12 @@ class Trainer:
 
     # -- epochs ---------------------------------------------------------------------------------
 
-    def _features(self, graphdef, state: ModelState, loader: Loader) -> dict[str, CachedFeatures]:
+    def _features(self, graphdef, state: ModelState, loader: Loader, compute_dtype) -> dict[str, CachedFeatures]:
         """The eval-mode backbone's pooled features of every train and val example, by source index.
 
         ``loader`` runs over the train split then the val split (see ``_loaders``).
         """
-
-        @jax.jit
-        def features(state, images):
-            model = nnx.merge(graphdef, *state, copy=True)
-            model.eval()
-            return model.forward_features(normalize(images, self.mean, self.std, xp=jnp))
+        features = make_features_step(graphdef, mean=self.mean, std=self.std, compute_dtype=compute_dtype)
 
         n = len(loader.source)
         out, labels, valid = None, np.zeros((n,), np.int32), np.zeros((n,), bool)

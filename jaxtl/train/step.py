@@ -138,6 +138,28 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def make_features_step(
+    graphdef: nnx.GraphDef, *, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), compute_dtype=None
+):
+    """``step(state, images) -> features``: the eval-mode pooled features (``forward_features``), jitted.
+
+    With ``compute_dtype=jnp.bfloat16`` computed as the train step computes its forward pass (bf16
+    parameters and inputs), so that a head trained on cached features sees what it would see
+    through the frozen backbone. Features are returned in float32 (or float64).
+    """
+
+    def step(state: ModelState, images):
+        params = (state.trainable, state.frozen)
+        x = _inputs(images, mean, std)
+        if compute_dtype is not None:
+            params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
+        model = nnx.merge(graphdef, *params, state.rest, copy=True)
+        model.eval()
+        return _at_least_float32(model.forward_features(x))
+
+    return jax.jit(step)
+
+
 def make_eval_step(
     graphdef: nnx.GraphDef,
     *,

@@ -138,6 +138,17 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def _eval_model_and_inputs(graphdef, state: ModelState, images, mean, std, compute_dtype):
+    """The model in eval mode and its normalised input, both cast to ``compute_dtype`` if given."""
+    params = (state.trainable, state.frozen)
+    x = _inputs(images, mean, std)
+    if compute_dtype is not None:
+        params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
+    model = nnx.merge(graphdef, *params, state.rest, copy=True)
+    model.eval()
+    return model, x
+
+
 def make_features_step(
     graphdef: nnx.GraphDef, *, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), compute_dtype=None
 ):
@@ -149,12 +160,7 @@ def make_features_step(
     """
 
     def step(state: ModelState, images):
-        params = (state.trainable, state.frozen)
-        x = _inputs(images, mean, std)
-        if compute_dtype is not None:
-            params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
-        model = nnx.merge(graphdef, *params, state.rest, copy=True)
-        model.eval()
+        model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
         return _at_least_float32(model.forward_features(x))
 
     return jax.jit(step)
@@ -175,12 +181,7 @@ def make_eval_step(
     """
 
     def step(state: ModelState, images, labels, mask):
-        params = (state.trainable, state.frozen)
-        x = _inputs(images, mean, std)
-        if compute_dtype is not None:
-            params, x = _cast(params, compute_dtype), x.astype(compute_dtype)
-        model = nnx.merge(graphdef, *params, state.rest, copy=True)
-        model.eval()
+        model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
         logits = _at_least_float32(forward(model, x))
         loss = masked_cross_entropy(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)

@@ -227,10 +227,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             import dataclasses
 
             config = dataclasses.replace(config, run_dir=config.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
+    from jaxtl.train import distributed
     from jaxtl.train.loop import Trainer  # after the config's checks: a bad config fails in a fraction of a second
 
+    if args.distributed or args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     started = time.perf_counter()
     result = Trainer(config, _make_model_factory(config.model, config.train.seed)).run(resume=bool(args.resume))
+    if not distributed.is_primary():
+        return 0
     best = result["best"]
     run_dir = Path(result["run_dir"])
     print(f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best['val_acc1']:.3f} (epoch {best['epoch']})")
@@ -498,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its latest checkpoint (verified against its manifest; if it is "
         "damaged, from the previous intact version, with a line saying so)",
     )
+    multi = train.add_argument_group(
+        "data parallelism across processes (hosts)",
+        "Start one process per host, each with the same config and arguments but its --process-id; the batch is "
+        "split across the devices of all processes, and the first process writes the run directory (it must be "
+        "on storage that every host sees, for --resume).",
+    )
+    multi.add_argument("--distributed", action="store_true",
+                       help="join the processes that JAX detects (Slurm, Open MPI, Cloud TPU)")  # fmt: skip
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="the first process's host and a free port")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
     train.set_defaults(run=cmd_train)
 
     predict = commands.add_parser(

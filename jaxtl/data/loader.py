@@ -46,7 +46,7 @@ Transform = Callable[..., np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One batch on the host.
+    """One batch on the host (the loader's ``rows`` of it: all of them by default).
 
     Attributes:
         images: (batch_size, H, W, 3) uint8; padding rows are zero.
@@ -109,6 +109,8 @@ class Loader:
         prefetch: batches decoded ahead of the one being consumed.
         skip_bad_files: a file that cannot be decoded is masked out of its batch and counted in
             ``skipped`` instead of stopping with a DataError that names it.
+        rows: the rows of every batch this loader decodes and yields (default all): each process of a
+            multi-process run loads the rows its devices hold (``jaxtl.train.distributed.local_rows``).
         worker_type: ``"thread"``; ``"process"`` (the source and transform must pickle, and a
             script that iterates the loader needs ``if __name__ == "__main__":``, as with torch's
             DataLoader); or ``"auto"``: processes from :data:`PROCESS_WORKERS_FROM` workers on where
@@ -127,6 +129,7 @@ class Loader:
         prefetch: int = 2,
         skip_bad_files: bool = False,
         worker_type: Literal["auto", "thread", "process"] = "thread",
+        rows: slice | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -145,6 +148,10 @@ class Loader:
         if worker_type not in ("auto", "thread", "process"):
             raise ValueError(f"worker_type={worker_type!r} is not one of 'auto', 'thread', 'process'")
         self.worker_type = worker_type
+        self.rows = slice(None) if rows is None else rows
+        self.rows_per_batch = len(range(*self.rows.indices(batch_size)))
+        if self.rows_per_batch < 1 or self.rows.step not in (None, 1):
+            raise ValueError(f"rows={rows} is not a non-empty contiguous range of a batch of {batch_size}")
         self.skipped: list[str] = []
         self._workers: _Threads | _Processes | None = None
 
@@ -171,12 +178,12 @@ class Loader:
         pending: collections.deque = collections.deque()
         next_batch = start_batch
         while next_batch < len(self) and len(pending) < self.prefetch:
-            pending.append(workers.submit(epoch, self.batch_indices(epoch, next_batch)))
+            pending.append(workers.submit(epoch, self.batch_indices(epoch, next_batch)[self.rows]))
             next_batch += 1
         while pending:
             ticket = pending.popleft()
             if next_batch < len(self):
-                pending.append(workers.submit(epoch, self.batch_indices(epoch, next_batch)))
+                pending.append(workers.submit(epoch, self.batch_indices(epoch, next_batch)[self.rows]))
                 next_batch += 1
             yield workers.collect(ticket)  # re-raises a worker's DataError, in the batch's row order
 
@@ -216,8 +223,8 @@ class Loader:
     def _empty_batch(self, indices: np.ndarray) -> Batch:
         height, width = self.transform.output_size
         return Batch(
-            images=np.zeros((self.batch_size, height, width, 3), np.uint8),
-            labels=np.zeros((self.batch_size,), np.int32),
+            images=np.zeros((len(indices), height, width, 3), np.uint8),
+            labels=np.zeros((len(indices),), np.int32),
             mask=indices >= 0,
             indices=indices,
         )
@@ -332,7 +339,7 @@ class _Processes:
                 f"{loader.transform!r} does not ({error}); use worker_type='thread'"
             ) from None
         height, width = loader.transform.output_size
-        self.slots_shape = (loader.prefetch + 1, loader.batch_size, height, width, 3)
+        self.slots_shape = (loader.prefetch + 1, loader.rows_per_batch, height, width, 3)
         needed = int(np.prod(self.slots_shape))
         try:
             free = shutil.disk_usage("/dev/shm").free
@@ -342,7 +349,7 @@ class _Processes:
             # Writing past what a tmpfs can hold kills the process with SIGBUS, not an error.
             raise _CannotUseProcesses(
                 f"/dev/shm has {free >> 20} MiB free and the loader's worker processes need {needed >> 20} MiB "
-                f"({self.slots_shape[0]} batches of {loader.batch_size}); give the container more (docker run "
+                f"({self.slots_shape[0]} batches of {loader.rows_per_batch}); give the container more (docker run "
                 "--shm-size=1g), lower the batch size, or use data.worker_type: thread"
             )
         self.memory = SharedMemory(create=True, size=needed)
@@ -350,7 +357,7 @@ class _Processes:
         self.slot_futures: list[list[Future]] = [[] for _ in range(self.slots_shape[0])]
         self.next_slot = 0
         # Chunks of rows, two per worker and batch: fewer round trips than one example per task.
-        self.chunk = max(1, -(-loader.batch_size // (2 * loader.num_workers)))
+        self.chunk = max(1, -(-loader.rows_per_batch // (2 * loader.num_workers)))
         self.pool = ProcessPoolExecutor(
             loader.num_workers,
             mp_context=multiprocessing.get_context("forkserver"),
@@ -444,11 +451,11 @@ def device_batches(batches: Iterator[Batch], sharding=None, size: int = 2) -> It
 
 
 def data_sharding(batch_size: int):
-    """A NamedSharding that splits the batch axis across all local devices (a 1-D ``data`` mesh)."""
+    """A NamedSharding that splits the batch axis across all devices, every process's (a 1-D ``data`` mesh)."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.local_devices()
+    devices = jax.devices()  # every process's: one data-parallel axis across hosts
     if batch_size % len(devices):
         raise ValueError(
             f"batch_size={batch_size} does not split evenly across {len(devices)} devices; "

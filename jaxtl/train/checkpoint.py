@@ -109,9 +109,18 @@ def save_checkpoint(
     return directory
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """Orbax for this process alone: in a multi-process run the first process writes and each reads by itself,
+    without the barriers orbax would otherwise hold with processes that are not saving."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )
+
+
 def _write_arrays(path: Path, arrays: dict[str, Any]) -> None:
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _checkpointer() as checkpointer:
             checkpointer.save(path.absolute(), jax.device_get(arrays))
     except OSError:
         raise
@@ -249,7 +258,7 @@ def load_arrays(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     verify_checkpoint(directory)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _checkpointer() as checkpointer:
             arrays = checkpointer.restore(directory.resolve() / "arrays")
     except Exception as error:  # orbax raises many types for a damaged directory
         raise CheckpointError(

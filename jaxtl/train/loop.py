@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import io
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from jaxtl.errors import JaxtlError
 from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, group_lr, schedule
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train import checkpoint as ckpt
+from jaxtl.train import distributed
 from jaxtl.train.faults import fault_point
 from jaxtl.train.reporting import (
     EventWriter,
@@ -148,6 +150,19 @@ class CachedFeatures(NamedTuple):
     valid: np.ndarray  # (N,) bool
 
 
+class _Discard:
+    """Stands in for the event writer and the figures on the processes that do not write the run directory."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class RunLock:
     """An exclusive lock on a run directory: a second run pointed at it refuses to start."""
 
@@ -201,24 +216,34 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _loaders(self, preprocessing: Preprocessing, num_devices: int):
+        """The train, val and feature-pass loaders; each decodes the rows of its batches this process's devices hold."""
         d, seed = self.config.data, self.config.train.seed
         for name, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
             if size % num_devices:
                 raise RunError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
         augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
         common = {"num_workers": d.num_workers, "skip_bad_files": d.skip_bad_files, "worker_type": d.worker_type}
-        train = Loader(self.data.train, augment, batch_size=d.batch_size, shuffle=True, seed=seed, **common)
-        val = Loader(self.data.val, EvalTransform(preprocessing), batch_size=d.eval_batch_size, shuffle=False, **common)
+
+        def loader(source, transform, batch_size, **kwargs):
+            rows = distributed.local_rows(data_sharding(batch_size), batch_size)
+            return Loader(source, transform, batch_size=batch_size, rows=rows, **common, **kwargs)
+
+        train = loader(self.data.train, augment, d.batch_size, shuffle=True, seed=seed)
+        val = loader(self.data.val, EvalTransform(preprocessing), d.eval_batch_size, shuffle=False)
         # train then val, unaugmented and in order, for computing a frozen backbone's features in one
         # pass: one compiled shape, in batches as even as data.eval_batch_size allows (least padding).
         both = ConcatSource(self.data.train, self.data.val)
         size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
-        plain = Loader(both, EvalTransform(preprocessing), batch_size=size, shuffle=False, **common)
+        plain = loader(both, EvalTransform(preprocessing), size, shuffle=False)
         return train, val, plain
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        # In a multi-process run the first process writes the run directory and the log; the others train.
+        self.primary = distributed.is_primary()
+        if not self.primary:
+            self.log = lambda message: None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.run_dir):
+        with RunLock(self.run_dir) if self.primary else contextlib.nullcontext():
             return self._run(resume)
 
     def _run(self, resume: bool) -> dict[str, Any]:
@@ -234,7 +259,8 @@ class Trainer:
                 "run_dir (--set run_dir=...)"
             )
         try:
-            save_config(config, self.run_dir / "config.yaml")
+            if self.primary:
+                save_config(config, self.run_dir / "config.yaml")
         except OSError as error:
             raise RunError(
                 f"cannot write {self.run_dir / 'config.yaml'}: {error.strerror or error}; free disk space or make "
@@ -246,7 +272,7 @@ class Trainer:
         p: Preprocessing = _with_size(self.weights_info["preprocessing"], config.data.crop_size, config.data.resize_size)
         self.weights_info = {**self.weights_info, "preprocessing": p}
         self.mean, self.std = p.mean, p.std
-        devices = jax.local_device_count()
+        devices = jax.device_count()
         train_loader, val_loader, plain_loader = self._loaders(p, devices)
         self.sharding = data_sharding(config.data.batch_size)
         self.eval_sharding = data_sharding(config.data.eval_batch_size)
@@ -254,8 +280,9 @@ class Trainer:
         phases = phases_of(config)
         self.log(
             f"run {self.run_dir}: {config.model.arch}, {num_classes} classes, {len(self.data.train)} train / "
-            f"{len(self.data.val)} val images, batch {config.data.batch_size} on {devices} device(s), "
-            f"{len(phases)} phase(s)"
+            f"{len(self.data.val)} val images, batch {config.data.batch_size} on {devices} device(s)"
+            + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
+            + f", {len(phases)} phase(s)"
         )
 
         start_phase, start_epoch, start_batch, step = 0, 0, 0, 0
@@ -285,10 +312,11 @@ class Trainer:
 
         metrics_path = self.run_dir / "metrics.jsonl"
         # A resumed run hides, in TensorBoard, what the interrupted one logged after its checkpoint.
-        self.figures = Figures(self.figures_every_s)
+        self.figures = Figures(self.figures_every_s) if self.primary else _Discard()
         loaders = (train_loader, val_loader, plain_loader)
+        purge_step = step + 1 if meta is not None else None
         with (
-            EventWriter(self.run_dir / "tensorboard", purge_step=step + 1 if meta is not None else None) as self.events,
+            EventWriter(self.run_dir / "tensorboard", purge_step=purge_step) if self.primary else _Discard() as self.events,
             contextlib.ExitStack() as stack,
         ):
             for loader in loaders:
@@ -388,8 +416,9 @@ class Trainer:
                 )  # fmt: skip
                 val_metrics, confusion = self._evaluate(eval_step, state, val_loader, features)
                 record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": step, **train_metrics, **val_metrics}
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                if self.primary:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
                 self._report_epoch(record, groups, phase, total_steps, (epoch + 1) * len(train_loader), metrics_path)
                 self.log(
                     f"  epoch {loader_epoch + 1} ({phase.name}): train loss {train_metrics['train_loss']:.4f} "
@@ -420,9 +449,10 @@ class Trainer:
         for loader in (train_loader, val_loader, plain_loader):
             loader.close()
         skipped = sorted(set(train_loader.skipped + val_loader.skipped + plain_loader.skipped))
-        if skipped:
-            self.log(f"skipped {len(skipped)} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
-        return {"best": best, "run_dir": str(self.run_dir), "skipped": len(skipped), "model": model}
+        count = round(distributed.total(len(skipped)))  # each process skips the files of its rows
+        if count:
+            self.log(f"skipped {count} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
+        return {"best": best, "run_dir": str(self.run_dir), "skipped": count, "model": model}
 
     # -- epochs ---------------------------------------------------------------------------------
 
@@ -433,14 +463,18 @@ class Trainer:
         """
         features = make_features_step(graphdef, mean=self.mean, std=self.std, compute_dtype=compute_dtype)
 
-        n = len(loader.source)
+        n, size = len(loader.source), loader.batch_size
         out, labels, valid = None, np.zeros((n,), np.int32), np.zeros((n,), bool)
-        for batch in loader.epoch(0):
-            f = np.asarray(features(state, jax.device_put(batch.images, self.eval_sharding)))
+        for b, batch in enumerate(loader.epoch(0)):
+            # Each process computes its rows; every process keeps all features (the batches of later
+            # epochs mix rows).
+            f = distributed.gather(features(state, distributed.put(batch.images, self.eval_sharding, size)))
+            mask = distributed.gather(distributed.put(batch.mask, self.eval_sharding, size))
+            batch_labels = distributed.gather(distributed.put(batch.labels, self.eval_sharding, size))
             if out is None:
                 out = np.zeros((n, f.shape[-1]), np.float32)
-            rows = batch.indices[batch.mask]  # not the padding, nor a file skipped (data.skip_bad_files)
-            out[rows], labels[rows], valid[rows] = f[batch.mask], batch.labels[batch.mask], True
+            rows = loader.batch_indices(0, b)[mask]  # not the padding, nor a file skipped (data.skip_bad_files)
+            out[rows], labels[rows], valid[rows] = f[mask], batch_labels[mask], True
         split = len(self.data.train)
         return {
             "train": CachedFeatures(out[:split], labels[:split], valid[:split]),
@@ -462,7 +496,10 @@ class Trainer:
         started = time.perf_counter()
         images_seen = 0
 
-        progress = Progress(len(loader) - first_batch, f"epoch {epoch + 1}", log_every_s=self.progress_every_s)
+        progress = Progress(
+            len(loader) - first_batch, f"epoch {epoch + 1}", log_every_s=self.progress_every_s,
+            stream=None if self.primary else io.StringIO(),  # the first process shows the progress
+        )  # fmt: skip
 
         def drain():
             if not pending:
@@ -491,19 +528,22 @@ class Trainer:
             if features is not None
             else loader.epoch(epoch, first_batch)
         )
+        size = loader.batch_size
         for index, batch in enumerate(batches, start=first_batch):
-            if not batch.mask.any():  # every file of it skipped (data.skip_bad_files): no statistics to take
+            mask = distributed.put(batch.mask, self.sharding, size)
+            # The images of the whole batch; with several processes a collective that every one joins
+            # (each holds some rows), so that all take the same branch below.
+            images = int(batch.mask.sum() if jax.process_count() == 1 else distributed.gather(mask).sum())
+            if not images:  # every file of the batch skipped (data.skip_bad_files): no statistics to take
                 step += 1
                 progress.update(1, images=0)
             else:
-                inputs = jax.device_put(batch.images, self.sharding)
-                labels = jax.device_put(batch.labels, self.sharding)
-                mask = jax.device_put(batch.mask, self.sharding)
+                inputs = distributed.put(batch.images, self.sharding, size)
+                labels = distributed.put(batch.labels, self.sharding, size)
                 state, opt_state, metrics = train_step(state, opt_state, inputs, labels, mask, step)
                 step += 1
                 pending.append((step, metrics))
                 fault_point("train.step")
-                images = int(batch.mask.sum())
                 images_seen += images
                 progress.update(1, images=images)
                 if len(pending) >= self.config.train.log_every:
@@ -547,6 +587,8 @@ class Trainer:
             )
 
     def _save(self, name: str, arrays: dict, meta: dict, *, keep_previous: bool = True) -> None:
+        if not self.primary:
+            return
         try:
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, arrays, meta, keep_previous=keep_previous)
         except ckpt.CheckpointError as error:
@@ -570,7 +612,7 @@ class Trainer:
         from jaxtl.data import Batch
 
         for b in range(first_batch, len(loader)):
-            indices = loader.batch_indices(epoch, b)
+            indices = loader.batch_indices(epoch, b)[loader.rows]
             safe = np.where(indices >= 0, indices, 0)
             rows = (indices >= 0) & cached.valid[safe]
             yield Batch(
@@ -586,18 +628,17 @@ class Trainer:
         batches = self._cached_batches(loader, 0, 0, features["val"]) if features is not None else loader.epoch(0)
         num_classes = len(self.data.classes)
         confusion = np.zeros((num_classes, num_classes), np.int64)
+        size = loader.batch_size
         for index, batch in enumerate(batches):
-            logits, m = eval_step(
-                state,
-                jax.device_put(batch.images, self.eval_sharding),
-                jax.device_put(batch.labels, self.eval_sharding),
-                jax.device_put(batch.mask, self.eval_sharding),
-            )
+            labels = distributed.put(batch.labels, self.eval_sharding, size)
+            mask = distributed.put(batch.mask, self.eval_sharding, size)
+            logits, m = eval_step(state, distributed.put(batch.images, self.eval_sharding, size), labels, mask)
             if index == 0:
                 fault_point("train.eval")
-            logits, m = jax.device_get((logits, m))
-            rows = np.asarray(batch.mask, bool)
-            confusion += confusion_matrix(batch.labels[rows], np.argmax(logits[rows], -1), num_classes)
+            predictions = distributed.gather(jnp.argmax(logits, -1))  # every process's rows
+            m = jax.device_get(m)
+            rows, labels = distributed.gather(mask).astype(bool), distributed.gather(labels)
+            confusion += confusion_matrix(labels[rows], predictions[rows], num_classes)
             totals["loss"] += float(m["loss"]) * float(m["count"])
             totals["correct"] += float(m["correct"])
             totals["correct5"] += float(m["correct5"])
@@ -610,6 +651,8 @@ class Trainer:
 
     def _write_confusion(self, confusion: np.ndarray, epoch: int) -> None:
         """confusion.json (counts, rows the true class) and confusion.png of the best checkpoint's epoch."""
+        if not self.primary:
+            return
         data = {"epoch": epoch, "classes": list(self.data.classes), "matrix": confusion.tolist()}
         tmp = self.run_dir / "confusion.json.tmp"
         tmp.write_text(json.dumps(data) + "\n")
@@ -688,3 +731,4 @@ def _with_size(p: Preprocessing, crop_size: int | None, resize_size: int | None)
     crop = crop_size or p.crop_size
     resize = resize_size or max(crop, round(crop * p.resize_size / p.crop_size))
     return dataclasses.replace(p, crop_size=crop, resize_size=resize)
+

@@ -452,6 +452,25 @@ def test_process_workers_stop_at_or_skip_bad_files_as_threads_do(tmp_path, caplo
     assert caplog.text.count("skipped") >= 4  # logged in the main process
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_loader_of_some_rows_yields_those_rows_of_every_batch(folder, kind):
+    # As each process of a multi-process run loads the rows its devices hold.
+    transform = TrainTransform(SMALL, random_resized_crop=True, flip_p=0.5)
+    make = lambda rows: Loader(
+        folder, transform, batch_size=8, shuffle=True, seed=2, num_workers=2, worker_type=kind, rows=rows
+    )
+    whole = list(make(None).epoch(1))
+    with make(slice(2, 6)) as part:
+        rows = list(part.epoch(1))
+    assert len(rows) == len(whole) == 3
+    for a, b in zip(rows, whole):
+        assert a.images.shape == (4, 32, 32, 3)
+        for field in ("images", "labels", "mask", "indices"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)[2:6])
+    with pytest.raises(ValueError, match="is not a non-empty contiguous range of a batch of 8"):
+        make(slice(8, 9))
+
+
 def test_closing_process_workers_frees_their_shared_memory(folder):
     from multiprocessing.shared_memory import SharedMemory
 

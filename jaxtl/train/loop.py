@@ -315,8 +315,9 @@ class Trainer:
         self.figures = Figures(self.figures_every_s) if self.primary else _Discard()
         loaders = (train_loader, val_loader, plain_loader)
         purge_step = step + 1 if meta is not None else None
+        events = EventWriter(self.run_dir / "tensorboard", purge_step=purge_step) if self.primary else _Discard()
         with (
-            EventWriter(self.run_dir / "tensorboard", purge_step=purge_step) if self.primary else _Discard() as self.events,
+            events as self.events,
             contextlib.ExitStack() as stack,
         ):
             for loader in loaders:
@@ -409,7 +410,9 @@ class Trainer:
                 resuming = phase_index == start_phase and epoch == start_epoch
                 first_batch = start_batch if resuming else 0
 
-                save_mid_epoch = functools.partial(self._save_mid_epoch, graphdef, best, phase_index, epoch, phase.name)
+                save_mid_epoch = functools.partial(
+                    self._save_mid_epoch, graphdef, best, phase, phase_index, epoch, loader_epoch
+                )
                 state, opt_state, step, train_metrics = self._train_epoch(
                     train_step, state, opt_state, train_loader, loader_epoch, first_batch, step, features, phase.name,
                     totals=start_totals if resuming and first_batch else None, checkpoint=save_mid_epoch,
@@ -562,12 +565,12 @@ class Trainer:
         }
 
     def _save_mid_epoch(
-        self, graphdef, best: dict, phase_index: int, epoch: int, phase: str, state, opt_state, step: int,
-        batch: int, totals: dict,
+        self, graphdef, best: dict, phase: Phase, phase_index: int, epoch: int, loader_epoch: int, state, opt_state,
+        step: int, batch: int, totals: dict,
     ) -> None:  # fmt: skip
         """checkpoints/latest before ``batch`` of epoch ``epoch`` of a phase (train.checkpoint_every_steps)."""
         arrays = {"model": _model_arrays(merge_model(graphdef, jax.device_get(state))), "opt_state": _leaves(opt_state)}
-        self._check_finite_arrays(arrays, 0.0, step, phase, epoch)
+        self._check_finite_arrays(arrays, 0.0, step, phase.name, loader_epoch)
         position = {"phase": phase_index, "epoch_in_phase": epoch, "batch": batch, "step": step, "epoch_totals": totals}
         self._save("latest", arrays, self._meta(position, best, {}))
 

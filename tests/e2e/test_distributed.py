@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from test_train import CONFIGS, JAXTL, TINY, arrays, metrics, train
 
-PHASES = ("phases.0.epochs=1", "phases.1.epochs=2")  # head-only on cached features, then the last block
+from jaxtl.train.checkpoint import load_meta
+
+PHASES = ("phases.0.epochs=1", "phases.1.epochs=1")  # head-only on cached features, then the last block
 
 
 def free_port() -> int:
@@ -23,8 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(run_dir, *extra, resume=False, fault=None, expect=0):
-    """Runs both processes of a 2-process run to their end; their (stdout, stderr)."""
+def two_processes(run_dir, *extra, resume=False, fault=None, expect=(0, 0)):
+    """Runs both processes of a 2-process run to their end; their (stdout, stderr).
+
+    ``expect`` holds each process's allowed exit statuses (or one status).
+    """
     port = free_port()
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     if fault:
@@ -42,8 +47,9 @@ def two_processes(run_dir, *extra, resume=False, fault=None, expect=0):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for i, (p, (out, err)) in enumerate(zip(processes, outputs)):
-        assert p.returncode == expect, f"process {i}: exit {p.returncode}, expected {expect}\n{out[-3000:]}{err[-3000:]}"
+    for i, (p, (out, err), allowed) in enumerate(zip(processes, outputs, expect)):
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        assert p.returncode in allowed, f"process {i}: exit {p.returncode}, expected {allowed}\n{out[-3000:]}{err[-3000:]}"
     return outputs
 
 
@@ -55,10 +61,11 @@ def test_two_processes_compute_what_one_process_with_all_devices_computes(tmp_pa
 
     (first, _), (second, second_err) = two_processes(tmp_path / "two")
     assert "on 4 device(s) of 2 processes" in first and "done in" in first
-    # The first process alone logs (gloo's own connection lines aside).
-    assert [line for line in second.splitlines() if not line.startswith("[Gloo]")] == [] and "epoch" not in second_err
+    # The first process alone logs (the second's stdout holds only gloo's own connection lines).
+    for line in ("run ", "phase 1/2", "epoch 1", "done in"):
+        assert line in first and line not in second and line not in second_err, line
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")  # written once
-    assert [r["epoch"] for r in b] == [1, 2, 3]
+    assert [r["epoch"] for r in b] == [1, 2]
     for x, y in zip(a, b, strict=True):
         for key in ("train_loss", "train_acc1", "val_loss", "val_acc1"):
             assert x[key] == pytest.approx(y[key], abs=1e-5), (key, x, y)
@@ -74,8 +81,11 @@ def test_two_processes_compute_what_one_process_with_all_devices_computes(tmp_pa
         (tmp_path / "one" / "confusion.json").read_text()
     )["matrix"]  # fmt: skip
 
-    # Both killed at the 8th step (inside the second phase's first epoch), then resumed as two processes.
-    two_processes(tmp_path / "cut", fault="kill:train.step:8", expect=-signal.SIGKILL)
+    # Killed at the 8th step (inside the second phase): each process by the fault or, when the other
+    # is gone before it gets there, by JAX (SIGABRT: a task of the run died). Then resumed as two processes.
+    killed = (-signal.SIGKILL, -signal.SIGABRT)
+    two_processes(tmp_path / "cut", fault="kill:train.step:8", expect=(killed, killed))
+    assert load_meta(tmp_path / "cut" / "checkpoints" / "latest")["step"] == 5  # the first phase's end
     (resumed, _), _ = two_processes(tmp_path / "cut", resume=True)
     assert "resumed from" in resumed
     want, got = arrays(tmp_path / "two" / "checkpoints" / "latest"), arrays(tmp_path / "cut" / "checkpoints" / "latest")

@@ -154,16 +154,20 @@ class Loader:
             raise ValueError(f"rows={rows} is not a non-empty contiguous range of a batch of {batch_size}")
         self.skipped: list[str] = []
         self._workers: _Threads | _Processes | None = None
+        self._order: tuple[int | None, np.ndarray | None] = (None, None)  # (epoch, order): one epoch's, kept
 
     def __len__(self) -> int:
         """Batches per epoch (the last one padded)."""
         return -(-len(self.source) // self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The source indices of ``epoch`` in the order they are yielded."""
-        if not self.shuffle:
-            return np.arange(len(self.source))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        """The source indices of ``epoch`` in the order they are yielded (kept for the epoch's batches)."""
+        if self._order[0] != epoch:
+            n = len(self.source)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            order.flags.writeable = False
+            self._order = (epoch, order)
+        return self._order[1]
 
     def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
         """(batch_size,) source indices of one batch, -1 for padding."""
@@ -293,8 +297,9 @@ class _Threads:
 _process_state: dict = {}
 
 
-def _process_init(shared_name: str, slots_shape: tuple, source, transform, seed: int, skip_bad_files: bool) -> None:
+def _process_init(shared_name: str, slots_shape: tuple, work: bytes, seed: int, skip_bad_files: bool) -> None:
     memory = SharedMemory(shared_name)
+    source, transform = pickle.loads(work)
     _process_state.update(
         memory=memory,
         slots=np.ndarray(slots_shape, np.uint8, memory.buf),
@@ -332,7 +337,8 @@ class _Processes:
     def __init__(self, loader: Loader):
         self.loader = loader
         try:
-            pickle.dumps((loader.source, loader.transform))
+            # Pickled once here, for every worker (a large source's list of files is pickled once, not per worker).
+            work = pickle.dumps((loader.source, loader.transform))
         except (pickle.PicklingError, TypeError, AttributeError) as error:
             raise _CannotUseProcesses(
                 f"worker_type='process' needs a source and transform that pickle, and {loader.source!r} or "
@@ -362,14 +368,7 @@ class _Processes:
             loader.num_workers,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_process_init,
-            initargs=(
-                self.memory.name,
-                self.slots_shape,
-                loader.source,
-                loader.transform,
-                loader.seed,
-                loader.skip_bad_files,
-            ),
+            initargs=(self.memory.name, self.slots_shape, work, loader.seed, loader.skip_bad_files),
         )
         # Also run at exit or when the loader is collected unclosed: /dev/shm keeps what is not unlinked.
         self._finalizer = weakref.finalize(self, _Processes._release, self.pool, self.memory)

@@ -74,6 +74,15 @@ def put(local: np.ndarray, sharding, batch_size: int):
     return jax.make_array_from_process_local_data(sharding, local, (batch_size, *local.shape[1:]))
 
 
+def whole(local: np.ndarray, sharding, batch_size: int) -> np.ndarray:
+    """The whole batch of which ``local`` holds this process's rows: ``local`` itself with one process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return local
+    return gather(put(local, sharding, batch_size))
+
+
 def gather(array) -> np.ndarray:
     """A (possibly sharded across processes) array, whole, on this host."""
     import jax

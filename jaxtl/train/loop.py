@@ -472,8 +472,8 @@ class Trainer:
             # Each process computes its rows; every process keeps all features (the batches of later
             # epochs mix rows).
             f = distributed.gather(features(state, distributed.put(batch.images, self.eval_sharding, size)))
-            mask = distributed.gather(distributed.put(batch.mask, self.eval_sharding, size))
-            batch_labels = distributed.gather(distributed.put(batch.labels, self.eval_sharding, size))
+            mask = distributed.whole(batch.mask, self.eval_sharding, size)
+            batch_labels = distributed.whole(batch.labels, self.eval_sharding, size)
             if out is None:
                 out = np.zeros((n, f.shape[-1]), np.float32)
             rows = loader.batch_indices(0, b)[mask]  # not the padding, nor a file skipped (data.skip_bad_files)
@@ -536,7 +536,7 @@ class Trainer:
             mask = distributed.put(batch.mask, self.sharding, size)
             # The images of the whole batch; with several processes a collective that every one joins
             # (each holds some rows), so that all take the same branch below.
-            images = int(batch.mask.sum() if jax.process_count() == 1 else distributed.gather(mask).sum())
+            images = int(distributed.whole(batch.mask, self.sharding, size).sum())
             if not images:  # every file of the batch skipped (data.skip_bad_files): no statistics to take
                 step += 1
                 progress.update(1, images=0)
@@ -640,7 +640,8 @@ class Trainer:
                 fault_point("train.eval")
             predictions = distributed.gather(jnp.argmax(logits, -1))  # every process's rows
             m = jax.device_get(m)
-            rows, labels = distributed.gather(mask).astype(bool), distributed.gather(labels)
+            rows = distributed.whole(batch.mask, self.eval_sharding, size)
+            labels = distributed.whole(batch.labels, self.eval_sharding, size)
             confusion += confusion_matrix(labels[rows], predictions[rows], num_classes)
             totals["loss"] += float(m["loss"]) * float(m["count"])
             totals["correct"] += float(m["correct"])

@@ -2,8 +2,8 @@
 
 Checks eval-mode logits, train-mode logits and the BatchNorm running statistics after one forward,
 the cross-entropy gradient of every parameter, and the logits of the model exported back to
-torchvision, each against the tolerances of the numerics contract (DESIGN.md). When logits differ,
-the report names the first stage where the two models part, from per-stage activations.
+torchvision, each against the tolerances of the numerics contract (docs/numerics.md). When logits
+differ, the report names the first stage where the two models part, from per-stage activations.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torchvision
 from flax import nnx
 
 from convert.torchvision_state import to_torchvision, torch_to_jaxtl_layout
+from jaxtl.models.names import dotted_name
 
 # (max abs diff, relative L2) per check; None where the contract sets no bound.
 TOLERANCES: dict[str, tuple[float | None, float | None]] = {
@@ -60,7 +61,13 @@ class Comparison:
 
 
 def compare(
-    check: str, name: str, expected, actual, limits: tuple[float | None, float | None] | None = None, *, floor: float = 0.0
+    check: str,
+    name: str,
+    expected,
+    actual,
+    limits: tuple[float | None, float | None] | None = None,
+    *,
+    floor: float = 0.0,
 ) -> Comparison:
     """Compares two arrays of the same shape; ``limits`` default to ``TOLERANCES[check]``.
 
@@ -129,7 +136,10 @@ class ParityReport(ComparisonSet):
             result = "ok" if all(c.passed for c in group) else f"FAIL ({sum(not c.passed for c in group)})"
             lines.append(f"  {check:<14} {len(group):>7} {max_abs:>11.2e} {rel:>10.2e}   ({bound:<13})    {result}")
         for failure in self.failures[:10]:
-            lines.append(f"  failed: {failure.check} {failure.name}: max|diff| {failure.max_abs:.3e}, rel L2 {failure.rel_l2:.3e}")
+            lines.append(
+                f"  failed: {failure.check} {failure.name}: max|diff| {failure.max_abs:.3e}, "
+                f"rel L2 {failure.rel_l2:.3e}"
+            )
         lines.extend(f"  {line}" for line in self.notes + self.divergence)
         return "\n".join(lines)
 
@@ -184,7 +194,11 @@ def _jax_forward(model: nnx.Module) -> Callable:
 
 # XLA:CPU spends most of a float64 gradient's compile in LLVM optimisation and the fusion
 # emitters; the reference computation at a few pixels does not need either (compile 2-3x faster).
-_FAST_COMPILE_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True, "xla_cpu_use_fusion_emitters": False}
+_FAST_COMPILE_CPU = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
 
 
 def fast_compile_options() -> dict:
@@ -197,7 +211,8 @@ def _jax_loss_and_grads(model: nnx.Module, *, fast_compile: bool = False) -> Cal
 
     def loss_and_grads(params, rest, x, labels):
         def loss_fn(params):
-            # copy=True: BatchNorm writes its statistics inside a differentiated function (PITFALLS 18).
+            # copy=True: BatchNorm writes its statistics inside a differentiated function
+            # (docs/numerics.md, trap 18).
             module = nnx.merge(graphdef, params, rest, copy=True)
             logits = module(x)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -213,7 +228,7 @@ def _jax_loss_and_grads(model: nnx.Module, *, fast_compile: bool = False) -> Cal
 
 
 def _flat(state: nnx.State) -> dict[str, np.ndarray]:
-    return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+    return {dotted_name(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
 
 
 def check_parity(
@@ -246,7 +261,8 @@ def check_parity(
         for name in torch_grads:  # torch's order: the first failure listed is the earliest layer.
             report.comparisons.append(compare("gradients", name, torch_grads[name], jax_grads[name], floor=floor))
         if float32_gradients:
-            report.notes.append(_float32_gradient_summary(*_gradients(torch_model, jax_model, x, labels, torch.float32)))
+            float32 = _gradients(torch_model, jax_model, x, labels, torch.float32)
+            report.notes.append(_float32_gradient_summary(*float32))
         _check_export(report, torch_model, jax_model, arch, x, expected)
     return report
 
@@ -289,7 +305,10 @@ def _float32_gradient_summary(torch_grads: dict[str, np.ndarray], jax_grads: dic
     errors = {name: relative_l2(torch_grads[name], jax_grads[name], floor) for name in torch_grads}
     worst = max(errors, key=errors.get)
     within = sum(error <= bound for error in errors.values())
-    return f"float32 gradients: {within}/{len(errors)} tensors within rel L2 {bound:.0e}, worst {worst} {errors[worst]:.2e}"
+    return (
+        f"float32 gradients: {within}/{len(errors)} tensors within rel L2 {bound:.0e}, worst {worst} "
+        f"{errors[worst]:.2e}"
+    )
 
 
 def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):

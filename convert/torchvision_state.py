@@ -14,6 +14,7 @@ from jaxtl.errors import WeightsMismatchError
 from jaxtl.models import list_models
 from jaxtl.models.registry import abstract_model, fill_rng_state
 from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
+from jaxtl.weights import WeightSpec, fill_default_preprocessing
 
 BN_COUNTER = ".num_batches_tracked"
 
@@ -35,7 +36,11 @@ def _drop_bn_counters(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def torch_to_jaxtl_layout(model: nnx.Module, state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """A torch state_dict as numpy arrays in ``model``'s layout (conv OIHW -> HWIO, linear (out, in) -> (in, out))."""
+    """A torch state_dict as numpy arrays in ``model``'s layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)).
+
+    The arrays are views of the tensors' memory where they can be (no copy, for checking shapes):
+    ``load_state_dict`` copies them into a model.
+    """
     permutations = torch_permutations(model)
     arrays = {}
     for key, tensor in _drop_bn_counters(state).items():
@@ -83,18 +88,26 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def from_torchvision(
-    module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], arch: str | None = None, *, source: str = "torchvision"
+    module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    *,
+    source: str = "torchvision",
+    spec: WeightSpec | None = None,
 ) -> nnx.Module:
     """A jaxtl model computing what the torchvision model computes.
 
     Args:
         module_or_state_dict: a torchvision model or its ``state_dict()``.
         arch: the registry name (``"resnet50"``); inferred from the keys and shapes when None.
-        source: what the weights came from, for error messages.
+        source: what the weights came from, for error messages and the model's ``weight_spec``.
+        spec: the weights' spec (``jaxtl.weights.get_weight_spec("resnet50", "IMAGENET1K_V2")`` for a
+            module built with those weights), which becomes the model's ``weight_spec``. When None,
+            a spec naming ``source``, with the preprocessing of ``arch``'s DEFAULT weights.
 
     Returns:
         The jaxtl model in train mode, with the torch module's head width. BatchNorm running
-        statistics are carried over; ``num_batches_tracked`` is dropped.
+        statistics are carried over; ``num_batches_tracked`` is dropped. Every array is a copy: later
+        changes to the torch module (training it, in-place edits) do not reach the jaxtl model.
 
     Raises:
         WeightsMismatchError: listing missing, unexpected and mis-shaped keys.
@@ -116,14 +129,19 @@ def from_torchvision(
     model = abstract_model(arch, num_classes=num_classes)
     load_state_dict(model, torch_to_jaxtl_layout(model, state), source=source)
     fill_rng_state(model)  # dropout and stochastic depth streams: keys, so that it trains
+    if spec is None:
+        name = "torchvision module" if isinstance(module_or_state_dict, torch.nn.Module) else "state_dict"
+        spec = WeightSpec(arch=arch, name=name, source=source, num_classes=num_classes)
+    model.weight_spec = fill_default_preprocessing(spec)
     return model
 
 
 def to_torchvision(model: nnx.Module) -> OrderedDict[str, torch.Tensor]:
     """``model``'s state as a torchvision state_dict, loadable with ``load_state_dict(strict=True)``.
 
-    Each BatchNorm gets ``num_batches_tracked = 0``: torchvision's BNs use a fixed momentum, so the
-    counter does not enter any computation.
+    Every tensor owns a copy of its values: changing it in place leaves ``model`` as it is. Each
+    BatchNorm gets ``num_batches_tracked = 0``: torchvision's BNs use a fixed momentum, so the counter
+    does not enter any computation.
     """
     permutations = torch_permutations(model)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -1,19 +1,20 @@
 """Training parity: one fine-tuning recipe run in PyTorch and in jaxtl from the same weights, compared.
 
 A :class:`Recipe` is a small declarative description (phases of which blocks train, at which learning
-rates, with BatchNorm in train or eval mode) that both sides read. The PyTorch side is written the
-way shared/RECIPE.md writes it: ``requires_grad = False`` on frozen parameters, ``torch.optim.AdamW``
-over parameter groups with their own ``lr``, ``model.train()`` followed by
-``model.apply(set_batchnorm_eval)``, and a new optimizer at every phase boundary. The jaxtl side uses
-jaxtl's own API: built-in policies as :class:`jaxtl.optim.Phase` rules, ``build_optimizer`` (a fresh
-one per phase), ``split_model`` and ``make_train_step``.
+rates, with the BatchNorm policy of the trainable blocks, ``"train"`` or ``"frozen"`` as everywhere in
+jaxtl) that both sides read. The PyTorch side is written the way the recipe in docs/recipe.md writes it:
+``requires_grad = False`` on frozen parameters, ``torch.optim.AdamW`` over parameter groups with their
+own ``lr``, ``model.train()`` followed by ``model.apply(set_batchnorm_eval)`` (a frozen BatchNorm is one
+in torch's eval mode), and a new optimizer at every phase boundary. The jaxtl side uses jaxtl's own
+API: built-in policies as :class:`jaxtl.optim.Phase` rules, ``build_optimizer`` (a fresh one per
+phase), ``split_model`` and ``make_train_step``.
 
 Both runs see identical float batches in identical order (NCHW to torch, the same values NHWC to
 jaxtl), with dropout and stochastic depth off on both sides (rates set to 0), so the runs are
 deterministic functions of the weights and the batches. Compared: the loss at every step; at the
 end every parameter and BatchNorm running statistic, and eval-mode logits on a held-out batch;
 and, in both frameworks, every parameter that a phase freezes (and every BatchNorm statistic a
-phase holds in eval mode) bit-identical at the end of the phase to its start.
+phase holds frozen) bit-identical at the end of the phase to its start.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from convert.torchvision_state import torch_to_jaxtl_layout
 from jaxtl.errors import JaxtlError
 from jaxtl.models.registry import fill_rng_state
 from jaxtl.models.state_dict import state_dict
-from jaxtl.optim import OptimizerConfig, ParamGroups, Phase, Rule, full, head_only, last_n_blocks
+from jaxtl.optim import BN_POLICIES, OptimizerConfig, ParamGroups, Phase, Rule, full, head_only, last_n_blocks
 from jaxtl.train.step import make_eval_step, make_train_step, merge_model, split_model
 
-# (max abs diff, relative difference) per check; None where no bound applies (DESIGN.md: "N
-# optimizer steps of a recipe ... losses rel <= 1e-4, params rel <= 1e-4").
+# (max abs diff, relative difference) per check; None where no bound applies (the numerics contract,
+# docs/numerics.md: N optimizer steps of a recipe, the loss of every step and every parameter and
+# running statistic at the end within relative 1e-4, frozen tensors bit-identical).
 TOLERANCES: dict[str, tuple[float | None, float | None]] = {
     "loss": (None, 1e-4),
     "parameters": (None, 1e-4),
@@ -87,14 +89,15 @@ class RecipePhase:
             ``layer4``; EfficientNet's last stage and the 1x1 conv after it) or ``"all"``.
         lrs: learning rate of each trainable group: ``head``, and ``blocks`` (last_block) or
             ``backbone`` (all).
-        bn: mode of the BatchNorm layers in the trainable blocks: ``"train"`` (batch statistics,
-            running statistics updated) or ``"eval"``. BatchNorm in frozen blocks is always in eval mode.
+        bn: BatchNorm policy of the trainable blocks, one of ``jaxtl.optim.BN_POLICIES``: ``"train"``
+            (batch statistics, running statistics updated) or ``"frozen"`` (running statistics used
+            and kept: torch's eval mode). BatchNorm in frozen blocks is always frozen.
     """
 
     steps: int
     trains: Trains
     lrs: Mapping[str, float]
-    bn: Literal["train", "eval"] = "train"
+    bn: Literal["train", "frozen"] = "train"
 
     def __post_init__(self):
         if self.trains not in TRAINABLE_GROUPS:
@@ -103,8 +106,8 @@ class RecipePhase:
             raise RecipeError(
                 f"a phase training {self.trains!r} needs lrs for {TRAINABLE_GROUPS[self.trains]}, got {dict(self.lrs)}"
             )
-        if self.bn not in ("train", "eval"):
-            raise RecipeError(f"bn={self.bn!r} is not 'train' or 'eval'")
+        if self.bn not in BN_POLICIES:
+            raise RecipeError(f"bn={self.bn!r} is not one of {', '.join(map(repr, BN_POLICIES))}")
         if self.steps < 1:
             raise RecipeError(f"steps={self.steps} must be at least 1")
 
@@ -124,7 +127,7 @@ class Recipe:
 
 
 # The pretrained blocks train at 3e-5 (the recipe's backbone rate), not 1e-4: at 1e-4 a block of
-# these random models whose BatchNorm is held in eval mode trains chaotically (its loss rises), and
+# these random models whose BatchNorm is frozen trains chaotically (its loss rises), and
 # 20 float32 steps then depend on rounding. PyTorch's own float32 run of bn_eval at 1e-4 differs from
 # its float64 run by 7e-5 in the parameters, and a 6e-6 relative change of the learning rate moves
 # them by 3e-4, while float64 runs of torch and jaxtl agree to 3e-15. At 3e-5 the same checks give
@@ -134,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
     for recipe in [
         Recipe(
             "feature_extraction",
-            "backbone frozen (BN in eval mode), new head, AdamW lr 1e-3 wd 1e-4",
+            "backbone frozen (BN frozen), new head, AdamW lr 1e-3 wd 1e-4",
             (RecipePhase(20, "head", {"head": 1e-3}),),
         ),
         Recipe(
@@ -153,8 +156,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "bn_eval",
-            "head (lr 1e-3) and last block (3e-5) train, BN of the whole model in eval mode",
-            (RecipePhase(20, "last_block", {"head": 1e-3, "blocks": 3e-5}, bn="eval"),),
+            "head (lr 1e-3) and last block (3e-5) train, BN of the whole model frozen (torch's eval mode)",
+            (RecipePhase(20, "last_block", {"head": 1e-3, "blocks": 3e-5}, bn="frozen"),),
         ),
         Recipe(
             "bn_train",
@@ -230,7 +233,7 @@ def disable_dropout(torch_model: torch.nn.Module, jax_model: nnx.Module) -> None
 
 
 def set_batchnorm_eval(module: torch.nn.Module) -> None:
-    """shared/RECIPE.md, "Batch Normalization During Transfer Learning"."""
+    """The recipe's BatchNorm advice (docs/recipe.md, "BatchNorm during transfer learning"): eval mode."""
     if isinstance(module, torch.nn.BatchNorm2d):
         module.eval()
 
@@ -296,7 +299,7 @@ def train_torch(
         for params in groups.values():
             for param in params:
                 param.requires_grad = True
-        # A new optimizer at every boundary, over the trainable parameters only (RECIPE.md).
+        # A new optimizer at every boundary, over the trainable parameters only, as the recipe does.
         optimizer = torch.optim.AdamW(
             [{"params": params, "lr": phase.lrs[name]} for name, params in groups.items()],
             weight_decay=recipe.weight_decay,
@@ -336,7 +339,7 @@ def jaxtl_phase(phase: RecipePhase, recipe: Recipe, name: str) -> Phase:
 
     def rules(model: nnx.Module) -> list[Rule]:
         result = policy(model)
-        if phase.bn == "eval":  # BN of the trainable backbone blocks held in eval mode too
+        if phase.bn == "frozen":  # BN of the trainable backbone blocks frozen too
             result = [
                 dataclasses.replace(r, bn="frozen") if r.group_name != "head" and not r.frozen else r for r in result
             ]
@@ -450,7 +453,8 @@ class TrainingParityReport(ComparisonSet):
             f"{p.trains} ({p.steps} steps{'' if p.trains == 'head' else f', BN {p.bn}'})" for p in self.recipe.phases
         )
         title = (
-            f"training parity {self.arch}, recipe {self.recipe.name}: {self.recipe.steps} steps on {self.input_shape} {self.dtype}"
+            f"training parity {self.arch}, recipe {self.recipe.name}: {self.recipe.steps} steps on "
+            f"{self.input_shape} {self.dtype}"
         )
         lines = [
             f"{title} (NHWC): {'PASS' if self.passed else 'FAIL'}",
@@ -508,12 +512,14 @@ class TrainingParityReport(ComparisonSet):
             shape = self.shapes[worst.name]
             lines.append(
                 f"  largest final difference: group {self.groups[worst.name]}, layer {layer}: {worst.check} "
-                f"{worst.name} {shape} ({int(np.prod(shape)):,} values): max|diff| {worst.max_abs:.3e}, rel L2 {worst.rel_l2:.3e}"
+                f"{worst.name} {shape} ({int(np.prod(shape)):,} values): max|diff| {worst.max_abs:.3e}, "
+                f"rel L2 {worst.rel_l2:.3e}"
             )
         for failure in self.failures[:10]:
             if failure.check != "loss":
                 lines.append(
-                    f"  failed: {failure.check} {failure.name}: max|diff| {failure.max_abs:.3e}, rel {failure.rel_l2:.3e}"
+                    f"  failed: {failure.check} {failure.name}: max|diff| {failure.max_abs:.3e}, "
+                    f"rel {failure.rel_l2:.3e}"
                 )
         return lines
 

@@ -39,7 +39,8 @@ def check_hash(path: Path, expected_prefix: str | None) -> str:
     if expected_prefix and not digest.startswith(expected_prefix.lower()):
         raise WeightsError(
             f"hash mismatch for {path}: its sha256 is {digest[:16]}..., but its name says it starts with "
-            f"{expected_prefix}. The file is corrupt, truncated or not what its name says: delete it and download it again"
+            f"{expected_prefix}. The file is corrupt, truncated or not what its name says: delete it and download "
+            "it again"
         )
     return digest
 
@@ -105,7 +106,9 @@ def download_weights(spec: WeightSpec, *, timeout_s: float = DOWNLOAD_TIMEOUT_S)
 
     enum_url = torchvision.models.get_model_weights(spec.arch)[spec.name].url
     if enum_url != spec.source:
-        raise WeightsError(f"torchvision's URL for {spec.arch} {spec.name} is {enum_url}, jaxtl's spec says {spec.source}")
+        raise WeightsError(
+            f"torchvision's URL for {spec.arch} {spec.name} is {enum_url}, jaxtl's spec says {spec.source}"
+        )
     destination = torch_hub_file(spec)
     if destination.is_file():
         return destination

@@ -7,6 +7,10 @@ against them by tests/parity/test_weight_specs.py.
 
 Converted weights are stored as a directory: ``state/`` (an orbax checkpoint of the arrays, jaxtl
 layout) and ``spec.json``. Loading one needs neither torch nor a network.
+
+A ``weights`` argument anywhere in jaxtl (``create``, ``load_pretrained``, ``convert``, the CLI) is
+one of three kinds, told apart by :func:`resolve_weights` alone: a torchvision weight name, a torch
+state_dict file, or a converted-weights directory.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,6 +54,33 @@ class Preprocessing:
     antialias: bool = True
 
 
+class Metrics(Mapping[str, float]):
+    """Reported accuracies, ``{"acc@1": 80.858, "acc@5": 95.434}``: a read-only mapping that is hashable.
+
+    A model carries its WeightSpec as a static attribute, which Flax NNX keeps in the model's graphdef;
+    jit caches by the graphdef's hash, so every field of the spec must hash, and a dict does not.
+    Compares equal to a dict with the same items.
+    """
+
+    def __init__(self, items: Mapping[str, float] | Iterator[tuple[str, float]] = ()):
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> float:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"Metrics({self._items!r})"
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
     """Everything known about one set of weights besides the arrays.
@@ -63,7 +95,8 @@ class WeightSpec:
         categories: class names of that head, or None when unknown.
         preprocessing: the eval preprocessing the weights expect, or None when unknown.
         num_params: parameter count, as torchvision reports it.
-        metrics: reported accuracies, e.g. ``{"acc@1": 80.858, "acc@5": 95.434}``.
+        metrics: reported accuracies, e.g. ``{"acc@1": 80.858, "acc@5": 95.434}``; a dict is stored as
+            :class:`Metrics`, so that the spec hashes.
     """
 
     arch: str
@@ -75,17 +108,22 @@ class WeightSpec:
     categories: tuple[str, ...] | None = None
     preprocessing: Preprocessing | None = None
     num_params: int | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+
+    def __post_init__(self):
+        if not isinstance(self.metrics, Metrics):
+            object.__setattr__(self, "metrics", Metrics(self.metrics))
 
     @property
     def file_name(self) -> str:
         return self.source.rsplit("/", 1)[-1]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(dataclasses.replace(self, metrics={})), "metrics": dict(self.metrics)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WeightSpec:
+        """The spec of ``to_json``'s dict; reads every spec.json written since format version 1."""
         data = dict(data)
         if data.get("preprocessing") is not None:
             pre = dict(data["preprocessing"])
@@ -160,7 +198,9 @@ def _imagenet_spec(
         sha256_prefix=sha256_prefix_of(file_name),
         num_classes=1000,
         categories=None,  # filled by get_weight_spec: the list is shared by all.
-        preprocessing=Preprocessing(resize_size=resize, crop_size=crop, interpolation=interpolation, mean=mean, std=std),
+        preprocessing=Preprocessing(
+            resize_size=resize, crop_size=crop, interpolation=interpolation, mean=mean, std=std
+        ),
         num_params=num_params,
         metrics={"acc@1": acc1, "acc@5": acc5},
     )
@@ -196,24 +236,97 @@ def get_weight_spec(arch: str, name: str) -> WeightSpec:
     return dataclasses.replace(spec, categories=imagenet_categories())
 
 
-def weights_source(arch: str, weights: str | os.PathLike) -> WeightSpec | Path:
-    """What a ``--weights`` argument names: the spec of a torchvision weight name, or a state_dict file.
+def make_random_init_spec(arch: str, num_classes: int, source: str, *, name: str = "random_init") -> WeightSpec:
+    """The spec of a model without pretrained weights: ``source`` says so; the preprocessing is that of
+    ``arch``'s DEFAULT weights, which a recipe fine-tuning it from scratch uses too."""
+    return fill_default_preprocessing(WeightSpec(arch=arch, name=name, source=source, num_classes=num_classes))
 
-    A path that exists, or that ends in .pth, .pt or .bin, is a file; anything else is a weight name.
-    Needs no torch, so a missing file or an unknown name fails in a fraction of a second.
+
+def fill_default_preprocessing(spec: WeightSpec) -> WeightSpec:
+    """``spec``, with the preprocessing of its architecture's DEFAULT weights where it states none (a local file)."""
+    default = default_weights(spec.arch)
+    if spec.preprocessing is not None or default is None:
+        return spec
+    return dataclasses.replace(spec, preprocessing=_SPECS[spec.arch][default].preprocessing)
+
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedWeights:
+    """What a ``weights`` argument names for an architecture (see :func:`resolve_weights`).
+
+    Attributes:
+        arch: the architecture the weights are for.
+        kind: ``"named"`` (a torchvision weight name), ``"file"`` (a torch state_dict file) or
+            ``"converted"`` (a converted-weights directory).
+        path: the file (``"file"``), the directory (``"converted"``), or where the named weights are
+            cached in converted form (``"named"``), whether or not they are there yet.
+        spec: torchvision's spec of a name, the spec.json of a directory; None for a file, whose spec
+            is known once it has been read.
+        converted: whether ``path`` holds converted weights, which load without torch; when False the
+            weights must be converted first, which needs torch and torchvision.
+        given: the argument as the caller wrote it (``"DEFAULT"``), for messages.
+    """
+
+    arch: str
+    kind: Literal["named", "file", "converted"]
+    path: Path
+    spec: WeightSpec | None
+    converted: bool
+    given: str
+
+
+def resolve_weights(arch: str, weights: str | os.PathLike) -> ResolvedWeights:
+    """Tells what ``weights`` names for ``arch``: the one place that decides it. Needs no torch, reads no arrays.
+
+    In this order: a converted-weights directory; an existing file (a torch state_dict); a torchvision
+    weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``). An argument
+    that looks like a path (a ``os.PathLike``, a separator, a .pth/.pt/.bin suffix) is never a name.
 
     Raises:
-        WeightsError: a file that does not exist, or a name that ``arch`` has no weights of.
+        UnknownModelError: an architecture the registry does not know.
+        WeightsError: a path that does not exist, a directory that is not converted weights, converted
+            weights of another architecture, or a name ``arch`` has no weights of (the known ones listed).
     """
-    path = Path(weights)
+    from jaxtl.models.registry import get_builder
+
+    get_builder(arch)
+    given = os.fspath(weights)
+    path = Path(given)
+    if is_converted_weights(path):
+        spec = load_weight_spec(path)
+        if spec.arch != arch:
+            raise WeightsError(
+                f"weights in {path} are for {spec.arch}, not {arch}; build {spec.arch!r} with them, "
+                f"or pass weights converted for {arch}"
+            )
+        return ResolvedWeights(arch, "converted", path, spec, True, given)
     if path.is_file():
-        return path
-    if str(weights).endswith((".pth", ".pt", ".bin")):
+        return ResolvedWeights(arch, "file", path, None, False, given)
+    known = ", ".join(["DEFAULT", *list_weights(arch)])
+    if path.is_dir():
+        raise WeightsError(
+            f"{path} is not a jaxtl converted-weights directory (expected {SPEC_FILE} and {STATE_DIR}/ inside); "
+            f"create one with `jaxtl convert {arch} --weights NAME_OR_PTH --out {path}`"
+        )
+    if given.endswith(WEIGHT_FILE_SUFFIXES):
         raise WeightsError(
             f"weights file {path} does not exist; give the path of a torchvision state_dict file, "
-            f"or a weight name of {arch} ({', '.join(['DEFAULT', *list_weights(arch)])})"
+            f"or a weight name of {arch} ({known})"
         )
-    return get_weight_spec(arch, str(weights))
+    if isinstance(weights, os.PathLike) or os.sep in given or (os.altsep and os.altsep in given):
+        raise WeightsError(
+            f"weights path {path} does not exist; give a converted-weights directory, a torchvision "
+            f"state_dict file, or a weight name of {arch} ({known})"
+        )
+    try:
+        spec = get_weight_spec(arch, given)
+    except WeightsError as error:
+        raise WeightsError(f"{error}; or give a converted-weights directory or a .pth state_dict file") from None
+    cached = converted_weights_path(arch, spec.name)
+    return ResolvedWeights(arch, "named", cached, spec, is_converted_weights(cached), given)
 
 
 def find_spec_by_file_name(file_name: str) -> WeightSpec | None:
@@ -244,7 +357,8 @@ def is_converted_weights(path: str | os.PathLike) -> bool:
     return (path / SPEC_FILE).is_file() and (path / STATE_DIR).is_dir()
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+def nest_arrays(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``{"layer1.0.conv1.weight": a}`` as ``{"layer1": {"0": {"conv1": {"weight": a}}}}`` (orbax keys hold no dots)."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         node = nested
@@ -255,11 +369,12 @@ def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     return nested
 
 
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_arrays(nested: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """:func:`nest_arrays` undone: dotted keys, numpy arrays."""
     flat = {}
     for key, value in nested.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_arrays(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = np.asarray(value)
     return flat
@@ -278,7 +393,7 @@ def save_converted_weights(path: str | os.PathLike, state: dict[str, np.ndarray]
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / STATE_DIR, _nest(state))
+        checkpointer.save(staging / STATE_DIR, nest_arrays(state))
         checkpointer.wait_until_finished()
         document = {"format_version": FORMAT_VERSION, "spec": spec.to_json()}
         (staging / SPEC_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -313,7 +428,9 @@ def load_weight_spec(path: str | os.PathLike) -> WeightSpec:
             )
         return WeightSpec.from_json(document["spec"])
     except (ValueError, KeyError, TypeError) as error:
-        raise WeightsError(f"{path / SPEC_FILE} is corrupt ({error}); convert the weights again with `jaxtl convert`") from None
+        raise WeightsError(
+            f"{path / SPEC_FILE} is corrupt ({error}); convert the weights again with `jaxtl convert`"
+        ) from None
 
 
 def load_converted_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], WeightSpec]:
@@ -328,4 +445,4 @@ def load_converted_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarra
             f"cannot read the arrays in {Path(path) / STATE_DIR} ({type(error).__name__}: {error}); "
             "delete the directory and convert the weights again"
         ) from error
-    return _flatten(nested), spec
+    return flatten_arrays(nested), spec

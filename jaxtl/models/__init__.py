@@ -15,7 +15,17 @@ from jaxtl.models.efficientnet import (
     efficientnet_v2_m,
     efficientnet_v2_s,
 )
-from jaxtl.models.registry import abstract_model, create, fill_rng_state, list_models, register_model, reset_head
+from jaxtl.models.protocol import Classifier
+from jaxtl.models.registry import (
+    abstract_model,
+    convert_weights_once,
+    create,
+    fill_rng_state,
+    list_models,
+    load_pretrained,
+    register_model,
+    reset_head,
+)
 from jaxtl.models.resnet import (
     ResNet,
     resnet18,
@@ -32,6 +42,7 @@ from jaxtl.models.resnet import (
 from jaxtl.models.state_dict import load_state_dict, state_dict
 
 __all__ = [
+    "Classifier",
     "EfficientNet",
     "efficientnet",
     "efficientnet_b0",
@@ -47,6 +58,8 @@ __all__ = [
     "efficientnet_v2_s",
     "ResNet",
     "abstract_model",
+    "convert_weights_once",
+    "load_pretrained",
     "create",
     "fill_rng_state",
     "reset_head",

@@ -17,6 +17,7 @@ from typing import ClassVar
 import jax
 from flax import nnx
 
+from jaxtl.models.initializers import kaiming_normal_fan_out, uniform_init, zeros_init
 from jaxtl.models.layers import (
     Activation,
     BatchNorm2d,
@@ -25,9 +26,6 @@ from jaxtl.models.layers import (
     Sequential,
     StochasticDepth,
     global_avg_pool,
-    kaiming_normal_fan_out,
-    uniform_init,
-    zeros_init,
 )
 from jaxtl.models.registry import register_model
 

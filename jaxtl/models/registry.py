@@ -1,10 +1,11 @@
-"""The model registry: builders by torchvision name, and ``create`` that builds one with its weights."""
+"""The model registry: builders by torchvision name; ``create`` and ``load_pretrained`` build one with weights."""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
 import functools
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -12,8 +13,9 @@ from pathlib import Path
 
 from flax import nnx
 
-from jaxtl.errors import UnknownModelError, WeightsError
-from jaxtl.models.layers import shapes_only
+from jaxtl import weights as jaxtl_weights
+from jaxtl.errors import JaxtlError, UnknownModelError, WeightsError
+from jaxtl.models.initializers import shapes_only
 from jaxtl.models.state_dict import load_state_dict
 
 _BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
@@ -70,10 +72,15 @@ def abstract_model(arch: str, *, num_classes: int = 1000) -> nnx.Module:
     """``arch`` with shapes and dtypes but no arrays (``jax.ShapeDtypeStruct`` leaves), built without compute.
 
     For inspecting an architecture (names, shapes, parameter counts) and as the target that
-    ``load_state_dict`` fills with converted weights.
+    ``load_state_dict`` fills with converted weights. Its ``weight_spec`` says it holds no values, and
+    carries the preprocessing of ``arch``'s DEFAULT weights.
     """
     # A copy of one build per (arch, num_classes): conversion fills the model it gets in place.
-    return nnx.clone(_abstract_template(arch, num_classes))
+    model = nnx.clone(_abstract_template(arch, num_classes))
+    model.weight_spec = jaxtl_weights.make_random_init_spec(
+        arch, num_classes, source="none: an abstract model holds shapes, not values", name="abstract"
+    )
+    return model
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,34 +90,28 @@ def _abstract_template(arch: str, num_classes: int) -> nnx.Module:
         return nnx.eval_shape(lambda: builder(num_classes=num_classes, rngs=nnx.Rngs(0)))
 
 
-def resolve_weights(arch: str, weights: str | os.PathLike) -> Path:
-    """The converted-weights directory that ``weights`` names for ``arch``.
+def convert_weights_once(resolved: jaxtl_weights.ResolvedWeights, *, download_timeout_s: float | None = None) -> Path:
+    """The converted-weights directory of ``resolved``: where it is, or converted now into jaxtl's cache.
 
-    ``weights`` is a converted-weights directory, or a torchvision weight name (``"DEFAULT"``,
-    ``"IMAGENET1K_V1"``) that has been converted into the cache. Raises WeightsError with the
-    command that fixes it otherwise.
+    Converting (a .pth file, or a name not in the cache yet, downloaded through torchvision's URL)
+    imports ``convert`` and so torch, only then; weights already converted never do.
+
+    Raises:
+        WeightsError: the weights need converting and torch or torchvision is not installed (says how
+            to install them, or to convert elsewhere), or the conversion failed (download, hash, keys).
     """
-    from jaxtl import weights as weights_module
+    if resolved.converted:
+        return resolved.path
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        what = f"the state_dict file {resolved.path}" if resolved.kind == "file" else f"weights {resolved.given!r}"
+        raise WeightsError(
+            f"{what} for {resolved.arch} must be converted once, which needs torch and torchvision: "
+            f"pip install 'jaxtl[torch]'. Or convert them where torch is installed, with `jaxtl convert "
+            f"{resolved.arch} --weights {resolved.given} --out DIR`, and pass DIR as the weights"
+        )
+    import convert
 
-    path = Path(weights)
-    if weights_module.is_converted_weights(path):
-        return path
-    if path.is_file():
-        raise WeightsError(
-            f"{path} is a file; jaxtl.models.create reads converted weights, which need no torch. Convert it once "
-            f"with `jaxtl convert {arch} --weights {path} --out DIR` and pass DIR, or call "
-            f"convert.create_model({arch!r}, weights={str(path)!r}) from Python"
-        )
-    if path.exists() or os.sep in str(weights) or str(weights).endswith((".pth", ".pt")):
-        raise WeightsError(f"weights path {path} is not a converted-weights directory or does not exist")
-    cached = weights_module.converted_weights_path(arch, str(weights))  # raises for an unknown name
-    if not weights_module.is_converted_weights(cached):
-        raise WeightsError(
-            f"weights {weights!r} for {arch} are not converted yet (looked in {cached}). Run once "
-            f"`jaxtl convert {arch} --weights {weights}` (downloads through torchvision, needs torch), "
-            f"or call convert.create_model({arch!r}, weights={str(weights)!r})"
-        )
-    return cached
+    return convert.convert_weights(resolved.arch, resolved, timeout_s=download_timeout_s)
 
 
 def create(
@@ -123,29 +124,112 @@ def create(
         num_classes: width of the classifier head. Defaults to the weights' (1000 without weights).
             With weights of another width, the backbone is loaded and the head freshly initialised
             as a new ``nn.Linear`` is, from ``seed`` (:func:`reset_head`).
-        weights: None for torchvision's own random init; a converted-weights directory; or a
-            torchvision weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) already in the cache.
+        weights: None for torchvision's own random init; a converted-weights directory; a torchvision
+            weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``); or a torch state_dict file (.pth). A name
+            not converted yet, and a file, are converted once into jaxtl's cache, which needs torch and
+            torchvision (:func:`convert_weights_once`); converted weights load without them.
         seed: seed of the random initialisation.
 
     Returns:
-        The model, in train mode (as a freshly built torch module is).
+        The model, in train mode (as a freshly built torch module is). Its ``weight_spec`` is the
+        weights' spec (with a fresh head too: it describes the weights, not the head), or for random
+        init a spec saying so; either way its ``preprocessing`` is what to feed the model.
     """
-    from jaxtl import weights as weights_module
-
     builder = get_builder(arch)
     if weights is None:
-        return builder(num_classes=1000 if num_classes is None else num_classes, rngs=nnx.Rngs(seed))
-    path = resolve_weights(arch, weights)
-    state, spec = weights_module.load_converted_weights(path)
+        width = 1000 if num_classes is None else num_classes
+        model = builder(num_classes=width, rngs=nnx.Rngs(seed))
+        model.weight_spec = jaxtl_weights.make_random_init_spec(
+            arch, width, source=f"random init (torchvision's initialisation, seed {seed})"
+        )
+        return model
+    return _create_from(jaxtl_weights.resolve_weights(arch, weights), num_classes, seed, None)
+
+
+def _create_from(
+    resolved: jaxtl_weights.ResolvedWeights, num_classes: int | None, seed: int, download_timeout_s: float | None
+) -> nnx.Module:
+    path = convert_weights_once(resolved, download_timeout_s=download_timeout_s)
+    state, spec = jaxtl_weights.load_converted_weights(path)
+    arch = resolved.arch
     if spec.arch != arch:
         raise WeightsError(f"weights in {path} are for {spec.arch}, not {arch}; use create({spec.arch!r}, ...)")
     num_classes = spec.num_classes if num_classes is None else num_classes
-    model = builder(num_classes=num_classes, rngs=nnx.Rngs(seed))
+    model = get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(seed))
     fresh_head = (f"{model.head_name}.",) if num_classes != spec.num_classes else ()
     load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
     if fresh_head:
         reset_head(model, seed)
+    model.weight_spec = jaxtl_weights.fill_default_preprocessing(spec)
     return model
+
+
+def load_pretrained(
+    arch: str,
+    *,
+    num_classes: int,
+    weights: str | os.PathLike | None,
+    seed: int = 0,
+    download_timeout_s: float | None = None,
+    allow_random_init_fallback: bool = False,
+    log: Callable[[str], None] = print,
+) -> nnx.Module:
+    """``arch`` with ``weights`` and a ``num_classes`` head, for a training run: :func:`create`, plus a
+    download time-out and, only when the caller allows it, torchvision's random init when the weights
+    cannot be had (no cache, no network, no torch).
+
+    Args:
+        arch: a name from ``list_models()``.
+        num_classes: width of the head (a fresh one when the weights' width differs).
+        weights: as :func:`create`'s; None for torchvision's random init.
+        seed: seed of the random initialisation (the fresh head's included).
+        download_timeout_s: give up a download whose network does not answer after this many seconds.
+        allow_random_init_fallback: when the weights cannot be converted, downloaded or read, log a
+            banner saying so and return the random init, whose ``weight_spec.source`` is
+            ``"random init (fallback: NAME unavailable)"``. Never for an unknown architecture or weight
+            name, or a path that does not exist: those are mistakes, not missing weights.
+        log: where the banner goes.
+
+    Raises:
+        UnknownModelError, WeightsError: a mistake as above; or, without the fallback, weights that
+            cannot be had, with the command that converts them.
+    """
+    get_builder(arch)
+    if weights is None:
+        return create(arch, num_classes=num_classes, seed=seed)
+    resolved = jaxtl_weights.resolve_weights(arch, weights)
+    try:
+        return _create_from(resolved, num_classes, seed, download_timeout_s)
+    except JaxtlError as error:
+        if not allow_random_init_fallback:
+            raise WeightsError(
+                f"{error}\n{arch} needs weights {resolved.given!r}: convert them once with `jaxtl convert {arch} "
+                f"--weights {resolved.given}` (a network, or a local .pth), or pass a converted-weights directory"
+            ) from None
+        log(_fallback_banner(resolved, error))
+    model = create(arch, num_classes=num_classes, seed=seed)
+    model.weight_spec = jaxtl_weights.make_random_init_spec(
+        arch, num_classes, source=f"random init (fallback: {resolved.given} unavailable)"
+    )
+    return model
+
+
+def _fallback_banner(resolved: jaxtl_weights.ResolvedWeights, error: Exception) -> str:
+    arch, given = resolved.arch, resolved.given
+    lines = [
+        f"Pretrained weights {given!r} for {arch} could not be had:",
+        f"  {str(error).splitlines()[0]}",
+        "The caller allows a fallback (allow_random_init_fallback), so the model starts from torchvision's",
+        "random initialisation: expect far lower accuracy than from pretrained weights.",
+        f"To use the real weights, with a network: jaxtl convert {arch} --weights {given}",
+    ]
+    if resolved.kind == "named":
+        lines += [
+            f"or copy {resolved.spec.file_name} into torch.hub's cache ($TORCH_HOME/hub/checkpoints, by default",
+            f"~/.cache/torch/hub/checkpoints/) and run jaxtl convert {arch} --weights {given}.",
+        ]
+    rule = "=" * 78
+    return "\n".join([rule, *(f" {line}" for line in lines), rule])
 
 
 def fill_rng_state(model: nnx.Module, seed: int = 0) -> None:
@@ -177,7 +261,8 @@ def reset_head(model: nnx.Module, seed: int = 0) -> None:
     """
     import jax
 
-    from jaxtl.models.layers import Linear, torch_default_uniform
+    from jaxtl.models.initializers import torch_default_uniform
+    from jaxtl.models.layers import Linear
 
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 0x4EAD))
     for _, layer in nnx.iter_graph(getattr(model, model.head_name)):

@@ -11,15 +11,8 @@ from typing import ClassVar
 import jax
 from flax import nnx
 
-from jaxtl.models.layers import (
-    BatchNorm2d,
-    Conv2d,
-    Linear,
-    Sequential,
-    global_avg_pool,
-    kaiming_normal_fan_out,
-    max_pool2d,
-)
+from jaxtl.models.initializers import kaiming_normal_fan_out
+from jaxtl.models.layers import BatchNorm2d, Conv2d, Linear, Sequential, global_avg_pool, max_pool2d
 from jaxtl.models.registry import register_model
 
 Array = jax.Array

@@ -7,22 +7,19 @@ torch tensor is permuted into it, which is all a conversion from torch needs to 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxtl.errors import WeightsMismatchError
-
-
-def _key(path: tuple) -> str:
-    return ".".join(str(part) for part in path)
+from jaxtl.models.names import collapse_names, dotted_name
 
 
 def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """Every parameter and BatchNorm statistic of ``model`` as host numpy arrays, keys sorted."""
-    return {_key(path): np.asarray(jax.device_get(variable.get_value())) for path, variable in _variables(model)}
+    return {dotted_name(path): np.asarray(jax.device_get(variable.get_value())) for path, variable in _variables(model)}
 
 
 def _variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
@@ -44,31 +41,8 @@ def torch_permutations(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     for path, module in nnx.iter_modules(model):
         for name, permutation in getattr(type(module), "TORCH_LAYOUT", {}).items():
             if getattr(module, name, None) is not None:
-                permutations[_key((*path, name))] = permutation
+                permutations[dotted_name((*path, name))] = permutation
     return permutations
-
-
-def _collapse(keys: list[str], universe: Iterable[str]) -> list[str]:
-    """``keys`` with each whole module shown once: ``layer1.2.* (15 keys)`` instead of its 15 keys.
-
-    A module is whole when every key of ``universe`` under it is in ``keys``.
-    """
-    chosen, universe = set(keys), list(universe)
-    lines: list[str] = []
-    done: set[str] = set()
-    for key in keys:
-        parts = key.split(".")
-        for depth in range(1, len(parts)):
-            prefix = ".".join(parts[:depth]) + "."
-            members = [k for k in universe if k.startswith(prefix)]
-            if len(members) > 1 and all(k in chosen for k in members):
-                if prefix not in done:
-                    done.add(prefix)
-                    lines.append(f"{prefix}* ({len(members)} keys)")
-                break
-        else:
-            lines.append(key)
-    return lines
 
 
 def _describe(lines: list[str], limit: int = 25) -> str:
@@ -89,7 +63,7 @@ def check_state_dict(
         ignore_prefixes: keys starting with these are neither required nor allowed to mismatch
             (a fresh head: ``("fc.",)``).
     """
-    targets = {_key(path): variable.get_value().shape for path, variable in _variables(model)}
+    targets = {dotted_name(path): variable.get_value().shape for path, variable in _variables(model)}
 
     def ignored(key: str) -> bool:
         return key.startswith(ignore_prefixes) if ignore_prefixes else False
@@ -105,15 +79,19 @@ def check_state_dict(
         parts = [f"weights from {source} do not fit {type(model).__name__}:"]
         if missing:
             parts.append(
-                f"  {len(missing)} missing keys (in the model, not in the weights):{_describe(_collapse(missing, targets))}"
+                f"  {len(missing)} missing keys (in the model, not in the weights):"
+                f"{_describe(collapse_names(missing, targets))}"
             )
         if unexpected:
             parts.append(
                 f"  {len(unexpected)} unexpected keys (in the weights, not in the model):"
-                f"{_describe(_collapse(unexpected, state))}"
+                f"{_describe(collapse_names(unexpected, state))}"
             )
         if mismatched:
-            parts.append(f"  {len(mismatched)} shape mismatches (jaxtl layout: HWIO kernels, (in, out) linear):{_describe(mismatched)}")
+            parts.append(
+                f"  {len(mismatched)} shape mismatches (jaxtl layout: HWIO kernels, (in, out) linear):"
+                f"{_describe(mismatched)}"
+            )
         parts.append("  Check that the architecture matches the weights (jaxtl.models.list_models()).")
         raise WeightsMismatchError("\n".join(parts), missing=missing, unexpected=unexpected, mismatched=mismatched)
 
@@ -124,11 +102,14 @@ def load_state_dict(
     """Strictly copies ``state`` (jaxtl layout) into ``model`` in place; nothing is changed on error.
 
     Keys under ``ignore_prefixes`` keep the model's own values (a freshly initialised head).
+    Every array is copied: the model never shares memory with ``state``, whose arrays may be views
+    of torch tensors that training goes on changing in place.
     """
     check_state_dict(model, state, source=source, ignore_prefixes=ignore_prefixes)
     for path, variable in _variables(model):
-        key = _key(path)
+        key = dotted_name(path)
         if ignore_prefixes and key.startswith(ignore_prefixes):
             continue
         current = variable.get_value()
-        variable.set_value(jax.numpy.asarray(np.asarray(state[key]), dtype=current.dtype))
+        # jnp.array copies; jnp.asarray would wrap a suitably aligned host buffer (torch's are) without a copy.
+        variable.set_value(jax.numpy.array(np.asarray(state[key]), dtype=current.dtype, copy=True))

@@ -1,4 +1,6 @@
-"""Conversion both ways: strict key accounting, layouts by layer type, and the export round trip."""
+"""Conversion both ways: strict key accounting, layouts by layer type, the export round trip, and copies."""
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from flax import nnx
 from convert import from_torchvision, infer_arch, to_torchvision
 from convert.parity import to_nhwc
 from convert.random_models import randomized_torchvision_model
+from jaxtl import weights
 from jaxtl.errors import WeightsMismatchError
 from jaxtl.models.state_dict import state_dict
 
@@ -43,7 +46,8 @@ def test_a_square_head_is_transposed_by_type_not_by_shape():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = torch_model(x).numpy()
-    np.testing.assert_allclose(_eval_logits(from_torchvision(torch_model, "resnet18"), x), expected, atol=1e-4, rtol=1e-4)
+    actual = _eval_logits(from_torchvision(torch_model, "resnet18"), x)
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_export_is_loadable_strictly_with_every_torchvision_key():
@@ -113,3 +117,69 @@ def test_a_state_dict_of_no_known_architecture_is_refused():
     state.pop("layer4.1.bn2.running_var")
     with pytest.raises(WeightsMismatchError, match="fits none of jaxtl's architectures"):
         infer_arch(state)
+
+
+def _train_one_sgd_step(torch_model: torch.nn.Module, seed: int) -> None:
+    """One real training step, in train mode: BatchNorm updates its running statistics, SGD the parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    x, labels = torch.randn(4, 3, 64, 64, generator=generator), torch.randint(0, 5, (4,), generator=generator)
+    optimizer = torch.optim.SGD(torch_model.parameters(), lr=0.5, momentum=0.9)
+    torch_model.train()
+    torch.nn.functional.cross_entropy(torch_model(x), labels).backward()
+    optimizer.step()
+    torch_model.eval()
+
+
+@pytest.mark.parametrize(
+    "arch, bn, head", [("resnet18", "bn1", "fc"), ("efficientnet_b0", "features.0.1", "classifier.1")]
+)
+@pytest.mark.parametrize("given", ["module", "state_dict"])
+def test_a_converted_model_shares_no_memory_with_the_torch_module(arch, bn, head, given):
+    torch_model = randomized_torchvision_model(arch, num_classes=5, seed=3)
+    before = copy.deepcopy(torch_model)
+    jax_model = from_torchvision(torch_model if given == "module" else torch_model.state_dict(), arch)
+    snapshot = {key: value.copy() for key, value in state_dict(jax_model).items()}
+
+    _train_one_sgd_step(torch_model, seed=4)
+    bn_module = torch_model.get_submodule(bn)
+    with torch.no_grad():
+        bn_module.running_mean.add_(1)
+        bn_module.weight.add_(1)
+        torch_model.get_submodule(head).bias.add_(1)
+    changed = {k for k, v in torch_model.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert {f"{bn}.running_mean", f"{bn}.weight", f"{head}.bias", f"{head}.weight"} <= changed  # it did train
+
+    after = state_dict(jax_model)
+    assert after.keys() == snapshot.keys()
+    moved = [key for key in snapshot if not np.array_equal(after[key], snapshot[key])]
+    assert not moved, f"{len(moved)} of {len(snapshot)} arrays followed the torch module, e.g. {moved[:3]}"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = before.eval()(x).numpy()
+    np.testing.assert_allclose(_eval_logits(jax_model, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_exported_state_dict_shares_no_memory_with_the_jaxtl_model():
+    jax_model = from_torchvision(randomized_torchvision_model("resnet18", num_classes=5, seed=3), "resnet18")
+    snapshot = {key: value.copy() for key, value in state_dict(jax_model).items()}
+    exported = to_torchvision(jax_model)
+    with torch.no_grad():
+        for tensor in exported.values():
+            tensor.add_(1)
+    after = state_dict(jax_model)
+    assert all(np.array_equal(after[key], snapshot[key]) for key in snapshot)
+
+
+def test_a_converted_model_carries_a_weight_spec():
+    torch_model = randomized_torchvision_model("efficientnet_b0", num_classes=5, seed=3)
+    spec = from_torchvision(torch_model, "efficientnet_b0", source="my module").weight_spec
+    default = torchvision.models.EfficientNet_B0_Weights.DEFAULT.transforms()
+    assert (spec.arch, spec.source, spec.num_classes) == ("efficientnet_b0", "my module", 5)
+    pre = spec.preprocessing  # unknown weights: the preprocessing of the architecture's DEFAULT weights
+    assert ([pre.resize_size], [pre.crop_size], pre.interpolation) == (
+        list(default.resize_size), list(default.crop_size), default.interpolation.value,
+    )
+    assert list(pre.mean) == list(default.mean) and list(pre.std) == list(default.std)
+    known = weights.get_weight_spec("resnet18", "IMAGENET1K_V1")
+    model = from_torchvision(randomized_torchvision_model("resnet18", num_classes=1000), "resnet18", spec=known)
+    assert model.weight_spec == known

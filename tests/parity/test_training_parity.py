@@ -192,8 +192,8 @@ def test_recipes_are_the_issues_and_bad_ones_are_refused():
         get_recipe("bn")
     with pytest.raises(RecipeError, match="needs lrs for"):
         RecipePhase(5, "last_block", {"head": 1e-3})
-    with pytest.raises(RecipeError, match="bn='frozen'"):
-        dataclasses.replace(RECIPES["bn_eval"].phases[0], bn="frozen")
+    with pytest.raises(RecipeError, match="bn='eval' is not one of 'train', 'frozen'"):
+        dataclasses.replace(RECIPES["bn_eval"].phases[0], bn="eval")
 
 
 def test_the_parity_command_names_every_recipe(capsys):

@@ -165,11 +165,26 @@ def test_converted_weights_load_without_torch(tmp_path):
     np.testing.assert_allclose(np.array(eval(result.stdout)), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_create_model_converts_on_demand(tmp_path):
+def test_create_converts_a_pth_file_once_and_reuses_the_conversion(tmp_path, monkeypatch):
     torch_model = randomized_torchvision_model("resnet18", num_classes=3, seed=6)
     path = _save_with_hash_name(torch_model.state_dict(), tmp_path)
-    model = convert.create_model("resnet18", weights=path)
+    model = jaxtl.models.create("resnet18", weights=path)
     assert model.fc.out_features == 3 and len(_cache_entries()) == 1
+    assert model.weight_spec.source == str(path.absolute())
+    assert model.weight_spec.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    model.eval()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(to_nhwc(x)))), expected, atol=1e-4, rtol=1e-4)
+
+    def never(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(convert, "load_state_dict_file", never)  # the cached conversion of the same bytes is read
+    again = jaxtl.models.create("resnet18", num_classes=5, weights=str(path), seed=1)
+    assert again.fc.out_features == 5 and len(_cache_entries()) == 1
+    np.testing.assert_array_equal(np.asarray(again.conv1.weight[...]), np.asarray(model.conv1.weight[...]))
 
 
 def test_an_unknown_weight_name_fails_before_any_download():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtl.models.layers import BatchNorm2d, Conv2d, Linear, global_avg_pool, kaiming_normal_fan_out, max_pool2d
+from jaxtl.models.initializers import kaiming_normal_fan_out
+from jaxtl.models.layers import BatchNorm2d, Conv2d, Linear, global_avg_pool, max_pool2d
 
 
 def _conv_with_kernel(kernel_hwio, groups=1, **kwargs):
@@ -118,7 +119,7 @@ def _torch_batch_norm_grads(x, weight, bias, cotangent):
 def test_batch_norm_gradient_is_torchs_and_padding_rows_take_no_part():
     # The closed-form backward against torch's; with a batch mask, the result on the examples is
     # torch's on the examples alone, and the padding rows get no gradient.
-    from jaxtl.models.layers import batch_norm_train
+    from jaxtl.models.batch_norm_ops import batch_norm_train
 
     rng = np.random.default_rng(2)
     x = rng.normal(3.0, 2.0, (6, 5, 4, 7))
@@ -148,7 +149,7 @@ def test_batch_norm_gradient_is_torchs_and_padding_rows_take_no_part():
 def test_batch_norm_in_bfloat16_keeps_float32_statistics():
     # bf16 compute casts the affine parameters to bf16 too; the statistics, the example count
     # (which bf16 cannot hold exactly: 8 * 31 * 31 = 7688) and the gradient sums stay float32.
-    from jaxtl.models.layers import batch_norm_train
+    from jaxtl.models.batch_norm_ops import batch_norm_train
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(0.5, 1.5, (8, 31, 31, 4)), jnp.bfloat16)
@@ -214,7 +215,7 @@ def test_kaiming_normal_fan_out_matches_torch_std():
 def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, stride, size, padding, dilation):
     # The written-out gradient (dilated cotangent and flipped kernel; one reduction per tap)
     # against XLA's grouped conv and its autodiff, in float64: equal to rounding.
-    from jaxtl.models.layers import depthwise_conv2d
+    from jaxtl.models.conv_ops import depthwise_conv2d
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)  # numpy draws: jax.random.normal compiles ~2 s per shape here
@@ -247,7 +248,7 @@ def test_depthwise_taps_equal_xla_grouped_conv_forward_and_gradients(kernel, str
 def test_depthwise_gradient_of_bf16_accumulates_in_float32():
     # bf16 activations (mixed precision): the kernel gradient sums 2 x 32 x 32 products per tap in
     # float32, then rounds once to bf16, so it is within bf16's rounding of the float64 gradient.
-    from jaxtl.models.layers import depthwise_conv2d
+    from jaxtl.models.conv_ops import depthwise_conv2d
 
     rng = np.random.default_rng(1)
     x, w, dy = (
@@ -282,7 +283,7 @@ def test_cpu_conv_equals_xla_conv_forward_and_gradients(shape, kernel, stride, p
 
 
 def _check_cpu_conv(shape, kernel, stride, padding, groups):
-    from jaxtl.models.layers import cpu_conv2d, taps_conv2d, xla_conv2d
+    from jaxtl.models.conv_ops import cpu_conv2d, taps_conv2d, xla_conv2d
 
     rng = np.random.default_rng(0)  # numpy draws: jax.random.normal compiles ~2 s per shape here
     x = jnp.asarray(rng.standard_normal(shape))

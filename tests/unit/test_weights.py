@@ -1,13 +1,17 @@
-"""Weight specs, the converted-weights cache and create(weights=...) (no torch)."""
+"""Weight specs, the weights resolver, the converted-weights cache and create(weights=...) (no torch)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxtl.errors
 import jaxtl.models
+import jaxtl.models.registry
 from jaxtl import weights
 from jaxtl.errors import WeightsError, WeightsMismatchError
 from jaxtl.models.state_dict import state_dict
@@ -112,16 +116,114 @@ def test_create_refuses_weights_of_another_architecture(converted):
         jaxtl.models.create("resnet34", weights=path)
 
 
-def test_named_weights_not_converted_yet_say_how_to_convert():
-    with pytest.raises(WeightsError, match="jaxtl convert resnet50 --weights IMAGENET1K_V2"):
+@pytest.fixture
+def without_torch(monkeypatch):
+    """torch and torchvision as if not installed: importing them fails, find_spec finds neither."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+
+
+def test_named_weights_not_converted_yet_say_how_to_convert_without_torch(without_torch):
+    with pytest.raises(WeightsError) as info:
         jaxtl.models.create("resnet50", weights="IMAGENET1K_V2")
+    message = str(info.value)
+    assert "pip install 'jaxtl[torch]'" in message
+    assert "jaxtl convert resnet50 --weights IMAGENET1K_V2 --out DIR" in message
 
 
-def test_a_pth_file_needs_conversion_first(tmp_path):
+def test_a_pth_file_needs_torch_to_be_converted(tmp_path, without_torch):
     file = tmp_path / "resnet18-abcdef12.pth"
     file.write_bytes(b"not read")
-    with pytest.raises(WeightsError, match="jaxtl convert resnet18 --weights"):
+    with pytest.raises(WeightsError, match=f"the state_dict file {file} for resnet18 must be converted once"):
         jaxtl.models.create("resnet18", weights=file)
+
+
+def test_the_resolver_tells_the_three_kinds_apart(converted, tmp_path):
+    path, _ = converted
+    resolved = weights.resolve_weights("resnet18", path)
+    assert (resolved.kind, resolved.path, resolved.converted, resolved.spec) == ("converted", path, True, _spec())
+
+    file = tmp_path / "resnet18-abcdef12.pth"
+    file.write_bytes(b"not read")
+    resolved = weights.resolve_weights("resnet18", str(file))
+    assert (resolved.kind, resolved.path, resolved.converted, resolved.spec) == ("file", file, False, None)
+
+    resolved = weights.resolve_weights("resnet50", "DEFAULT")
+    assert (resolved.kind, resolved.spec.name, resolved.converted, resolved.given) == (
+        "named", "IMAGENET1K_V2", False, "DEFAULT",
+    )
+    assert resolved.path == weights.cache_dir() / "weights" / "resnet50" / "IMAGENET1K_V2"
+    weights.save_converted_weights(resolved.path, {"fc.bias": np.zeros(1000)}, resolved.spec)  # in the cache now
+    assert weights.resolve_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2").converted
+
+
+@pytest.mark.parametrize(
+    "arch, argument, message",
+    [
+        ("resnet18", "IMAGENET22K", "unknown weights 'IMAGENET22K' for resnet18; known weights for resnet18: DEFAULT, "
+         "IMAGENET1K_V1; or give a converted-weights directory or a .pth state_dict file"),
+        ("resnet18", "/missing/file.pth", "weights file /missing/file.pth does not exist; give the path of a "
+         "torchvision state_dict file, or a weight name of resnet18 (DEFAULT, IMAGENET1K_V1)"),
+        ("resnet18", "runs/missing", "weights path runs/missing does not exist; give a converted-weights directory"),
+        ("resnet05", "DEFAULT", "unknown architecture 'resnet05'. Did you mean resnet50"),
+    ],
+)
+def test_the_resolver_names_what_is_wrong(arch, argument, message):
+    with pytest.raises(jaxtl.errors.JaxtlError) as info:
+        weights.resolve_weights(arch, argument)
+    assert message in str(info.value)
+
+
+def test_a_directory_that_is_not_converted_weights_is_refused(tmp_path):
+    with pytest.raises(WeightsError, match=f"{tmp_path} is not a jaxtl converted-weights directory .*jaxtl convert"):
+        jaxtl.models.create("resnet18", weights=tmp_path)
+
+
+def test_load_pretrained_falls_back_to_random_init_only_when_allowed(without_torch):
+    logged = []
+    model = jaxtl.models.registry.load_pretrained(
+        "resnet18", num_classes=4, weights="DEFAULT", seed=3, allow_random_init_fallback=True, log=logged.append
+    )
+    assert len(logged) == 1 and "Pretrained weights 'DEFAULT' for resnet18 could not be had" in logged[0]
+    assert "pip install 'jaxtl[torch]'" in logged[0] and "jaxtl convert resnet18 --weights DEFAULT" in logged[0]
+    assert "resnet18-f37072fd.pth" in logged[0]  # the file to copy into torch.hub's cache
+    assert model.weight_spec.source == "random init (fallback: DEFAULT unavailable)"
+    assert model.weight_spec.preprocessing == weights.get_weight_spec("resnet18", "DEFAULT").preprocessing
+    expected = state_dict(jaxtl.models.create("resnet18", num_classes=4, seed=3))  # torchvision's random init
+    assert all(np.array_equal(v, expected[k]) for k, v in state_dict(model).items())
+
+    with pytest.raises(WeightsError) as info:
+        jaxtl.models.registry.load_pretrained("resnet18", num_classes=4, weights="DEFAULT", log=logged.append)
+    assert "resnet18 needs weights 'DEFAULT': convert them once with `jaxtl convert resnet18 --weights DEFAULT`" in str(
+        info.value
+    )
+    assert len(logged) == 1
+
+
+def test_load_pretrained_never_falls_back_on_a_mistake(without_torch):
+    for weights_argument in ("IMAGENET1K_V9", "/missing/file.pth"):
+        with pytest.raises(WeightsError):
+            jaxtl.models.registry.load_pretrained(
+                "resnet18", num_classes=4, weights=weights_argument, allow_random_init_fallback=True, log=pytest.fail
+            )
+
+
+def test_converted_and_cached_weights_load_without_importing_torch(converted):
+    path, original = converted
+    named = weights.converted_weights_path("resnet18", "DEFAULT")
+    weights.save_converted_weights(named, original, weights.get_weight_spec("resnet18", "DEFAULT"))
+    code = (
+        "import sys, numpy as np, jaxtl.models\n"
+        "from jaxtl.models.registry import load_pretrained\n"
+        f"a = jaxtl.models.create('resnet18', weights={str(path)!r})\n"
+        "b = jaxtl.models.create('resnet18', num_classes=3, weights='IMAGENET1K_V1')\n"
+        "c = load_pretrained('resnet18', num_classes=3, weights='DEFAULT', allow_random_init_fallback=True)\n"
+        "assert a.weight_spec.name == 'test' and b.weight_spec.name == c.weight_spec.name == 'IMAGENET1K_V1'\n"
+        "assert 'torch' not in sys.modules and 'convert' not in sys.modules, sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "could not be had" not in result.stdout
 
 
 def test_mismatched_state_lists_missing_unexpected_and_mis_shaped_keys():

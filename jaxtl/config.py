@@ -9,6 +9,7 @@ and stored in every checkpoint.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import types
@@ -19,7 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxtl.bounds import Bounds, bounded, field_bounds
+from jaxtl.data.loader import DEFAULT_WORKER_TYPE, WorkerType
 from jaxtl.errors import JaxtlError
+from jaxtl.optim import OptimizerConfig, Phase
+from jaxtl.optim.settings import Labels, describe_freezing
+
+DEFAULT_PHASE_EPOCHS = 1  # a config's phase that gives neither epochs nor steps
+MAX_SEED = 2**63 - 1  # numpy's generators take no negative seed, jax's keys no wider one
 
 
 class ConfigError(JaxtlError, ValueError):
@@ -29,19 +37,19 @@ class ConfigError(JaxtlError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet18"
-    weights: str | None = "DEFAULT"  # a torchvision weight name, a converted directory, or None (random init)
+    weights: str | None = "DEFAULT"  # a torchvision weight name, a .pth file, a converted directory, or None
     # Train from torchvision's random init when the weights cannot be had (no cache, no network).
     # Only the quickstart sets this; any other config stops with a message instead.
     allow_random_init_fallback: bool = False
-    download_timeout_s: float = 20.0
+    download_timeout_s: float = bounded(20.0, low=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-    seed: int = 0
-    num_classes: int = 5
-    train_per_class: int = 60
-    val_per_class: int = 20
+    seed: int = bounded(0, low=0, high=MAX_SEED)
+    num_classes: int = bounded(5, low=2, high=8)
+    train_per_class: int = bounded(60, low=1)
+    val_per_class: int = bounded(20, low=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,101 +60,62 @@ class DataConfig:
     tfds_data_dir: str | None = None
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int | None = None
-    # Loader workers: processes from 4 workers on where they can run, threads below (jaxtl.data.Loader).
-    worker_type: Literal["auto", "thread", "process"] = "auto"
+    batch_size: int = bounded(32, low=1)
+    eval_batch_size: int = bounded(64, low=1)
+    num_workers: int | None = bounded(None, low=1)
+    worker_type: WorkerType = DEFAULT_WORKER_TYPE  # jaxtl.data.Loader's default
     # The weights' eval preprocessing by default; set crop_size to train and evaluate at another
     # resolution (resize_size then keeps the weights' resize/crop ratio unless given too).
-    crop_size: int | None = None
-    resize_size: int | None = None
+    crop_size: int | None = bounded(None, low=32)
+    resize_size: int | None = bounded(None, low=32)
     random_resized_crop: bool = False
-    flip_p: float = 0.0
+    flip_p: float = bounded(0.0, low=0, high=1)
     skip_bad_files: bool = False
-    max_image_pixels: int | None = 178956970  # PIL's default decompression-bomb limit
+    max_image_pixels: int | None = bounded(178956970, low=1)  # PIL's default decompression-bomb limit
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: Literal["constant", "warmup_cosine", "one_cycle"] = "constant"
-    warmup_steps: int = 0
-    final_lr_fraction: float = 0.0
-    no_weight_decay: tuple[str, ...] = ()
-    clip_grad_norm: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseConfig:
-    name: str
-    policy: str
-    epochs: int = 1
-    lrs: dict[str, float] = dataclasses.field(default_factory=dict)
-    carry_state: bool = True
-    bn: Literal["train", "frozen"] | None = None  # every BatchNorm's mode in the phase; None: the policy's
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
+    seed: int = bounded(0, low=0, high=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     feature_cache: bool = True  # head-only phases without augmentation train on features computed once
-    log_every: int = 10
+    log_every: int = bounded(10, low=1)
     checkpoint_metric: Literal["val_acc1", "val_loss"] = "val_acc1"
     # Also write checkpoints/latest every N steps inside an epoch (None: at epoch ends only), so that
     # a kill loses at most N steps of a long epoch; a resume continues from the batch after it.
-    checkpoint_every_steps: int | None = None
+    checkpoint_every_steps: int | None = bounded(None, low=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """A training run: where it writes, the model, the data, the optimizer, its phases, the loop's settings.
+
+    ``optim`` applies to every phase that sets no ``optimizer`` of its own.
+    """
+
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    phases: tuple[PhaseConfig, ...] = (PhaseConfig("head", "head_only", epochs=3),)
+    optim: OptimizerConfig = OptimizerConfig()
+    phases: tuple[Phase, ...] = (Phase("head", "head_only", epochs=3),)
     train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain values for YAML; a freezing written in Python is named ``python:module.function``."""
+        return _plain(self)
 
 
-_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "model.download_timeout_s": (0, None),
-    "data.batch_size": (1, None),
-    "data.eval_batch_size": (1, None),
-    "data.num_workers": (1, None),
-    "data.flip_p": (0, 1),
-    "data.crop_size": (32, None),
-    "data.resize_size": (32, None),
-    "data.max_image_pixels": (1, None),
-    "data.synthetic.num_classes": (2, 8),
-    "data.synthetic.train_per_class": (1, None),
-    "data.synthetic.val_per_class": (1, None),
-    "optim.lr": (0, None),
-    "optim.weight_decay": (0, None),
-    "optim.eps": (0, None),
-    "optim.momentum": (0, 1),
-    "optim.warmup_steps": (0, None),
-    "optim.final_lr_fraction": (0, 1),
-    "optim.clip_grad_norm": (0, None),
-    "phases.*.epochs": (1, None),
-    "phases.*.lrs.*": (0, None),
-    "train.log_every": (1, None),
-    "train.checkpoint_every_steps": (1, None),
-    "train.seed": (0, 2**63 - 1),  # numpy's generators take no negative seed, jax's keys no wider one
-    "data.synthetic.seed": (0, 2**63 - 1),
-    "optim.betas.*": (0, 1),  # and below 1 (_BELOW_HIGH): a beta of 1 divides Adam's bias correction by 0
-}
-_BELOW_HIGH = {"optim.betas.*"}  # ranges whose upper bound is excluded
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Labels) or callable(value):
+        return describe_freezing(value)
+    return value
 
 
 # Bounds on what a config may hold: YAML aliases can make a list that holds itself, or a few lines
@@ -194,19 +163,18 @@ def _describe_yaml_error(error: Exception) -> str:
     return " ".join(text.split())
 
 
-def _range_key(key: str) -> str:
-    parts = ["*" if part.isdigit() else part for part in key.split(".")]
-    if len(parts) == 4 and parts[0] == "phases" and parts[2] == "lrs":
-        parts[3] = "*"
-    return ".".join(parts)
+def _convert(value: Any, annotation: Any, key: str, source: str, bounds: Bounds | None = None) -> Any:
+    """``value`` checked against (and converted to) ``annotation``; ConfigError naming ``key`` otherwise.
 
-
-def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """``value`` checked against (and converted to) ``annotation``; ConfigError naming ``key`` otherwise."""
+    ``bounds`` apply to the numbers in ``value``. Values only Python can give (a rules function, a
+    :class:`jaxtl.optim.Labels`, a Rule) are taken where the annotation allows them.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     where = f"{source}: {key}"
     if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}")
         return _build(annotation, value, key, source)
@@ -218,10 +186,14 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, option, key, source)
+                return _convert(value, option, key, source, bounds)
             except ConfigError as error:
                 errors.append(error)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} fits none of {annotation}")
+        raise errors[0]
+    if origin is collections.abc.Callable:
+        if not callable(value) or isinstance(value, type):
+            raise ConfigError(f"{where} must be a function, got {value!r}")
+        return value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where} is {value!r}; expected one of {', '.join(map(repr, args))}")
@@ -232,9 +204,9 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where} must have {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}.{i}", source) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}.{i}", source, bounds) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
-        return tuple(_convert(v, item, f"{key}.{i}", source) for i, v in enumerate(value))
+        return tuple(_convert(v, item, f"{key}.{i}", source, bounds) for i, v in enumerate(value))
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
@@ -243,7 +215,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(f"{where} has a non-string key {k!r}; quote it")
-            out[k] = _convert(v, value_type, f"{key}.{k}", source)
+            out[k] = _convert(v, value_type, f"{key}.{k}", source, bounds)
         return out
     if annotation is Any:
         return value
@@ -254,7 +226,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return _check_range(value, key, where)
+        return _check_bounds(value, bounds, where)
     if annotation is float:
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
@@ -270,21 +242,21 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{where} must be a finite number, got {digits[:6]}... ({len(digits)} digits)") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{where} must be finite, got {value}")
-        return _check_range(value, key, where)
+        return _check_bounds(value, bounds, where)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if isinstance(annotation, type):  # a Python-only type, e.g. jaxtl.optim.Labels
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{where} must be a {annotation.__name__}, got {value!r}")
+        return value
     raise ConfigError(f"{where}: unsupported type {annotation}")
 
 
-def _check_range(value: float, key: str, where: str) -> float:
-    range_key = _range_key(key)
-    low, high = _RANGES.get(range_key, (None, None))
-    below = range_key in _BELOW_HIGH
-    if (low is not None and value < low) or (high is not None and (value >= high if below else value > high)):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if below else ']'}"
-        raise ConfigError(f"{where} = {value} is out of range {bounds}")
+def _check_bounds(value: float, bounds: Bounds | None, where: str) -> float:
+    if bounds is not None and not bounds.contains(value):
+        raise ConfigError(f"{where} = {value} is out of range {bounds.describe()}")
     return value
 
 
@@ -302,7 +274,7 @@ def _build(cls: type, data: Mapping, prefix: str, source: str):
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
-            values[name] = _convert(data[name], hints[name], key, source)
+            values[name] = _convert(data[name], hints[name], key, source, field_bounds(field))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: {key} is required")
     try:
@@ -363,9 +335,12 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
         raise ConfigError(f"{source}: the top level must be a mapping of {', '.join(f.name for f in dataclasses.fields(RunConfig))}")
     data = _to_plain(dict(data), source)
     if "phases" not in data:
-        data["phases"] = [dataclasses.asdict(p) for p in RunConfig().phases]
+        data["phases"] = RunConfig().to_dict()["phases"]
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, _to_plain(value, f"override {key}"), f"override {key}")
+    for phase in data["phases"] if isinstance(data["phases"], list) else ():
+        if isinstance(phase, dict) and phase.get("steps") is None and phase.get("epochs") is None:
+            phase["epochs"] = DEFAULT_PHASE_EPOCHS
     config = _build(RunConfig, data, "", source)
     if not config.phases:
         raise ConfigError(f"{source}: phases is empty; give at least one phase")

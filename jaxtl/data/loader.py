@@ -12,6 +12,7 @@ threads stop scaling when many cores decode at once. Processes (started with ``f
 forking a process that runs JAX's threads is unsafe) each hold their own GIL and write their rows
 into shared-memory batch slots; a batch is copied out of its slot before it is yielded. Both give
 the same batches, byte for byte. Measured against torch's DataLoader in bench/data_loader.py.
+The workers themselves are in :mod:`jaxtl.data.workers`.
 
 Random train transforms draw from ``numpy.random.default_rng([seed, epoch, index])``: the same crop
 for the same example in the same epoch, whatever the thread timing or the resume point.
@@ -20,26 +21,24 @@ for the same example in the same epoch, whatever the thread timing or the resume
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import os
-import pickle
-import shutil
-import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.shared_memory import SharedMemory
 from typing import Literal
 
 import numpy as np
 
 from jaxtl.data.sources import Source
+from jaxtl.data.workers import PROCESS_WORKERS_FROM, CannotUseProcesses, ProcessWorkers, ThreadWorkers
 from jaxtl.errors import DataError
 
 log = logging.getLogger(__name__)
+
+WorkerType = Literal["auto", "thread", "process"]
+# Threads below PROCESS_WORKERS_FROM workers (no processes on a small machine or in a test), processes from
+# there on where they can run: a library user and a run config get the same loader.
+DEFAULT_WORKER_TYPE: WorkerType = "auto"
 
 Transform = Callable[..., np.ndarray]
 
@@ -128,7 +127,7 @@ class Loader:
         num_workers: int | None = None,
         prefetch: int = 2,
         skip_bad_files: bool = False,
-        worker_type: Literal["auto", "thread", "process"] = "thread",
+        worker_type: WorkerType = DEFAULT_WORKER_TYPE,
         rows: slice | None = None,
     ):
         if batch_size < 1:
@@ -153,7 +152,7 @@ class Loader:
         if self.rows_per_batch < 1 or self.rows.step not in (None, 1):
             raise ValueError(f"rows={rows} is not a non-empty contiguous range of a batch of {batch_size}")
         self.skipped: list[str] = []
-        self._workers: _Threads | _Processes | None = None
+        self._workers: ThreadWorkers | ProcessWorkers | None = None
         self._order: tuple[int | None, np.ndarray | None] = (None, None)  # (epoch, order): one epoch's, kept
 
     def __len__(self) -> int:
@@ -191,17 +190,17 @@ class Loader:
                 next_batch += 1
             yield workers.collect(ticket)  # re-raises a worker's DataError, in the batch's row order
 
-    def _start_workers(self) -> _Threads | _Processes:
+    def _start_workers(self) -> ThreadWorkers | ProcessWorkers:
         if self._workers is None:
             if self.worker_type == "process":
-                self._workers = _Processes(self)
+                self._workers = ProcessWorkers(self)
             elif self.worker_type == "auto" and self.num_workers >= PROCESS_WORKERS_FROM:
                 try:
-                    self._workers = _Processes(self)
-                except _CannotUseProcesses as error:
+                    self._workers = ProcessWorkers(self)
+                except CannotUseProcesses as error:
                     log.info("loader: threads, not processes: %s", error)
             if self._workers is None:
-                self._workers = _Threads(self)
+                self._workers = ThreadWorkers(self)
         return self._workers
 
     def close(self) -> None:
@@ -220,11 +219,11 @@ class Loader:
         if getattr(self, "_workers", None) is not None:
             self._workers.close(wait=False)
 
-    def _skip(self, description: str, error: str) -> None:
+    def record_skipped(self, description: str, error: str) -> None:
         self.skipped.append(description)  # list.append is atomic under the GIL
         log.warning("skipped %s", error)
 
-    def _empty_batch(self, indices: np.ndarray) -> Batch:
+    def empty_batch(self, indices: np.ndarray) -> Batch:
         height, width = self.transform.output_size
         return Batch(
             images=np.zeros((len(indices), height, width, 3), np.uint8),
@@ -232,200 +231,6 @@ class Loader:
             mask=indices >= 0,
             indices=indices,
         )
-
-
-# Worker processes pay a start (an interpreter, jaxtl.data, the pickled source: about half a second)
-# and a copy of each batch; threads pay the GIL, which serialises the Python between PIL's calls: a
-# fifth of the 1.3 ms that RandomResizedCrop + flip of a generated JPEG takes in one thread, so the
-# GIL is near saturation from 4 threads on. bench/data_loader.py times both kinds.
-PROCESS_WORKERS_FROM = 4
-
-
-class _CannotUseProcesses(DataError):
-    """Process workers cannot run this loader (its source or transform does not pickle, no room in /dev/shm)."""
-
-
-def _load_row(source, transform, seed: int, epoch: int, index: int, skip_bad_files: bool, shape):
-    """``(array, label)`` of one example, or ``(None, (description, message))`` for a skipped bad file."""
-    try:
-        image, label = source.load(index)
-    except DataError as error:
-        if not skip_bad_files:
-            raise
-        return None, (source.describe(index), str(error))
-    array = transform(image, np.random.default_rng([seed, epoch, index]))
-    if array.shape != shape:
-        raise DataError(f"{source.describe(index)}: transform gave shape {array.shape}, expected {shape}")
-    return array, label
-
-
-class _Threads:
-    """Each example is decoded by a thread straight into its row of a fresh batch."""
-
-    def __init__(self, loader: Loader):
-        self.loader = loader
-        self.pool = ThreadPoolExecutor(loader.num_workers, thread_name_prefix="jaxtl-loader")
-
-    def submit(self, epoch: int, indices: np.ndarray) -> tuple[Batch, list[Future]]:
-        out = self.loader._empty_batch(indices)
-        rows = [(row, int(index)) for row, index in enumerate(indices) if index >= 0]
-        return out, [self.pool.submit(self._fill, out, row, index, epoch) for row, index in rows]
-
-    def _fill(self, out: Batch, row: int, index: int, epoch: int) -> None:
-        loader = self.loader
-        array, label = _load_row(
-            loader.source, loader.transform, loader.seed, epoch, index, loader.skip_bad_files, out.images.shape[1:]
-        )
-        if array is None:
-            out.mask[row] = False
-            loader._skip(*label)
-            return
-        out.images[row] = array
-        out.labels[row] = label
-
-    def collect(self, ticket: tuple[Batch, list[Future]]) -> Batch:
-        batch, futures = ticket
-        for future in futures:
-            future.result()
-        return batch
-
-    def close(self, wait: bool) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)
-
-
-# The state of a worker process, set once by _process_init.
-_process_state: dict = {}
-
-
-def _process_init(shared_name: str, slots_shape: tuple, work: bytes, seed: int, skip_bad_files: bool) -> None:
-    memory = SharedMemory(shared_name)
-    source, transform = pickle.loads(work)
-    _process_state.update(
-        memory=memory,
-        slots=np.ndarray(slots_shape, np.uint8, memory.buf),
-        source=source,
-        transform=transform,
-        seed=seed,
-        skip_bad_files=skip_bad_files,
-    )
-
-
-def _process_fill(slot: int, epoch: int, rows: list[tuple[int, int]]) -> list[tuple[int, int | None, tuple | None]]:
-    """Decodes ``(row, index)`` pairs into ``slot``; gives ``(row, label, None)`` or ``(row, None, skipped)``."""
-    state = _process_state
-    images = state["slots"][slot]
-    results = []
-    for row, index in rows:
-        array, label = _load_row(
-            state["source"], state["transform"], state["seed"], epoch, index, state["skip_bad_files"], images.shape[1:]
-        )
-        if array is None:
-            results.append((row, None, label))
-        else:
-            images[row] = array
-            results.append((row, label, None))
-    return results
-
-
-class _Processes:
-    """Worker processes decode chunks of a batch into a slot of shared memory; the batch is copied out.
-
-    ``prefetch + 1`` slots: a slot is reused only once its batch has been collected (or, for a batch
-    left behind by an abandoned epoch, once its tasks are cancelled or finished).
-    """
-
-    def __init__(self, loader: Loader):
-        self.loader = loader
-        try:
-            # Pickled once here, for every worker (a large source's list of files is pickled once, not per worker).
-            work = pickle.dumps((loader.source, loader.transform))
-        except (pickle.PicklingError, TypeError, AttributeError) as error:
-            raise _CannotUseProcesses(
-                f"worker_type='process' needs a source and transform that pickle, and {loader.source!r} or "
-                f"{loader.transform!r} does not ({error}); use worker_type='thread'"
-            ) from None
-        height, width = loader.transform.output_size
-        self.slots_shape = (loader.prefetch + 1, loader.rows_per_batch, height, width, 3)
-        needed = int(np.prod(self.slots_shape))
-        try:
-            free = shutil.disk_usage("/dev/shm").free
-        except OSError:
-            free = needed  # no /dev/shm: the platform's shared memory is not a size-limited tmpfs
-        if free < needed:
-            # Writing past what a tmpfs can hold kills the process with SIGBUS, not an error.
-            raise _CannotUseProcesses(
-                f"/dev/shm has {free >> 20} MiB free and the loader's worker processes need {needed >> 20} MiB "
-                f"({self.slots_shape[0]} batches of {loader.rows_per_batch}); give the container more (docker run "
-                "--shm-size=1g), lower the batch size, or use data.worker_type: thread"
-            )
-        self.memory = SharedMemory(create=True, size=needed)
-        self.slots = np.ndarray(self.slots_shape, np.uint8, self.memory.buf)
-        self.slot_futures: list[list[Future]] = [[] for _ in range(self.slots_shape[0])]
-        self.next_slot = 0
-        # Chunks of rows, two per worker and batch: fewer round trips than one example per task.
-        self.chunk = max(1, -(-loader.rows_per_batch // (2 * loader.num_workers)))
-        self.pool = ProcessPoolExecutor(
-            loader.num_workers,
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_process_init,
-            initargs=(self.memory.name, self.slots_shape, work, loader.seed, loader.skip_bad_files),
-        )
-        # Also run at exit or when the loader is collected unclosed: /dev/shm keeps what is not unlinked.
-        self._finalizer = weakref.finalize(self, _Processes._release, self.pool, self.memory)
-
-    def submit(self, epoch: int, indices: np.ndarray) -> tuple[Batch, int, list[Future]]:
-        slot = self.next_slot
-        self.next_slot = (slot + 1) % self.slots_shape[0]
-        for future in self.slot_futures[slot]:  # left by an abandoned epoch
-            if not future.cancel():
-                future.exception()
-        rows = [(row, int(index)) for row, index in enumerate(indices) if index >= 0]
-        try:
-            futures = [
-                self.pool.submit(_process_fill, slot, epoch, rows[i : i + self.chunk])
-                for i in range(0, len(rows), self.chunk)
-            ]
-        except (BrokenProcessPool, BrokenPipeError) as error:
-            raise self._broken() from error
-        self.slot_futures[slot] = futures
-        return self.loader._empty_batch(indices), slot, futures
-
-    def collect(self, ticket: tuple[Batch, int, list[Future]]) -> Batch:
-        batch, slot, futures = ticket
-        for future in futures:
-            try:
-                results = future.result()
-            except BrokenProcessPool as error:
-                raise self._broken() from error
-            for row, label, skipped in results:
-                if skipped is None:
-                    batch.labels[row] = label
-                else:
-                    batch.mask[row] = False
-                    self.loader._skip(*skipped)
-        self.slot_futures[slot] = []
-        np.copyto(batch.images, self.slots[slot], where=batch.mask[:, None, None, None])
-        return batch
-
-    def _broken(self) -> DataError:
-        return DataError(
-            f"a loader worker process for {self.loader.source!r} stopped: killed (out of memory?), or it could "
-            'not start because the script that runs the loader has no `if __name__ == "__main__":` guard '
-            "(the traceback above says which); lower data.num_workers, add the guard, or use threads "
-            "(data.worker_type: thread; Loader(worker_type='thread'))"
-        )
-
-    def close(self, wait: bool) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)
-        self.slots = None  # the last view of the shared memory, which cannot close while one exists
-        self._finalizer()
-
-    @staticmethod
-    def _release(pool: ProcessPoolExecutor, memory: SharedMemory) -> None:
-        pool.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(BufferError, FileNotFoundError):
-            memory.close()
-            memory.unlink()
 
 
 def device_batches(batches: Iterator[Batch], sharding=None, size: int = 2) -> Iterator[Batch]:

@@ -1,44 +1,35 @@
-"""Parameter groups (freezing, learning rates, weight decay, BatchNorm policy) and their optimizer."""
+"""Parameter groups (freezing, learning rates, weight decay, BatchNorm policy), phases and their optimizer.
 
-from jaxtl.optim.groups import BN_POLICIES, Group, ParamGroupError, ParamGroups, Rule, assign, assign_labels, parameters
-from jaxtl.optim.optimizer import OptimizerConfig, build_optimizer, group_lr, group_state_leaves, schedule
-from jaxtl.optim.phases import Phase, carry_optimizer_state, progressive_unfreezing
-from jaxtl.optim.policies import (
-    POLICIES,
-    bitfit,
-    discriminative,
-    full,
-    get_policy,
-    head_only,
-    last_n_blocks,
-    layerwise_lr_decay,
-    norm_only,
-)
+Names load on first use: the settings a run config holds (``OptimizerConfig``, ``Phase``, ``Rule``,
+``Group``, ``Labels``) need no jax, so a config is read and checked before jax is imported.
+"""
 
-__all__ = [
-    "BN_POLICIES",
-    "POLICIES",
-    "Group",
-    "OptimizerConfig",
-    "Phase",
-    "ParamGroupError",
-    "ParamGroups",
-    "Rule",
-    "assign",
-    "assign_labels",
-    "bitfit",
-    "build_optimizer",
-    "carry_optimizer_state",
-    "discriminative",
-    "full",
-    "get_policy",
-    "group_lr",
-    "group_state_leaves",
-    "head_only",
-    "last_n_blocks",
-    "layerwise_lr_decay",
-    "norm_only",
-    "parameters",
-    "progressive_unfreezing",
-    "schedule",
-]
+import importlib
+
+_NAMES = {
+    "jaxtl.optim.rules": ("BN_POLICIES", "BNPolicy", "Group", "ParamGroupError", "Rule"),
+    "jaxtl.optim.settings": ("Freezing", "Labels", "OptimizerConfig", "Phase"),
+    "jaxtl.optim.groups": ("ParamGroups", "assign", "assign_labels", "parameters"),
+    "jaxtl.optim.optimizer": ("build_optimizer", "group_lr", "group_state_leaves", "schedule"),
+    "jaxtl.optim.phases": ("carry_optimizer_state", "progressive_unfreezing"),
+    "jaxtl.optim.policies": (
+        "POLICIES", "bitfit", "discriminative", "full", "get_policy", "head_only", "last_n_blocks",
+        "layerwise_lr_decay", "norm_only",
+    ),
+}  # fmt: skip
+_MODULES = {name: module for module, names in _NAMES.items() for name in names}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxtl.optim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -14,112 +14,27 @@ dotted names, first match wins) compile into exactly that, and the built-in poli
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
-from jaxtl.errors import JaxtlError
 from jaxtl.models.layers import BatchNorm2d
-from jaxtl.models.state_dict import _collapse
+from jaxtl.models.names import collapse_names, dotted_name
+from jaxtl.optim.rules import BN_POLICIES, BNPolicy, Group, ParamGroupError, Rule
 
-BNPolicy = Literal["train", "frozen"]
-BN_POLICIES = ("train", "frozen")
-
-
-class ParamGroupError(JaxtlError, ValueError):
-    """Rules, labels or groups that do not describe the model's parameters."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """Settings of one parameter group.
-
-    Attributes:
-        name: the group's name, as labels refer to it.
-        frozen: no gradient, no optimizer state, parameters bit-identical throughout.
-        lr: the group's peak learning rate; None means ``base lr * lr_mult``.
-        lr_mult: multiplier of the base learning rate when ``lr`` is None.
-        weight_decay: the group's decoupled weight decay; None means the optimizer's default.
-        bn: the BatchNorm layers whose weight is in this group: ``"train"`` normalises with batch
-            statistics and updates the running ones (torch's ``.train()``), ``"frozen"`` uses and keeps
-            the running statistics (torch's ``.eval()`` on those layers). None: ``"frozen"`` for a frozen
-            group, ``"train"`` otherwise.
-        transform: an optax GradientTransformation to use for this group instead of the optimizer
-            built from the settings above (a researcher's own update rule).
-    """
-
-    name: str
-    frozen: bool = False
-    lr: float | None = None
-    lr_mult: float = 1.0
-    weight_decay: float | None = None
-    bn: BNPolicy | None = None
-    transform: Any = None
-
-    def __post_init__(self):
-        if self.bn is not None and self.bn not in BN_POLICIES:
-            raise ParamGroupError(f"group {self.name!r}: bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
-        for field in ("lr", "weight_decay"):
-            value = getattr(self, field)
-            if value is not None and not (np.isfinite(value) and value >= 0):
-                raise ParamGroupError(f"group {self.name!r}: {field}={value} must be a finite number >= 0")
-        if not (np.isfinite(self.lr_mult) and self.lr_mult >= 0):
-            raise ParamGroupError(f"group {self.name!r}: lr_mult={self.lr_mult} must be a finite number >= 0")
-
-    @property
-    def bn_policy(self) -> BNPolicy:
-        return self.bn or ("frozen" if self.frozen else "train")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """Parameters whose dotted name matches ``pattern`` go to group ``group`` with these settings.
-
-    ``pattern`` is a glob (``"layer4.*"``, ``"*.bn*.weight"``; ``*`` also crosses dots) or, prefixed
-    with ``re:``, a regular expression matched against the whole name (``"re:layer[34]\\..*"``).
-    Rules are tried in order; the first that matches a parameter takes it. Rules naming the same
-    group must give it the same settings.
-    """
-
-    pattern: str
-    group: str | None = None
-    frozen: bool = False
-    lr: float | None = None
-    lr_mult: float = 1.0
-    weight_decay: float | None = None
-    bn: BNPolicy | None = None
-
-    def __post_init__(self):
-        if self.pattern.startswith("re:"):
-            try:
-                re.compile(self.pattern[3:])
-            except re.error as error:
-                raise ParamGroupError(f"rule {self.pattern!r}: invalid regular expression ({error})") from None
-
-    @property
-    def group_name(self) -> str:
-        return self.group or self.pattern
-
-    def matches(self, name: str) -> bool:
-        if self.pattern.startswith("re:"):
-            return re.fullmatch(self.pattern[3:], name) is not None
-        return fnmatch.fnmatchcase(name, self.pattern)
-
-    def to_group(self) -> Group:
-        return Group(self.group_name, self.frozen, self.lr, self.lr_mult, self.weight_decay, self.bn)
-
+__all__ = [
+    "BN_POLICIES", "BNPolicy", "Group", "ParamGroupError", "ParamGroups", "Rule", "assign", "assign_labels", "parameters"
+]
 
 def parameters(model: nnx.Module) -> dict[str, nnx.Param]:
     """The model's parameters by dotted (torchvision) name, in the model's order."""
-    return {".".join(map(str, path)): p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {dotted_name(path): p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _batch_norms(model: nnx.Module) -> dict[str, BatchNorm2d]:
-    return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)}
+    return {dotted_name(path): m for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +68,7 @@ class ParamGroups:
         trainable = self.trainable_names
 
         def is_trainable(path: tuple, value: Any) -> bool:
-            return isinstance(value, nnx.Param) and ".".join(map(str, path)) in trainable
+            return isinstance(value, nnx.Param) and dotted_name(path) in trainable
 
         return is_trainable
 
@@ -169,7 +84,7 @@ class ParamGroups:
         trainable = self.trainable_names
         for path, module in nnx.iter_modules(model):
             if isinstance(module, nnx.Dropout) and path:
-                parent = ".".join(map(str, path[:-1]))
+                parent = dotted_name(path[:-1])
                 inside = [n for n in self.labels if n.startswith(parent + ".")] if parent else list(self.labels)
                 if inside and not any(n in trainable for n in inside):
                     module.deterministic = True
@@ -195,7 +110,7 @@ class ParamGroups:
                 wd = "-" if decay is None else f"{decay:g}"
             norms = [m for m in self.batch_norms if self.labels.get(f"{m}.weight") == group.name]
             bn = group.bn_policy if norms else "-"
-            modules = _collapse(names, universe)
+            modules = collapse_names(names, universe)
             shown = ", ".join(modules[:6]) + (f", ... ({len(modules) - 6} more)" if len(modules) > 6 else "")
             lines.append(f"  {group.name:<16} {len(names):>7} {count:>12,}  {lr:<10} {wd:<8} {bn:<7} {shown}")
         return "\n".join(lines)
@@ -285,9 +200,10 @@ def assign_labels(
         batch_norms[module_name] = group.bn_policy
     for group in groups.values():
         if group.bn is not None and not any(labels.get(f"{m}.weight") == group.name for m in norms):
+            held = collapse_names([n for n in labels if labels[n] == group.name], labels)
             raise ParamGroupError(
                 f"group {group.name!r} sets bn={group.bn!r} but holds no BatchNorm weights "
-                f"(its parameters: {', '.join(_collapse([n for n in labels if labels[n] == group.name], labels)[:4])})"
+                f"(its parameters: {', '.join(held[:4])})"
             )
     if all(groups[label].frozen for label in labels.values()):
         raise ParamGroupError(

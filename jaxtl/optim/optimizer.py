@@ -22,46 +22,7 @@ import jax
 import optax
 
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
-
-ScheduleName = Literal["constant", "warmup_cosine", "one_cycle"]
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer settings shared by all groups (each group may set its own lr and weight_decay).
-
-    Attributes:
-        name: ``"adamw"`` (torch.optim.AdamW), ``"adam"`` or ``"sgd"``.
-        lr: base peak learning rate; a group's is ``group.lr`` or ``lr * group.lr_mult``.
-        weight_decay: default decoupled weight decay of trainable groups (torch AdamW's default 0.01).
-        betas, eps: Adam's; momentum, nesterov: SGD's.
-        schedule: ``"constant"``, ``"warmup_cosine"`` (linear warmup then cosine to
-            ``final_lr_fraction`` of the peak) or ``"one_cycle"``.
-        warmup_steps: linear warmup length for warmup_cosine.
-        no_weight_decay: glob patterns of parameters never decayed, whatever their group
-            (``("*.bias", "*bn*")`` is a common choice).
-        clip_grad_norm: clip each group's gradient to this global norm first (None: off).
-    """
-
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: ScheduleName = "constant"
-    warmup_steps: int = 0
-    final_lr_fraction: float = 0.0
-    no_weight_decay: tuple[str, ...] = ()
-    clip_grad_norm: float | None = None
-
-    def __post_init__(self):
-        if self.name not in ("adamw", "adam", "sgd"):
-            raise ParamGroupError(f"optimizer {self.name!r} is not one of adamw, adam, sgd")
-        if self.schedule not in ("constant", "warmup_cosine", "one_cycle"):
-            raise ParamGroupError(f"schedule {self.schedule!r} is not one of constant, warmup_cosine, one_cycle")
-
+from jaxtl.optim.settings import OptimizerConfig
 
 def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
     group = groups.groups[name]
@@ -103,9 +64,13 @@ def _base_transform(config: OptimizerConfig, lr, weight_decay: float, mask) -> o
 
 
 def build_optimizer(
-    groups: ParamGroups, config: OptimizerConfig = OptimizerConfig(), total_steps: int | None = None
+    groups: ParamGroups, config: OptimizerConfig | None = None, total_steps: int | None = None
 ) -> optax.GradientTransformation:
-    """One optax transformation over a parameter tree (an ``nnx.State`` of Params) labelled by group."""
+    """One optax transformation over a parameter tree (an ``nnx.State`` of Params) labelled by group.
+
+    ``config`` None: the default :class:`OptimizerConfig`.
+    """
+    config = config or OptimizerConfig()
     transforms = {}
     mask = _decay_mask(groups, config.no_weight_decay)
     for name, group in groups.groups.items():

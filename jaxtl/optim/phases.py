@@ -18,81 +18,8 @@ import jax
 import optax
 from flax import nnx
 
-from jaxtl.optim.groups import BN_POLICIES, BNPolicy, ParamGroupError, ParamGroups, Rule, assign
-from jaxtl.optim.optimizer import OptimizerConfig, build_optimizer
-from jaxtl.optim.policies import get_policy
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One stage of training.
-
-    Attributes:
-        name: for logs and checkpoints.
-        policy: a built-in policy name (``"head_only"``, ``"last_n_blocks:1"``), a policy function,
-            or an explicit list of rules.
-        steps, epochs: the phase's length; exactly one is set.
-        optimizer: optimizer settings of the phase.
-        lrs: peak learning rate per group name, overriding the rules' (``{"head": 1e-3, "blocks": 1e-4}``).
-        carry_state: carry the optimizer state of parameters that stay in a same-named trainable group.
-        bn: every BatchNorm layer's mode in this phase, whatever the policy's groups say: ``"frozen"``
-            (running statistics used and kept, the recipe's ``model.apply(set_batchnorm_eval)`` for
-            fine-tuning on little data) or ``"train"``; None keeps each group's.
-    """
-
-    name: str
-    policy: str | Callable | Sequence[Rule]
-    steps: int | None = None
-    epochs: int | None = None
-    optimizer: OptimizerConfig = OptimizerConfig()
-    lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    carry_state: bool = True
-    bn: BNPolicy | None = None
-
-    def __post_init__(self):
-        if self.bn is not None and self.bn not in BN_POLICIES:
-            raise ParamGroupError(f"phase {self.name!r}: bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ParamGroupError(f"phase {self.name!r}: set exactly one of steps and epochs")
-        length = self.steps if self.steps is not None else self.epochs
-        if length < 1:
-            raise ParamGroupError(f"phase {self.name!r}: its length must be at least 1 (got {length})")
-
-    def rules(self, model: nnx.Module) -> list[Rule]:
-        if isinstance(self.policy, str):
-            return get_policy(self.policy)(model)
-        if callable(self.policy):
-            return list(self.policy(model))
-        return list(self.policy)
-
-    def groups(self, model: nnx.Module) -> ParamGroups:
-        """The phase's groups, with ``lrs`` applied; an ``lrs`` key that is no group is an error."""
-        groups = assign(model, self.rules(model))
-        unknown = [name for name in self.lrs if name not in groups.groups]
-        if unknown:
-            raise ParamGroupError(
-                f"phase {self.name!r} sets lrs for unknown group(s) {', '.join(unknown)}; "
-                f"its groups are {', '.join(groups.groups)}"
-            )
-        frozen = [name for name in self.lrs if groups.groups[name].frozen]
-        if frozen:
-            raise ParamGroupError(f"phase {self.name!r} sets lrs for frozen group(s) {', '.join(frozen)}")
-        updated = {
-            name: dataclasses.replace(group, lr=self.lrs[name]) if name in self.lrs else group
-            for name, group in groups.groups.items()
-        }
-        if self.bn is None:
-            return dataclasses.replace(groups, groups=updated)
-        # Every BatchNorm in the phase's mode; groups that hold BatchNorm weights say so in the summary.
-        holding = {groups.labels[f"{module}.weight"] for module in groups.batch_norms}
-        updated = {
-            name: dataclasses.replace(group, bn=self.bn) if name in holding else group
-            for name, group in updated.items()
-        }
-        return dataclasses.replace(groups, groups=updated, batch_norms=dict.fromkeys(groups.batch_norms, self.bn))
-
-    def optax(self, groups: ParamGroups, total_steps: int | None = None) -> optax.GradientTransformation:
-        return build_optimizer(groups, self.optimizer, total_steps)
+from jaxtl.optim.groups import ParamGroups
+from jaxtl.optim.settings import OptimizerConfig, Phase
 
 
 def progressive_unfreezing(

@@ -17,16 +17,24 @@ from collections.abc import Callable
 from flax import nnx
 
 from jaxtl.models.layers import BatchNorm2d
+from jaxtl.models.names import dotted_name
+from jaxtl.models.protocol import missing_members
 from jaxtl.optim.groups import ParamGroupError, Rule
 
 Policy = Callable[[nnx.Module], list[Rule]]
 
 
 def _blocks(model: nnx.Module) -> list[tuple[str, tuple[str, ...]]]:
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ParamGroupError(f"{type(model).__name__} has no blocks(); built-in policies need stem/stage/head structure")
-    return list(blocks())
+    # Only what every policy and training run reads (blocks(); head_name picks a run's cacheable
+    # phases): the rest of the contract serves feature caching and conversion, which custom models
+    # given to policies may not use.
+    missing = missing_members(model, ("head_name", "blocks"))
+    if missing:
+        raise ParamGroupError(
+            f"{type(model).__name__} lacks {', '.join(missing)} of the jaxtl.models.Classifier contract; "
+            "built-in policies need its stem/stage/head structure"
+        )
+    return list(model.blocks())
 
 
 def _prefix_rules(prefixes: tuple[str, ...], **settings) -> list[Rule]:
@@ -126,7 +134,7 @@ def bitfit(model: nnx.Module) -> list[Rule]:
 def norm_only(model: nnx.Module) -> list[Rule]:
     """The head and every BatchNorm's weight and bias train, with batch statistics; the rest is frozen."""
     *_, (_, head) = _blocks(model)
-    norms = [".".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)]
+    norms = [dotted_name(p) for p, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)]
     rules = _prefix_rules(head, group="head")
     rules += [Rule(f"{name}.*", group="norms", bn="train") for name in norms]
     return rules + [Rule("*", group="frozen", frozen=True)]

@@ -111,3 +111,56 @@ def test_save_config_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_config(changed, path)
     assert load_config(path).optim.lr == 0.5
+
+
+def test_the_run_config_holds_jaxtl_optims_own_optimizer_and_phase_types(tmp_path):
+    import jaxtl.models
+    from jaxtl.optim import OptimizerConfig, Phase, Rule
+
+    rules = [{"pattern": "fc.*", "group": "head", "lr": 0.01}, {"pattern": "*", "group": "rest", "frozen": True}]
+    config = config_from_dict({"phases": [{"name": "probe", "rules": rules, "epochs": 2}]})
+    assert type(config.optim) is OptimizerConfig and config.optim == OptimizerConfig()
+    assert config.optim.weight_decay == 1e-4  # one default, the recipe's
+    (phase,) = config.phases
+    assert type(phase) is Phase and phase.policy is None and phase.optimizer is None
+    assert phase.rules == (Rule("fc.*", group="head", lr=0.01), Rule("*", group="rest", frozen=True))
+    groups = phase.groups(jaxtl.models.abstract_model("resnet18", num_classes=3))
+    assert groups.trainable_names == {"fc.weight", "fc.bias"} and groups.groups["head"].lr == 0.01
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config
+    with pytest.raises(ConfigError, match="phases.0: phase 'probe': give exactly one of policy"):
+        config_from_dict({"phases": [{"name": "probe", "rules": rules, "policy": "full"}]})
+
+
+def test_bounds_live_next_to_their_fields_and_hold_from_python_too():
+    from jaxtl.optim import OptimizerConfig, ParamGroupError, Phase
+
+    with pytest.raises(ParamGroupError, match=r"optimizer: lr = -1 is out of range \[0, inf\]"):
+        OptimizerConfig(lr=-1)
+    with pytest.raises(ParamGroupError, match=r"optimizer: betas.1 = 1.0 is out of range \[0, 1\)"):
+        OptimizerConfig(betas=(0.9, 1.0))
+    with pytest.raises(ParamGroupError, match=r"phase 'p': lrs.head = -0.5 is out of range \[0, inf\]"):
+        Phase("p", "head_only", epochs=1, lrs={"head": -0.5})
+
+
+def test_the_loader_and_the_config_share_one_worker_default():
+    import inspect
+
+    from jaxtl.config import DataConfig
+    from jaxtl.data import Loader
+
+    assert DataConfig().worker_type == inspect.signature(Loader).parameters["worker_type"].default == "auto"
+
+
+def test_a_config_is_read_and_checked_without_jax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom jaxtl.config import load_config\nload_config('configs/quickstart.yaml', ['optim.lr=1e-4'])\n"
+        "print(sorted(m for m in ('jax', 'flax', 'optax', 'torch') if m in sys.modules))"
+    )
+    root = Path(__file__).parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

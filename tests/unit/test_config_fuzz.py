@@ -32,9 +32,9 @@ def _field_names(cls, prefix="") -> list[str]:
         if dataclasses.is_dataclass(annotation):
             keys += _field_names(annotation, f"{key}.")
         elif key == "phases":
-            from jaxtl.config import PhaseConfig
+            from jaxtl.optim import Phase
 
-            keys += _field_names(PhaseConfig, "phases.0.") + ["phases.0.lrs.head", "phases.1.epochs", "phases.7.name"]
+            keys += _field_names(Phase, "phases.0.") + ["phases.0.lrs.head", "phases.1.epochs", "phases.7.name"]
     return keys
 
 

@@ -433,7 +433,7 @@ def test_process_workers_give_the_thread_workers_batches_byte_for_byte(folder):
         next(abandoned)
         del abandoned
         assert all(map(batches_equal, processes.epoch(2), threads.epoch(2)))
-        assert type(processes._workers).__name__ == "_Processes"
+        assert type(processes._workers).__name__ == "ProcessWorkers"
 
 
 def test_process_workers_stop_at_or_skip_bad_files_as_threads_do(tmp_path, caplog):
@@ -504,9 +504,9 @@ def unpicklable_transform(preprocessing):
 
 
 def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder, monkeypatch, caplog):
-    from jaxtl.data import loader as loader_module
+    from jaxtl.data import workers as worker_module  # PROCESS_WORKERS_FROM, and the shutil it asks about /dev/shm
 
-    assert loader_module.PROCESS_WORKERS_FROM == 4
+    assert worker_module.PROCESS_WORKERS_FROM == 4
     kinds = {}
     for name, workers, transform in (
         ("three", 3, EvalTransform(SMALL)),
@@ -517,17 +517,17 @@ def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder,
             batches = list(loader.epoch(0))
             kinds[name] = type(loader._workers).__name__
         assert sum(int(b.mask.sum()) for b in batches) == len(folder)
-    assert kinds == {"three": "_Threads", "four": "_Processes", "unpicklable": "_Threads"}
+    assert kinds == {"three": "ThreadWorkers", "four": "ProcessWorkers", "unpicklable": "ThreadWorkers"}
     with pytest.raises(DataError, match="worker_type='process' needs a source and transform that pickle.*Local"):
         list(Loader(folder, unpicklable_transform(SMALL), batch_size=8, shuffle=False, worker_type="process").epoch(0))
 
     # A container's small /dev/shm: writing past it would kill the process with SIGBUS.
-    usage = loader_module.shutil.disk_usage("/")
-    monkeypatch.setattr(loader_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    usage = worker_module.shutil.disk_usage("/")
+    monkeypatch.setattr(worker_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
     caplog.set_level("INFO", logger="jaxtl.data.loader")
     with Loader(folder, EvalTransform(SMALL), batch_size=256, shuffle=False, num_workers=4, worker_type="auto") as loader:
         next(loader.epoch(0))
-        assert type(loader._workers).__name__ == "_Threads"
+        assert type(loader._workers).__name__ == "ThreadWorkers"
     assert "threads, not processes: /dev/shm has 1 MiB free" in caplog.text
     with pytest.raises(DataError, match=r"/dev/shm has 1 MiB free .* need 2 MiB \(3 batches of 256\).*--shm-size"):
         next(Loader(folder, EvalTransform(SMALL), batch_size=256, shuffle=False, worker_type="process").epoch(0))

@@ -1,0 +1,225 @@
+"""The settings a run config holds for training: the optimizer's, and phases with their freezing.
+
+No jax at import: a config is read, and its errors reported, before jax loads. Turning settings
+into groups and optax transformations imports what it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from jaxtl.bounds import bounded, out_of_bounds
+from jaxtl.optim.rules import BN_POLICIES, BNPolicy, Group, ParamGroupError, Rule
+
+if TYPE_CHECKING:
+    import optax
+    from flax import nnx
+
+    from jaxtl.optim.groups import ParamGroups
+
+ScheduleName = Literal["constant", "warmup_cosine", "one_cycle"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer settings shared by all groups (each group may set its own lr and weight_decay).
+
+    Attributes:
+        name: ``"adamw"`` (torch.optim.AdamW), ``"adam"`` or ``"sgd"``.
+        lr: base peak learning rate; a group's is ``group.lr`` or ``lr * group.lr_mult``.
+        weight_decay: default weight decay of trainable groups (the recipe's 1e-4; torch AdamW's own default is
+            0.01).
+        betas, eps: Adam's; momentum, nesterov: SGD's.
+        schedule: ``"constant"``, ``"warmup_cosine"`` (linear warmup then cosine to
+            ``final_lr_fraction`` of the peak) or ``"one_cycle"``.
+        warmup_steps: linear warmup length for warmup_cosine.
+        no_weight_decay: glob patterns of parameters never decayed, whatever their group
+            (``("*.bias", "*bn*")`` is a common choice).
+        clip_grad_norm: clip each group's gradient to this global norm first (None: off).
+    """
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = bounded(1e-3, low=0)
+    weight_decay: float = bounded(1e-4, low=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), low=0, high=1, open_high=True)  # a beta of 1 divides by 0
+    eps: float = bounded(1e-8, low=0)
+    momentum: float = bounded(0.9, low=0, high=1)
+    nesterov: bool = False
+    schedule: ScheduleName = "constant"
+    warmup_steps: int = bounded(0, low=0)
+    final_lr_fraction: float = bounded(0.0, low=0, high=1)
+    no_weight_decay: tuple[str, ...] = ()
+    clip_grad_norm: float | None = bounded(None, low=0)
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "adam", "sgd"):
+            raise ParamGroupError(f"optimizer {self.name!r} is not one of adamw, adam, sgd")
+        if self.schedule not in ("constant", "warmup_cosine", "one_cycle"):
+            raise ParamGroupError(f"schedule {self.schedule!r} is not one of constant, warmup_cosine, one_cycle")
+        problem = out_of_bounds(self)
+        if problem:
+            raise ParamGroupError(f"optimizer: {problem}")
+
+
+class Labels:
+    """A freezing given as a label function ``(dotted_name, array) -> group name`` and the groups it names.
+
+    The groups may bring their own optax transformation (:attr:`Group.transform`). Used as a phase's
+    ``policy`` from Python: ``Phase("norms", Labels(label, [Group("head"), Group("rest", frozen=True)]))``.
+    """
+
+    def __init__(self, fn: Callable[[str, Any], str], groups: Sequence[Group] | Mapping[str, Group]):
+        self.fn = fn
+        self.groups = tuple(groups.values()) if isinstance(groups, Mapping) else tuple(groups)
+
+    def assign(self, model: nnx.Module) -> ParamGroups:
+        from jaxtl.optim.groups import assign_labels
+
+        return assign_labels(model, self.fn, self.groups)
+
+    def __repr__(self) -> str:
+        return f"Labels({describe_function(self.fn)}, {[g.name for g in self.groups]})"
+
+
+Freezing = str | Callable[..., Sequence[Rule]] | Sequence[Rule] | Labels
+"""What a phase trains: a policy name, a rules function ``model -> [Rule]``, a list of rules, or :class:`Labels`."""
+
+PYTHON_PREFIX = "python:"  # how a freezing written in Python is named in a saved config
+
+
+def describe_function(fn: Any) -> str:
+    """``module.qualname`` of a function, as a saved config names a freezing that only Python can give."""
+    module = getattr(fn, "__module__", None) or "?"
+    return f"{module}.{getattr(fn, '__qualname__', None) or getattr(fn, '__name__', None) or type(fn).__name__}"
+
+
+def describe_freezing(freezing: Any) -> str | None:
+    """A policy name as it is; a rules function or Labels as ``python:module.name`` (rules lists are data)."""
+    if freezing is None or isinstance(freezing, str):
+        return freezing
+    if isinstance(freezing, Labels):
+        return f"{PYTHON_PREFIX}labels:{describe_function(freezing.fn)}"
+    return f"{PYTHON_PREFIX}{describe_function(freezing)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of training.
+
+    Attributes:
+        name: for logs and checkpoints.
+        policy: a built-in policy name (``"head_only"``, ``"last_n_blocks:1"``), a rules function
+            ``model -> [Rule]``, or :class:`Labels` (a label function with its groups).
+        rules: instead of ``policy``, an explicit list of rules (a config's ``rules:``). A list of rules
+            given as ``policy`` is moved here.
+        steps, epochs: the phase's length; exactly one is set (the trainer runs phases of epochs).
+        optimizer: optimizer settings of the phase; None: the run's (``RunConfig.optim``).
+        lrs: peak learning rate per group name, overriding the rules' (``{"head": 1e-3, "blocks": 1e-4}``).
+        carry_state: carry the optimizer state of parameters that stay in a same-named trainable group.
+        bn: every BatchNorm layer's mode in this phase, whatever the policy's groups say: ``"frozen"``
+            (running statistics used and kept, the recipe's ``model.apply(set_batchnorm_eval)`` for
+            fine-tuning on little data) or ``"train"``; None keeps each group's.
+    """
+
+    name: str
+    policy: str | Callable[..., Sequence[Rule]] | Labels | None = None
+    rules: tuple[Rule, ...] = ()
+    steps: int | None = bounded(None, low=1)
+    epochs: int | None = bounded(None, low=1)
+    optimizer: OptimizerConfig | None = None
+    lrs: Mapping[str, float] = bounded(dataclasses.MISSING, low=0, default_factory=dict)
+    carry_state: bool = True
+    bn: BNPolicy | None = None
+
+    def __post_init__(self):
+        if self.bn is not None and self.bn not in BN_POLICIES:
+            raise ParamGroupError(f"phase {self.name!r}: bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ParamGroupError(f"phase {self.name!r}: set exactly one of steps and epochs")
+        length = self.steps if self.steps is not None else self.epochs
+        if length < 1:
+            raise ParamGroupError(f"phase {self.name!r}: its length must be at least 1 (got {length})")
+        policy = self.policy
+        if not isinstance(policy, (str, Labels)) and isinstance(policy, Sequence):
+            if self.rules:
+                raise ParamGroupError(f"phase {self.name!r}: give rules once, as policy or as rules")
+            object.__setattr__(self, "rules", tuple(policy))
+            object.__setattr__(self, "policy", None)
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if (self.policy is None) == (not self.rules):
+            raise ParamGroupError(
+                f"phase {self.name!r}: give exactly one of policy (a name such as head_only, a rules function or "
+                "Labels) and rules"
+            )
+        if not all(isinstance(rule, Rule) for rule in self.rules):
+            raise ParamGroupError(f"phase {self.name!r}: rules must be Rule objects")
+        problem = out_of_bounds(self)
+        if problem:
+            raise ParamGroupError(f"phase {self.name!r}: {problem}")
+
+    @property
+    def freezing(self) -> Freezing:
+        """The policy, or the rules when the phase lists them."""
+        return self.policy if self.policy is not None else self.rules
+
+    def describe(self) -> str:
+        """The freezing for a log line: the policy's name, ``rules: a, b, c`` or ``python:module.name``."""
+        if self.rules:
+            return "rules: " + ", ".join(rule.pattern for rule in self.rules)
+        return describe_freezing(self.policy)
+
+    def groups(self, model: nnx.Module) -> ParamGroups:
+        """The phase's groups, with ``lrs`` applied; an ``lrs`` key that is no group is an error."""
+        groups = self._assign(model)
+        unknown = [name for name in self.lrs if name not in groups.groups]
+        if unknown:
+            raise ParamGroupError(
+                f"phase {self.name!r} sets lrs for unknown group(s) {', '.join(unknown)}; "
+                f"its groups are {', '.join(groups.groups)}"
+            )
+        frozen = [name for name in self.lrs if groups.groups[name].frozen]
+        if frozen:
+            raise ParamGroupError(f"phase {self.name!r} sets lrs for frozen group(s) {', '.join(frozen)}")
+        updated = {
+            name: dataclasses.replace(group, lr=self.lrs[name]) if name in self.lrs else group
+            for name, group in groups.groups.items()
+        }
+        if self.bn is None:
+            return dataclasses.replace(groups, groups=updated)
+        # Every BatchNorm in the phase's mode; groups that hold BatchNorm weights say so in the summary.
+        holding = {groups.labels[f"{module}.weight"] for module in groups.batch_norms}
+        updated = {
+            name: dataclasses.replace(group, bn=self.bn) if name in holding else group
+            for name, group in updated.items()
+        }
+        return dataclasses.replace(groups, groups=updated, batch_norms=dict.fromkeys(groups.batch_norms, self.bn))
+
+    def _assign(self, model: nnx.Module) -> ParamGroups:
+        from jaxtl.optim.groups import assign
+        from jaxtl.optim.policies import get_policy
+
+        policy = self.policy
+        if self.rules:
+            return assign(model, self.rules)
+        if isinstance(policy, Labels):
+            return policy.assign(model)
+        if isinstance(policy, str):
+            if policy.startswith(PYTHON_PREFIX):
+                raise ParamGroupError(
+                    f"phase {self.name!r} was trained with a freezing written in Python ({policy}); a config file "
+                    f"cannot hold it: run it from Python, jaxtl.train.fit(..., freezing={{{self.name!r}: ...}})"
+                )
+            return assign(model, get_policy(policy)(model))
+        return assign(model, list(policy(model)))
+
+    def optax(
+        self, groups: ParamGroups, total_steps: int | None = None, default: OptimizerConfig | None = None
+    ) -> optax.GradientTransformation:
+        """The phase's optimizer; ``default`` (the run's settings) stands in for ``optimizer=None``."""
+        from jaxtl.optim.optimizer import build_optimizer
+
+        return build_optimizer(groups, self.optimizer or default or OptimizerConfig(), total_steps)
+
+

@@ -1,1 +1,38 @@
-"""Training: pure jitted steps, the loop, checkpoints, the feature cache."""
+"""Training: ``fit`` (the public API the CLI calls), its loop, steps, evaluation, checkpoints and resume.
+
+    from jaxtl.train import fit
+    result = fit("configs/quickstart.yaml", overrides=["phases.0.epochs=1"])
+
+Files: :mod:`~jaxtl.train.fit` (the entry point), :mod:`~jaxtl.train.loop` (phases and epochs over a
+:class:`RunState`), :mod:`~jaxtl.train.step` (pure jitted steps), :mod:`~jaxtl.train.features` (the
+feature cache), :mod:`~jaxtl.train.evaluate`, :mod:`~jaxtl.train.run_dir`, :mod:`~jaxtl.train.resume`,
+:mod:`~jaxtl.train.checkpoint`, :mod:`~jaxtl.train.callbacks`, :mod:`~jaxtl.train.events`,
+:mod:`~jaxtl.train.figures`, :mod:`~jaxtl.train.progress`, :mod:`~jaxtl.train.distributed`.
+"""
+
+from jaxtl.train.callbacks import Callback
+from jaxtl.train.evaluate import Evaluation, Predictor, evaluate, evaluate_checkpoint
+from jaxtl.train.fit import FitResult, fit, resolve_config
+from jaxtl.train.inputs import RunData, load_data
+from jaxtl.train.resume import load_checkpoint
+from jaxtl.train.run_dir import RunError
+from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState
+
+__all__ = [
+    "Best",
+    "Callback",
+    "CheckpointMeta",
+    "EpochTotals",
+    "Evaluation",
+    "FitResult",
+    "Predictor",
+    "RunData",
+    "RunError",
+    "RunState",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit",
+    "load_checkpoint",
+    "load_data",
+    "resolve_config",
+]

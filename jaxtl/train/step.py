@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from jaxtl.data.transforms import normalize
-from jaxtl.models.layers import batch_mask
+from jaxtl.models.batch_norm_ops import batch_mask
 from jaxtl.optim.groups import ParamGroups
 
 

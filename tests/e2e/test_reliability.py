@@ -224,7 +224,7 @@ def test_a_write_failure_during_a_checkpoint_stops_with_the_path_and_keeps_the_p
 
 
 def test_a_second_run_on_a_locked_run_directory_refuses(tmp_path, env):
-    from jaxtl.train.loop import RunLock
+    from jaxtl.train.run_dir import RunLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -55,9 +55,9 @@ def assert_trees_equal(a, b):
 
 def arrays(checkpoint):
     from jaxtl.train.checkpoint import load_arrays
-    from jaxtl.weights import _flatten
+    from jaxtl.weights import flatten_arrays
 
-    return _flatten(load_arrays(checkpoint)["model"])
+    return flatten_arrays(load_arrays(checkpoint)["model"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Event files read back by TensorBoard's own reader, CRC-32C, confusion matrices, figures, the progress line."""
+"""Event files read back by TensorBoard's own reader, confusion matrices, figures, the progress line."""
 
 import io
 import json
@@ -15,18 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader, LegacyEventFileLoader
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_masked_crc32c
 
-from jaxtl.train.reporting import (
-    EventWriter,
-    Figures,
-    Progress,
-    ReportingError,
-    confusion_matrix,
-    crc32c,
-    load_metrics,
-    masked_crc32c,
-    plot_confusion,
-    plot_curves,
-)
+from jaxtl.train.events import EventWriter, ReportingError
+from jaxtl.train.figures import Figures, confusion_matrix, load_metrics, plot_confusion, plot_curves
+from jaxtl.train.progress import Progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,19 +28,7 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-# -- CRC-32C and TFRecord framing ---------------------------------------------------------------------
-
-
-def test_crc32c_check_value():
-    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C (Castagnoli)
-    assert crc32c(b"") == 0
-
-
-def test_masked_crc32c_matches_tensorboard():
-    rng = np.random.default_rng(0)
-    for size in (0, 1, 7, 8, 100, 1000):
-        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        assert masked_crc32c(data) == tensorboard_masked_crc32c(data)
+# -- TFRecord framing --------------------------------------------------------------------------------
 
 
 def test_event_file_framing_and_name(tmp_path):
@@ -60,9 +39,9 @@ def test_event_file_framing_and_name(tmp_path):
     records = []
     while raw:
         (length,) = struct.unpack("<Q", raw[:8])
-        assert struct.unpack("<I", raw[8:12])[0] == masked_crc32c(raw[:8])
+        assert struct.unpack("<I", raw[8:12])[0] == tensorboard_masked_crc32c(raw[:8])
         data = raw[12 : 12 + length]
-        assert struct.unpack("<I", raw[12 + length : 16 + length])[0] == masked_crc32c(data)
+        assert struct.unpack("<I", raw[12 + length : 16 + length])[0] == tensorboard_masked_crc32c(data)
         records.append(data)
         raw = raw[16 + length :]
     assert len(records) == 2  # file_version, then the scalar
@@ -246,9 +225,25 @@ def test_plot_curves_rejects_records_it_cannot_plot(tmp_path):
 
 
 def test_importing_jaxtl_does_not_import_matplotlib_or_tensorboard():
-    code = "import sys, jaxtl.train.reporting; print([m for m in ('matplotlib', 'tensorboard') if m in sys.modules])"
+    code = (
+        "import sys, jaxtl.train.events, jaxtl.train.figures, jaxtl.train.progress; "
+        "print([m for m in ('matplotlib', 'tensorboard', 'tensorboardX') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_writing_events_imports_neither_torch_nor_tensorflow(tmp_path):
+    code = (
+        "import sys; from jaxtl.train.events import EventWriter\n"
+        f"with EventWriter({str(tmp_path)!r}, purge_step=2) as events:\n"
+        "    events.scalars({'loss': 0.5, 'lr': 1e-3}, step=3)\n"
+        "print([m for m in ('torch', 'tensorflow') if m in sys.modules])\n"
+        "import importlib.util; print(importlib.util.find_spec('torch') is None or __import__('torch') is not None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True"]  # and torch, where installed, still imports afterwards
+    assert _scalars(tmp_path) == {"loss": [(3, 0.5)], "lr": [(3, float(np.float32(1e-3)))]}
 
 
 # -- Progress ---------------------------------------------------------------------------------------

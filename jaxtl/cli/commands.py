@@ -1,0 +1,316 @@
+"""What each ``jaxtl`` command does: parse nothing, call the library, print. convert/ is imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxtl.errors import JaxtlError
+
+
+def _require_torch(command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        raise JaxtlError(f"`jaxtl {command}` needs torch and torchvision: pip install 'jaxtl[torch]'")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from jaxtl import models, weights
+
+    for arch in models.list_models():
+        names = weights.list_weights(arch)
+        default = weights.default_weights(arch)
+        listed = ", ".join(f"{n} (DEFAULT)" if n == default else n for n in names) or "-"
+        print(f"{arch:<20} {listed}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    _require_torch("convert")
+    from jaxtl import weights
+
+    # An unknown arch, weight name or missing file fails here, before torch is imported.
+    resolved = weights.resolve_weights(args.arch, args.weights)
+    import convert
+
+    path = convert.convert_weights(args.arch, resolved, out=args.out)
+    spec = weights.load_weight_spec(path)
+    print(f"converted {args.arch} weights {spec.name} from {spec.source}")
+    print(f"  sha256 {spec.sha256}")
+    print(f"  {spec.num_classes} classes; preprocessing {spec.preprocessing}")
+    print(f"  written to {path}")
+    print(f"  use: jaxtl.models.create({args.arch!r}, weights={str(path)!r}, num_classes=N)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _require_torch("export")
+    import dataclasses
+
+    from jaxtl import weights
+
+    is_checkpoint = (Path(args.checkpoint) / "meta.json").is_file()
+    if not is_checkpoint:
+        weights.load_weight_spec(args.checkpoint)  # not converted weights either: fails before torch is imported
+    import torch
+
+    import convert
+    from jaxtl import models
+
+    if is_checkpoint:  # a training checkpoint
+        from jaxtl.train import load_checkpoint
+
+        model, meta = load_checkpoint(args.checkpoint)
+        arch, num_classes = meta.arch, meta.num_classes
+        info = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "classes": list(meta.classes),
+            "class_to_idx": dict(meta.class_to_idx),
+            "preprocessing": dataclasses.asdict(meta.preprocessing),
+            "weights": dict(meta.weights),
+        }
+    else:  # converted weights
+        spec = weights.load_weight_spec(args.checkpoint)
+        model = models.create(spec.arch, weights=args.checkpoint)
+        arch, num_classes = spec.arch, spec.num_classes
+        info = {
+            "arch": spec.arch,
+            "num_classes": spec.num_classes,
+            "categories": spec.categories,
+            "preprocessing": None if spec.preprocessing is None else dataclasses.asdict(spec.preprocessing),
+            "source": spec.source,
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(convert.to_torchvision(model), out)
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"exported {arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
+    print(f"  load: torchvision.models.get_model({arch!r}, num_classes={num_classes}).load_state_dict(torch.load({str(out)!r}))")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    _require_torch("parity")
+    if args.recipe is not None:
+        return _training_parity(args)
+    args.size, args.batch, args.num_classes = args.size or (97, 131), args.batch or 2, args.num_classes or 10
+    from jaxtl.models.registry import get_builder
+
+    get_builder(args.arch)  # an unknown name fails here, with the known ones listed, before torch is imported.
+    import torch
+
+    from convert.parity import check_parity
+    from convert.random_models import randomized_torchvision_model
+    from convert.torchvision_state import from_torchvision
+
+    torch_model = randomized_torchvision_model(args.arch, num_classes=args.num_classes, seed=args.seed)
+    jax_model = from_torchvision(torch_model, args.arch, source=f"random torchvision {args.arch}")
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, 3, *args.size, generator=generator)
+    labels = torch.randint(0, args.num_classes, (args.batch,), generator=generator)
+    print(
+        f"{args.arch}: random torchvision weights with randomised BatchNorm statistics (seed {args.seed}), "
+        f"converted to jaxtl; batch {args.batch}x3x{args.size[0]}x{args.size[1]}"
+    )
+    report = check_parity(torch_model, jax_model, args.arch, x, labels, float32_gradients=True)
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+def _training_parity(args: argparse.Namespace) -> int:
+    from jaxtl.models.registry import get_builder
+
+    get_builder(args.arch)
+    from convert.train_parity import get_recipe, run_training_parity
+
+    recipe = get_recipe(args.recipe)
+    size, batch, num_classes = args.size or (64, 64), args.batch or 8, args.num_classes or 5
+    print(
+        f"{args.arch}: random torchvision weights with randomised BatchNorm statistics (seed {args.seed}) and a new "
+        f"{num_classes}-way head, converted to jaxtl; recipe {recipe.name} on {recipe.steps} batches {batch}x3x{size[0]}x{size[1]}"
+    )
+    report = run_training_parity(
+        args.arch, recipe, batch=batch, size=size, num_classes=num_classes, seed=args.seed, float64=args.float64
+    )
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxtl.config import load_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise JaxtlError(f"{run_dir} is not a jaxtl run directory (no config.yaml); pass the run_dir of a run")
+        config = load_config(run_dir / "config.yaml", [*args.set, f"run_dir={run_dir}"])
+    else:
+        if args.config is None:
+            raise JaxtlError("give a config (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        config = load_config(args.config, args.set)
+    from jaxtl.train import distributed, fit  # after the config's checks: a bad config fails before jax loads
+
+    if args.distributed or args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    started = time.perf_counter()
+    result = fit(config, resume=bool(args.resume))
+    if not distributed.is_primary():
+        return 0
+    best = result.best
+    print(f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best.metrics['val_acc1']:.3f} (epoch {best.epoch})")
+    print(f"  best checkpoint: {result.best_checkpoint}; metrics: {result.run_dir / 'metrics.jsonl'}")
+    example = _example_image(config)
+    print(f"  try: jaxtl predict {result.best_checkpoint} {example or 'IMAGE.jpg'}")
+    return 0
+
+
+def _example_image(config) -> str | None:
+    try:
+        from jaxtl.train import load_data
+
+        val = load_data(config.data).val
+        return val.describe(0) if hasattr(val, "samples") else None
+    except JaxtlError:
+        return None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from jaxtl.data import load_image
+    from jaxtl.train import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    classes = predictor.classes
+    paths, unlisted = _prediction_inputs(args.images)
+    failures = unlisted
+    k = min(args.top_k, len(classes))
+    for path in paths:
+        try:
+            image = load_image(str(path))
+        except JaxtlError as error:
+            print(f"{path}: error: {error}", flush=True)
+            failures += 1
+            continue
+        probabilities = predictor.probabilities(image)
+        top = sorted(range(len(classes)), key=lambda i: -probabilities[i])[:k]
+        ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in top)
+        print(f"{path}: {ranked}", flush=True)
+    total = len(paths) + unlisted
+    if failures == total:
+        raise JaxtlError(f"no image could be classified ({failures} file(s) failed; see the lines above)")
+    if failures:
+        print(f"jaxtl predict: {failures} of {total} file(s) could not be classified (see their lines)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prediction_inputs(items: list[str]) -> tuple[list[Path], int]:
+    """The files to classify: each argument that is not a directory, and the files with an image
+    extension under each directory (broken links included, so that they get their error line).
+
+    Returns them and the count of directories that could not be listed or hold no image file, each
+    of which has had its error line.
+    """
+    import os
+
+    from jaxtl.data import IMG_EXTENSIONS
+
+    paths: list[Path] = []
+    unlisted = 0
+    for item in items:
+        path = Path(item)
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        found: list[Path] = []
+        try:
+            for root, _, names in os.walk(path, onerror=_raise):
+                found += [Path(root) / name for name in names if name.lower().endswith(IMG_EXTENSIONS)]
+        except OSError as error:
+            print(f"{path}: error: the directory cannot be listed ({error.strerror or error})", flush=True)
+            unlisted += 1
+            continue
+        if not found:
+            print(f"{path}: error: no files with an image extension ({', '.join(IMG_EXTENSIONS)})", flush=True)
+            unlisted += 1
+        paths += sorted(found)
+    return paths, unlisted
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxtl.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.set)
+    evaluation, skipped = result.evaluation, result.skipped
+    note = f", {len(skipped)} unreadable file(s) skipped (data.skip_bad_files)" if skipped else ""
+    if not evaluation.count:
+        raise JaxtlError(f"no image of the {args.split} split could be read{note}")
+    top5 = f" acc@5 {evaluation.acc5:.4f}" if evaluation.confusion.shape[0] > 5 else ""
+    print(
+        f"{args.checkpoint} on {args.split} ({evaluation.count} images{note}): acc@1 {evaluation.acc1:.4f}{top5} "
+        f"loss {evaluation.loss:.4f}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from jaxtl import models, optim
+
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        from jaxtl.config import load_config
+        from jaxtl.train import load_data
+
+        config = load_config(target, args.set)
+        num_classes = args.num_classes or len(load_data(config.data).classes)
+        model = models.abstract_model(config.model.arch, num_classes=num_classes)
+        print(f"{target}: {config.model.arch} ({num_classes} classes), {len(config.phases)} phase(s)")
+        for index, phase in enumerate(config.phases, start=1):
+            print(f"phase {index} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
+            groups = phase.groups(model)
+            optimizer = phase.optimizer or config.optim
+            print(groups.summary(base_lr=optimizer.lr, default_weight_decay=optimizer.weight_decay))
+        return 0
+    num_classes = args.num_classes or 1000
+    model = models.abstract_model(args.target, num_classes=num_classes)
+    print(f"{args.target} ({num_classes} classes), policy {args.policy}:")
+    groups = optim.assign(model, optim.get_policy(args.policy)(model))
+    print(groups.summary(base_lr=args.lr, default_weight_decay=args.weight_decay))
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # Its own process: tfds prepares most datasets with tensorflow, which must never share a
+    # process with torch (or with training, which reads the prepared files without it).
+    command = [sys.executable, "-m", "jaxtl.data.prepare", args.name]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    return subprocess.call(command)
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from jaxtl.data import generate_synthetic, image_folder_splits
+
+    root = generate_synthetic(
+        args.out,
+        seed=args.seed,
+        num_classes=args.num_classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+    )
+    splits = image_folder_splits(root)
+    print(f"synthetic dataset in {root}")
+    for split, folder in splits.items():
+        print(f"  {split}: {len(folder)} images, classes {', '.join(folder.classes)}")
+    return 0

@@ -1,0 +1,186 @@
+"""The ``jaxtl`` command line's arguments: one subcommand per job, each bound to its function in commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxtl.cli.commands import (
+    cmd_convert,
+    cmd_data_prepare,
+    cmd_data_synthetic,
+    cmd_eval,
+    cmd_export,
+    cmd_inspect,
+    cmd_models,
+    cmd_parity,
+    cmd_predict,
+    cmd_train,
+)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 97x131") from None
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small: ResNets need at least 32x32")
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxtl.optim.settings import OptimizerConfig  # no jax: the defaults shown are the config's
+
+    parser = argparse.ArgumentParser(prog="jaxtl", description="Transfer learning of torchvision classifiers in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list architectures and their pretrained weights")
+    models.set_defaults(run=cmd_models)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert torchvision weights into jaxtl's format (needs torch)",
+        description="Convert torchvision weights (a weight name, downloaded through torchvision, or a local .pth "
+        "state_dict) into a directory that jaxtl.models.create reads without torch. Files are read weights-only "
+        "and their sha256 checked against the hash prefix in their name.",
+    )
+    convert.add_argument("arch", help="architecture, e.g. resnet50 (see `jaxtl models`)")
+    convert.add_argument("--weights", required=True, help="DEFAULT, IMAGENET1K_V1, ... or a path to a .pth state_dict")
+    convert.add_argument("--out", help="directory to write (default: jaxtl's cache, ~/.cache/jaxtl or $JAXTL_CACHE)")
+    convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="export a fine-tuned checkpoint or converted weights to a torchvision state_dict (needs torch)",
+        description="Write a torchvision state_dict (.pth, loadable with strict=True) and a JSON of classes, "
+        "class_to_idx and preprocessing next to it.",
+    )
+    export.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoints/best) or a converted-weights directory")
+    export.add_argument("--out", required=True, help="the .pth file to write")
+    export.set_defaults(run=cmd_export)
+
+    parity = commands.add_parser(
+        "parity",
+        help="check that a converted model computes what torchvision computes (needs torch)",
+        description="Build a random torchvision model with randomised BatchNorm statistics, convert it, and compare "
+        "eval logits, train-mode logits and BN updates, gradients and the export round trip against torch.",
+    )
+    parity.add_argument("arch", help="architecture, e.g. resnet18")
+    parity.add_argument("--size", type=_parse_size, help="input HEIGHTxWIDTH (default 97x131; 64x64 with --recipe)")
+    parity.add_argument("--batch", type=int, help="batch size (default 2; 8 with --recipe)")
+    parity.add_argument("--num-classes", type=int, help="head width (default 10; 5 with --recipe)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of weights and input (default 0)")
+    parity.add_argument(
+        "--recipe",
+        help="training parity instead: run a fine-tuning recipe (feature_extraction, differential_lr, "
+        "progressive_unfreezing, bn_eval, bn_train) in PyTorch and in jaxtl on the same batches and compare "
+        "losses at every step, and parameters and BN running statistics at the end",
+    )
+    parity.add_argument(
+        "--float64",
+        action="store_true",
+        help="with --recipe: run both sides in float64 (bound 1e-10 instead of 1e-4), to tell float32 rounding "
+        "from a difference of implementation",
+    )
+    parity.set_defaults(run=cmd_parity)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model on a dataset, as a config says",
+        description="Run a training config (configs/*.yaml): data, model and weights, phases of parameter groups, "
+        "evaluation every epoch, metrics (metrics.jsonl), checkpoints (checkpoints/latest and checkpoints/best) in "
+        "the config's run_dir. Interrupted runs continue with --resume RUN_DIR.",
+    )
+    train.add_argument("config", nargs="?", help="a YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=3e-4 --set phases.0.epochs=1")  # fmt: skip
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint (verified against its manifest; if it is "
+        "damaged, from the previous intact version, with a line saying so)",
+    )
+    multi = train.add_argument_group(
+        "data parallelism across processes (hosts)",
+        "Start one process per host, each with the same config and arguments but its --process-id; the batch is "
+        "split across the devices of all processes, and the first process writes the run directory (it must be "
+        "on storage that every host sees, for --resume).",
+    )
+    multi.add_argument("--distributed", action="store_true",
+                       help="join the processes that JAX detects (Slurm, Open MPI, Cloud TPU)")  # fmt: skip
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="the first process's host and a free port")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+    train.set_defaults(run=cmd_train)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify images with a checkpoint: top-k class names and probabilities",
+        description="Classify image files (or every image in a directory) with a checkpoint's model, its class names "
+        "and its eval preprocessing. A file that cannot be read gets an error line; the others are still classified. "
+        "Exit status: 0 when every file was classified, 1 when some could not be (counted on stderr), 2 when none "
+        "could be.",
+    )
+    predict.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/quickstart/checkpoints/best")
+    predict.add_argument("images", nargs="+", help="image files or directories")
+    predict.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    predict.set_defaults(run=cmd_predict)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="accuracy of a checkpoint on a split of its run's dataset",
+        description="Evaluate a checkpoint on the train or val split of the dataset its run used (overridable with "
+        "--set data.root=...).",
+    )
+    evaluate.add_argument("checkpoint", help="a checkpoint directory")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val", help="which split (default val)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
+    evaluate.set_defaults(run=cmd_eval)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show which parameters a freezing policy trains, with LRs, weight decay and BN policy",
+        description="Print, per parameter group, the parameters (whole modules collapsed), counts, learning rate, "
+        "weight decay and BatchNorm policy: for every phase of a run config, or for ARCH under --policy. Needs no "
+        "weights.",
+    )
+    inspect.add_argument("target", help="a run config (configs/quickstart.yaml) or an architecture (resnet50)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
+    inspect.add_argument(
+        "--policy",
+        default="head_only",
+        help="head_only, last_n_blocks:N, full[:BACKBONE_LR_MULT], discriminative[:FACTOR], "
+        "layerwise_lr_decay[:DECAY], bitfit, norm_only (default head_only)",
+    )
+    inspect.add_argument("--num-classes", type=int, help="head width (default: the config's dataset, or 1000)")
+    defaults = OptimizerConfig()
+    inspect.add_argument("--lr", type=float, default=defaults.lr, help=f"base learning rate (default {defaults.lr:g})")
+    inspect.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                         help=f"default weight decay (default {defaults.weight_decay:g})")  # fmt: skip
+    inspect.set_defaults(run=cmd_inspect)
+
+    data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="download and prepare a tfds dataset as array_record files (needs tensorflow)",
+        description="Download and prepare a tfds catalog dataset (e.g. tf_flowers) in array_record format, in a "
+        "separate process that never imports torch. Training then reads it through tfds.data_source without "
+        "tensorflow.",
+    )
+    prepare.add_argument("name", help="tfds catalog name, optionally with a version: tf_flowers, tf_flowers:3.0.1")
+    prepare.add_argument("--data-dir", help="tfds data folder (default: tfds's, ~/tensorflow_datasets)")
+    prepare.set_defaults(run=cmd_data_prepare)
+    synthetic = data_commands.add_parser(
+        "synthetic",
+        help="write the generated shapes-and-textures dataset as an ImageFolder",
+        description="Write the deterministic synthetic dataset (root/{train,val}/<class>/<n>.jpg) that the "
+        "quickstart trains on. The same arguments give the same bytes; an existing complete copy is reused.",
+    )
+    synthetic.add_argument("--out", help="folder to write (default: a folder in jaxtl's cache)")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synthetic.add_argument("--num-classes", type=int, default=5, help="2 to 8 classes (default 5)")
+    synthetic.add_argument("--train-per-class", type=int, default=60, help="train images per class (default 60)")
+    synthetic.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
+    synthetic.set_defaults(run=cmd_data_synthetic)
+    return parser

@@ -1,0 +1,153 @@
+"""Evaluation: one function for the loop's validation, ``jaxtl eval`` and ``jaxtl predict``.
+
+:func:`evaluate` runs the eval step (eval-mode BatchNorm and dropout, the run's precision, batches
+sharded over the devices) over a loader and returns the loss, top-1 and top-5 accuracy and the
+confusion matrix. :func:`evaluate_checkpoint` does it for a checkpoint on a split of its run's data;
+:class:`Predictor` gives a checkpoint's class probabilities for images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtl.config import config_from_dict
+from jaxtl.data import EvalTransform, Loader, data_sharding
+from jaxtl.errors import JaxtlError
+from jaxtl.train import distributed
+from jaxtl.train.faults import fault_point
+from jaxtl.train.features import CachedFeatures, cached_batches
+from jaxtl.train.figures import confusion_matrix
+from jaxtl.train.inputs import load_data
+from jaxtl.train.resume import load_checkpoint
+from jaxtl.train.state import CheckpointMeta
+from jaxtl.train.step import ModelState, make_eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Metrics over the examples evaluated, and the confusion matrix (rows: true class, columns: predicted)."""
+
+    loss: float
+    acc1: float
+    acc5: float
+    count: int
+    confusion: np.ndarray
+
+    def metrics(self, prefix: str = "val_") -> dict[str, float]:
+        """``val_loss``, ``val_acc1`` and, with more than five classes, ``val_acc5``."""
+        out = {f"{prefix}loss": self.loss, f"{prefix}acc1": self.acc1}
+        if self.confusion.shape[0] > 5:
+            out[f"{prefix}acc5"] = self.acc5
+        return out
+
+
+def evaluate(
+    eval_step, state: ModelState, loader: Loader, num_classes: int, features: CachedFeatures | None = None
+) -> Evaluation:
+    """Runs ``eval_step`` (:func:`jaxtl.train.step.make_eval_step`) over one pass of ``loader``.
+
+    Batches are sharded over the devices as in training; with ``features`` (the feature cache of a
+    head-only phase) the cached features of the loader's examples stand in for their images.
+    """
+    sharding, size = data_sharding(loader.batch_size), loader.batch_size
+    loss = correct = correct5 = count = 0.0
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
+    for index, batch in enumerate(batches):
+        labels = distributed.put(batch.labels, sharding, size)
+        mask = distributed.put(batch.mask, sharding, size)
+        logits, m = eval_step(state, distributed.put(batch.images, sharding, size), labels, mask)
+        if index == 0:
+            fault_point("train.eval")
+        predictions = distributed.gather(jnp.argmax(logits, -1))  # every process's rows
+        m = jax.device_get(m)
+        rows = distributed.whole(batch.mask, sharding, size)
+        confusion += confusion_matrix(distributed.whole(batch.labels, sharding, size)[rows], predictions[rows],
+                                      num_classes)  # fmt: skip
+        loss += float(m["loss"]) * float(m["count"])
+        correct += float(m["correct"])
+        correct5 += float(m["correct5"])
+        count += float(m["count"])
+    n = max(count, 1.0)
+    return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion)
+
+
+def eval_model_state(model: nnx.Module) -> tuple[nnx.GraphDef, ModelState]:
+    """``model`` as the eval step takes it: every parameter a constant of the step."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, ModelState(nnx.State({}), params, rest)
+
+
+def compute_dtype_of(precision: str):
+    return jnp.bfloat16 if precision == "bf16" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointEvaluation:
+    evaluation: Evaluation
+    split: str
+    skipped: tuple[str, ...]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = ()) -> CheckpointEvaluation:
+    """A checkpoint's metrics on a split of the data its run used (``overrides`` may point elsewhere).
+
+    Evaluated as the run validated: its precision, its eval batch size, sharded over the devices.
+    """
+    model, meta = load_checkpoint(checkpoint)
+    config = config_from_dict(meta.config, overrides, f"{checkpoint}/meta.json")
+    data = load_data(config.data)
+    if data.classes != meta.classes:
+        raise JaxtlError(f"the data's classes {list(data.classes)} differ from the checkpoint's {list(meta.classes)}")
+    d = config.data
+    devices = jax.device_count()
+    if d.eval_batch_size % devices:
+        raise JaxtlError(f"data.eval_batch_size={d.eval_batch_size} does not split across {devices} devices")
+    loader = Loader(
+        data.val if split == "val" else data.train, EvalTransform(meta.preprocessing), batch_size=d.eval_batch_size,
+        shuffle=False, num_workers=d.num_workers, skip_bad_files=d.skip_bad_files, worker_type=d.worker_type,
+    )  # fmt: skip
+    graphdef, state = eval_model_state(model)
+    p = meta.preprocessing
+    step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(config.train.precision))
+    replicated = jax.sharding.NamedSharding(data_sharding(d.eval_batch_size).mesh, jax.sharding.PartitionSpec())
+    try:
+        evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)
+    finally:
+        loader.close()
+    return CheckpointEvaluation(evaluation, split, tuple(loader.skipped))
+
+
+class Predictor:
+    """A checkpoint's class probabilities for images, with its eval preprocessing and class names."""
+
+    def __init__(self, model: nnx.Module, meta: CheckpointMeta):
+        self.meta = meta
+        self.transform = EvalTransform(meta.preprocessing)
+        graphdef, self.state = eval_model_state(model)
+        p = meta.preprocessing
+        precision = meta.config.get("train", {}).get("precision", "fp32")
+        self.step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(precision))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> Predictor:
+        return cls(*load_checkpoint(checkpoint))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    def probabilities(self, image: Any) -> np.ndarray:
+        """(num_classes,) float32 softmax probabilities for one PIL image."""
+        images = self.transform(image)[None]
+        labels, mask = np.zeros((1,), np.int32), np.ones((1,), bool)
+        logits, _ = self.step(self.state, images, labels, mask)
+        return np.asarray(jax.nn.softmax(logits[0].astype(jnp.float32)))

@@ -1,0 +1,126 @@
+"""A run's data: the train and val sources with their classes, and the loaders that batch them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxtl.config import DataConfig, RunConfig
+from jaxtl.data import (
+    ConcatSource,
+    EvalTransform,
+    Loader,
+    TfdsSource,
+    TrainTransform,
+    data_sharding,
+    even_batch_size,
+    generate_synthetic,
+    image_folder_splits,
+)
+from jaxtl.errors import DataError
+from jaxtl.train import distributed
+from jaxtl.weights import Preprocessing
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The two splits a run trains and validates on, and their classes in label order."""
+
+    train: Any
+    val: Any
+    classes: tuple[str, ...]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.classes)}
+
+    @classmethod
+    def of(cls, data: RunData | Mapping[str, Any] | Sequence[Any]) -> RunData:
+        """``data`` as given to :func:`jaxtl.train.fit`: a RunData, ``{"train": ..., "val": ...}`` or ``(train, val)``.
+
+        The sources follow :class:`jaxtl.data.sources.Source` (``len``, ``load(index)``, ``classes``);
+        the train source's classes are the run's, and the val source's must be the same.
+        """
+        if isinstance(data, RunData):
+            return data
+        if isinstance(data, Mapping):
+            if set(data) != {"train", "val"}:
+                raise DataError(f"data= must have the keys train and val, got {', '.join(map(str, data))}")
+            train, val = data["train"], data["val"]
+        else:
+            train, val = data
+        classes = tuple(getattr(train, "classes", None) or ())
+        if not classes:
+            raise DataError(f"the train source {train!r} has no classes; give it a classes attribute")
+        val_classes = tuple(getattr(val, "classes", None) or classes)
+        if val_classes != classes:
+            raise DataError(f"the val source's classes {list(val_classes)} differ from the train source's {list(classes)}")
+        return cls(train, val, classes)
+
+
+def load_data(config: DataConfig) -> RunData:
+    """The splits the config's data section names (a synthetic set is generated into the cache once)."""
+    if config.source == "tfds":
+        train = TfdsSource(config.tfds_name, config.train_split, data_dir=config.tfds_data_dir)
+        val = TfdsSource(config.tfds_name, config.val_split, data_dir=config.tfds_data_dir)
+        return RunData(train, val, tuple(train.classes))
+    if config.source == "synthetic":
+        s = config.synthetic
+        root = generate_synthetic(
+            seed=s.seed, num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class
+        )
+    else:
+        root = Path(config.root).expanduser()
+    splits = image_folder_splits(root, (config.train_split, config.val_split), max_pixels=config.max_image_pixels)
+    train, val = splits[config.train_split], splits[config.val_split]
+    return RunData(train, val, tuple(train.classes))
+
+
+@dataclasses.dataclass
+class RunLoaders:
+    """The train loader (shuffled, augmented), the val loader, and ``both``: train then val, in order and
+    unaugmented, for computing a frozen backbone's features in one pass."""
+
+    train: Loader
+    val: Loader
+    both: Loader
+
+    def close(self) -> None:
+        for loader in (self.train, self.val, self.both):
+            loader.close()
+
+    @property
+    def skipped(self) -> list[str]:
+        return sorted(set(self.train.skipped + self.val.skipped + self.both.skipped))
+
+
+def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing, num_devices: int) -> RunLoaders:
+    """The run's loaders; each decodes the rows of its batches that this process's devices hold."""
+    d, seed = config.data, config.train.seed
+    for name, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+        if size % num_devices:
+            raise DataError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
+    augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
+    common = {"num_workers": d.num_workers, "skip_bad_files": d.skip_bad_files, "worker_type": d.worker_type}
+
+    def loader(source, transform, batch_size, **kwargs) -> Loader:
+        rows = distributed.local_rows(data_sharding(batch_size), batch_size)
+        return Loader(source, transform, batch_size=batch_size, rows=rows, **common, **kwargs)
+
+    train = loader(data.train, augment, d.batch_size, shuffle=True, seed=seed)
+    val = loader(data.val, EvalTransform(preprocessing), d.eval_batch_size, shuffle=False)
+    # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
+    both = ConcatSource(data.train, data.val)
+    size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
+    return RunLoaders(train, val, loader(both, EvalTransform(preprocessing), size, shuffle=False))
+
+
+def with_size(p: Preprocessing, crop_size: int | None, resize_size: int | None) -> Preprocessing:
+    """The weights' preprocessing at another resolution; mean, std and interpolation stay the weights'."""
+    if crop_size is None and resize_size is None:
+        return p
+    crop = crop_size or p.crop_size
+    resize = resize_size or max(crop, round(crop * p.resize_size / p.crop_size))
+    return dataclasses.replace(p, crop_size=crop, resize_size=resize)

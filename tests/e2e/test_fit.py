@@ -1,0 +1,133 @@
+"""`jaxtl.train.fit` from Python: the README's example, freezing written as functions, and resume after an interruption."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxtl
+from jaxtl.config import ConfigError, load_config
+from jaxtl.models.state_dict import state_dict
+from jaxtl.train import Callback, RunError, fit, load_checkpoint
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def readme_example() -> str:
+    """The Python block under the README's "Training from Python" heading."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Training from Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAtStep(Callback):
+    """Interrupts the run as a kill would, after step ``step`` (the run has checkpointed before it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.steps: list[int] = []
+
+    def on_step(self, step, metrics):
+        self.steps.append(step)
+        assert np.isfinite(metrics["loss"]) and metrics["count"] > 0
+        if step == self.step:
+            raise Interrupt(step)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """The README's example run as written (it trains and then resumes the finished run), and its namespace."""
+    directory = tmp_path_factory.mktemp("readme")
+    namespace: dict = {"__name__": "readme_example"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        exec(compile(readme_example(), str(README), "exec"), namespace)
+    return directory, namespace
+
+
+def test_the_readme_example_trains_with_functions_as_freezing(example):
+    directory, namespace = example
+    result = namespace["result"]
+    run_dir = directory / namespace["config"]["run_dir"]
+    assert result.run_dir.resolve() == run_dir.resolve()
+    assert [record["phase"] for record in result.history] == ["last_stage", "norms"]
+    assert result.best.epoch in (1, 2) and 0.0 <= result.best_metrics["val_acc1"] <= 1.0
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.phases[0].policy == "python:readme_example.last_stage"
+    assert saved.phases[1].policy == "python:labels:readme_example.norms"
+    model, meta = load_checkpoint(result.latest_checkpoint)
+    assert meta.state.phase == 2 and meta.classes == result.classes
+
+
+def test_a_run_interrupted_mid_phase_resumes_bitwise_and_keeps_frozen_parameters(example, tmp_path):
+    _, namespace = example
+    config, freezing = dict(namespace["config"]), namespace["freezing"]
+    start = jaxtl.models.create("resnet18", num_classes=3, seed=0)
+    initial = state_dict(start)
+
+    whole = fit({**config, "run_dir": str(tmp_path / "whole")}, freezing=freezing, log=lambda line: None)
+    interrupted = {**config, "run_dir": str(tmp_path / "interrupted")}
+    stop = StopAtStep(5)  # phase 2 (the label function), after its mid-epoch checkpoint at step 4
+    with pytest.raises(Interrupt):
+        fit(interrupted, freezing=freezing, callbacks=[stop], log=lambda line: None)
+    assert stop.steps == [1, 2, 3, 4, 5]
+    resumed = fit(interrupted, freezing=freezing, resume=True, log=lambda line: None)
+
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    assert final.keys() == expected.keys()
+    for key in final:
+        assert np.array_equal(final[key], expected[key]), key  # bitwise
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    # Frozen in both phases (the stem and every conv outside layer4): bit-identical to the start.
+    frozen = [k for k in initial if k.startswith(("conv1.", "layer1.0.conv", "layer3.1.conv2")) or k == "bn1.running_mean"]
+    assert frozen
+    for key in frozen:
+        assert np.array_equal(final[key], initial[key]), key
+    # Trained: layer4 (phase 1) and layer1's BatchNorm (phase 2, by the label function, with its own SGD).
+    assert not np.array_equal(final["layer4.0.conv1.weight"], initial["layer4.0.conv1.weight"])
+    assert not np.array_equal(final["layer1.0.bn1.weight"], initial["layer1.0.bn1.weight"])
+
+
+def test_resume_refuses_a_change_of_what_the_checkpoint_holds(example):
+    directory, namespace = example
+    config = {**namespace["config"], "run_dir": str(directory / namespace["config"]["run_dir"])}
+    with pytest.raises(RunError, match=r"^model.arch: the run was trained with model.arch='resnet18'"):
+        fit(config, freezing=namespace["freezing"], resume=True, overrides=["model.arch=resnet34"])
+    with pytest.raises(RunError, match=r"^phases.0.lrs"):
+        fit(config, freezing=namespace["freezing"], resume=True, overrides=["phases.0.lrs={head: 0.5}"])
+    with pytest.raises(RunError, match=r"phase 'last_stage' has run with policy="):
+        fit(config, freezing={**namespace["freezing"], "last_stage": "head_only"}, resume=True)
+
+
+def test_freezing_names_unknown_phases_and_python_policies_need_python(example, tmp_path):
+    directory, namespace = example
+    with pytest.raises(ConfigError, match="freezing= names phase\\(s\\) nope; the config's phases: last_stage, norms"):
+        fit(namespace["config"], freezing={"nope": "head_only"})
+    saved = load_config(directory / namespace["config"]["run_dir"] / "config.yaml")
+    model = jaxtl.models.abstract_model("resnet18", num_classes=3)
+    with pytest.raises(jaxtl.optim.ParamGroupError, match="a config file cannot hold it: run it from Python"):
+        saved.phases[0].groups(model)
+
+
+def test_jaxtl_train_resume_refuses_another_architecture_in_one_line(example):
+    import subprocess
+    import sys
+
+    directory, namespace = example
+    run_dir = directory / namespace["config"]["run_dir"]
+    command = [sys.executable, "-m", "jaxtl.cli", "train", "--resume", str(run_dir), "--set", "model.arch=resnet34"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "jaxtl train: error: model.arch: the run was trained with model.arch='resnet18'; a resumed run cannot change "
+        "it to 'resnet34' (its checkpoint holds what that value made). Start a new run (another run_dir) instead"
+    ]
+    assert "resnet34" not in result.stdout  # nothing was built or downloaded

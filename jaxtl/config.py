@@ -136,7 +136,9 @@ def _to_plain(value: Any, source: str = "config") -> Any:
                 f"{source}: more than {MAX_VALUES} values (YAML aliases that expand?); a run config is far smaller"
             )
         if depth > MAX_DEPTH:
-            raise ConfigError(f"{source}: nested too deeply (more than {MAX_DEPTH} levels; a YAML alias inside itself?)")
+            raise ConfigError(
+                f"{source}: nested too deeply (more than {MAX_DEPTH} levels; a YAML alias inside itself?)"
+            )
         if isinstance(value, Mapping):
             return {k: copy(v, depth + 1) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -176,7 +178,9 @@ def _convert(value: Any, annotation: Any, key: str, source: str, bounds: Bounds 
         if isinstance(value, annotation):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}")
+            raise ConfigError(
+                f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}"
+            )
         return _build(annotation, value, key, source)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -332,7 +336,9 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping of {', '.join(f.name for f in dataclasses.fields(RunConfig))}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
+        )
     data = _to_plain(dict(data), source)
     if "phases" not in data:
         data["phases"] = RunConfig().to_dict()["phases"]
@@ -359,6 +365,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     """Reads a YAML config (None: the defaults) and applies ``overrides``."""
     if path is None:
         return config_from_dict({}, overrides, "defaults")
+    return config_from_dict(read_config_file(path), overrides, str(path))
+
+
+def read_config_file(path: str | Path) -> Any:
+    """A YAML config file's plain contents, not yet checked; ConfigError naming the file if it cannot be read."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -370,7 +381,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path} is not valid YAML: {_describe_yaml_error(error)}") from None
-    return config_from_dict(data, overrides, str(path))
+    return data
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

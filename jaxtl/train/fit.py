@@ -1,8 +1,8 @@
 """``fit``: a training run from Python, as ``jaxtl train`` runs it (the command is a thin call of this).
 
-    from jaxtl.train import fit
-    result = fit("configs/quickstart.yaml", overrides=["phases.0.epochs=1"])
-    result = fit(config, freezing={"head": my_rules, "norms": Labels(my_labels, groups)}, resume=True)
+from jaxtl.train import fit
+result = fit("configs/quickstart.yaml", overrides=["phases.0.epochs=1"])
+result = fit(config, freezing={"head": my_rules, "norms": Labels(my_labels, groups)}, resume=True)
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import yaml
 from flax import nnx
 
 from jaxtl import models
-from jaxtl.config import ConfigError, RunConfig, config_from_dict, load_config
+from jaxtl.config import ConfigError, RunConfig, config_from_dict, load_config, read_config_file
 from jaxtl.optim import Freezing
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
@@ -177,7 +176,11 @@ def resolve_config(
     else:
         if freezing is None:
             return load_config(config, overrides)
-        data, source = _read_yaml(Path(config)), str(config)
+        data, source = read_config_file(config), str(config)
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            return config_from_dict(data, overrides, source)  # the error that names what the top level must be
+        data = dict(data)
     if freezing is not None:
         data = _with_freezing(data, freezing, source)
     return config_from_dict(data, overrides, source)
@@ -191,11 +194,6 @@ def _editable(config: RunConfig) -> dict[str, Any]:
     return data
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    load_config(path)  # the file's own errors (missing, unreadable, not YAML), named as load_config names them
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
 def _with_freezing(data: dict[str, Any], freezing: Any, source: str) -> dict[str, Any]:
     phases = data.get("phases")
     if phases is None:
@@ -206,7 +204,9 @@ def _with_freezing(data: dict[str, Any], freezing: Any, source: str) -> dict[str
     by_name = dict(freezing) if isinstance(freezing, Mapping) else dict.fromkeys(names, freezing)
     unknown = [name for name in by_name if name not in names]
     if unknown:
-        raise ConfigError(f"freezing= names phase(s) {', '.join(map(str, unknown))}; the config's phases: {', '.join(names)}")
+        raise ConfigError(
+            f"freezing= names phase(s) {', '.join(map(str, unknown))}; the config's phases: {', '.join(names)}"
+        )
     updated = []
     for phase in phases:
         phase = dict(phase)

@@ -1,4 +1,4 @@
-"""`jaxtl.train.fit` from Python: the README's example, freezing written as functions, and resume after an interruption."""
+"""`jaxtl.train.fit` from Python: the README's example, freezing written as functions, resume after an interruption."""
 
 from __future__ import annotations
 
@@ -86,7 +86,9 @@ def test_a_run_interrupted_mid_phase_resumes_bitwise_and_keeps_frozen_parameters
         assert np.array_equal(final[key], expected[key]), key  # bitwise
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
     # Frozen in both phases (the stem and every conv outside layer4): bit-identical to the start.
-    frozen = [k for k in initial if k.startswith(("conv1.", "layer1.0.conv", "layer3.1.conv2")) or k == "bn1.running_mean"]
+    frozen = [
+        k for k in initial if k.startswith(("conv1.", "layer1.0.conv", "layer3.1.conv2")) or k == "bn1.running_mean"
+    ]
     assert frozen
     for key in frozen:
         assert np.array_equal(final[key], initial[key]), key
@@ -131,3 +133,18 @@ def test_jaxtl_train_resume_refuses_another_architecture_in_one_line(example):
         "it to 'resnet34' (its checkpoint holds what that value made). Start a new run (another run_dir) instead"
     ]
     assert "resnet34" not in result.stdout  # nothing was built or downloaded
+
+
+def test_a_yaml_config_takes_its_phases_freezing_from_python(tmp_path, example):
+    from jaxtl.optim import Labels
+    from jaxtl.train import resolve_config
+
+    _, namespace = example
+    path = tmp_path / "run.yaml"
+    path.write_text("phases:\n  - {name: last_stage, epochs: 2}\n  - {name: norms}\n")
+    config = resolve_config(path, namespace["freezing"], overrides=["optim.lr=3e-4"])
+    assert config.phases[0].policy is namespace["last_stage"] and config.phases[0].epochs == 2
+    assert isinstance(config.phases[1].policy, Labels) and config.phases[1].epochs == 1
+    assert config.optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="phases.0: phase 'last_stage': give exactly one of policy"):
+        load_config(path)  # without Python, the file alone does not say what the phases train

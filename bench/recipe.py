@@ -1,4 +1,4 @@
-"""The recipe's complete example end to end: PyTorch as RECIPE.md writes it against `jaxtl train`.
+"""The recipe's complete example end to end: PyTorch as docs/recipe.md writes it against `jaxtl train`.
 
 Both start as fresh processes timed from outside (imports, data loading, compilation included), on
 the same generated 5-class ImageFolder (60 train / 20 val JPEGs per class by default), from the same
@@ -77,7 +77,14 @@ def main(argv=None) -> int:
         check=True, capture_output=True, env=env,
     )  # fmt: skip
 
-    torch_cmd = [sys.executable, str(HERE / "recipe_torch.py"), str(data), str(weights), str(args.epochs), str(args.workers)]
+    torch_cmd = [
+        sys.executable,
+        str(HERE / "recipe_torch.py"),
+        str(data),
+        str(weights),
+        str(args.epochs),
+        str(args.workers),
+    ]
 
     def jaxtl_cmd(run: str) -> list[str]:
         sets = {
@@ -88,7 +95,13 @@ def main(argv=None) -> int:
             "data.num_workers": str(args.workers),
             "phases.0.epochs": str(args.epochs),
         }
-        command = [sys.executable, "-m", "jaxtl.cli", "train", str(ROOT / "configs" / "resnet18_feature_extraction.yaml")]
+        command = [
+            sys.executable,
+            "-m",
+            "jaxtl.cli",
+            "train",
+            str(ROOT / "configs" / "resnet18_feature_extraction.yaml"),
+        ]
         return command + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
     print(
@@ -122,7 +135,9 @@ def main(argv=None) -> int:
             seconds, rss, out = timed(jaxtl_cmd(f"run-{cache}-{r}"), run_env)
             accuracy = float(re.findall(r"best val acc@1 ([0-9.]+)", out)[-1])
             results[name].append((seconds, accuracy, rss))
-            print(f"{name} round {r + 1}: {seconds:6.1f} s  best val acc {accuracy:.3f}  peak RSS {rss} MiB", flush=True)
+            print(
+                f"{name} round {r + 1}: {seconds:6.1f} s  best val acc {accuracy:.3f}  peak RSS {rss} MiB", flush=True
+            )
 
     torch_s = statistics.median(s for s, _, _ in results["torch"])
     width = max(map(len, results))

@@ -1,4 +1,4 @@
-"""RECIPE.md's complete example, as written there, for bench/recipe.py.
+"""The complete example of docs/recipe.md, as written there, for bench/recipe.py.
 
 Two changes only: the initial weights come from a local .pth (there is no download here) while the
 transform stays ``ResNet18_Weights.DEFAULT.transforms()``, and the paths, epochs and workers are
@@ -74,7 +74,9 @@ def main(root: str, weights_file: str, epochs: int, workers: int) -> None:
     best_acc = 0.0
     checkpoint = Path(weights_file).with_name("transfer_classifier.pt")
     for epoch in range(epochs):
-        train_metrics = train_one_epoch(model=model, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer, device=device)
+        train_metrics = train_one_epoch(
+            model=model, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer, device=device
+        )
         val_metrics = evaluate(model=model, loader=val_loader, loss_fn=loss_fn, device=device)
         print(
             f"epoch={epoch + 1} "

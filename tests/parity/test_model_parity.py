@@ -1,4 +1,4 @@
-"""Every converted model computes what torchvision computes (DESIGN.md numerics contract).
+"""Every converted model computes what torchvision computes (the numerics contract, docs/numerics.md).
 
 Random-init torchvision models with randomised BN affine parameters and running statistics, at a
 square and an odd non-square input size: eval logits, train-mode logits and BN running-stat
@@ -12,7 +12,6 @@ import torchvision
 from flax import nnx
 
 import jaxtl.models
-
 from convert.parity import check_parity
 from convert.random_models import randomized_torchvision_model
 from convert.torchvision_state import from_torchvision

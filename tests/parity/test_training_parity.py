@@ -1,6 +1,6 @@
-"""The recipe's fine-tuning runs reproduce PyTorch step for step (DESIGN.md: N optimizer steps of a recipe).
+"""The recipe's fine-tuning runs reproduce PyTorch step for step (docs/numerics.md: N optimizer steps of a recipe).
 
-Each recipe of shared/RECIPE.md runs 20 AdamW steps in PyTorch, written the recipe's way, and in
+Each recipe of docs/recipe.md runs 20 AdamW steps in PyTorch, written the recipe's way, and in
 jaxtl, from the same random "pretrained" weights with a new 5-way head, on the same batches: the
 loss of every step within relative 1e-4, every parameter and BatchNorm running statistic within
 relative L2 1e-4 at the end, and every parameter a phase freezes (and every statistic of a
@@ -155,7 +155,7 @@ def test_efficientnet_projection_biases_have_no_gradient_in_train_mode():
 
 
 def test_a_perturbed_batch_norm_momentum_is_reported_as_the_divergence():
-    # Flax's default momentum convention mistaken for torch's (PITFALLS 5) in one layer: train-mode
+    # Flax's default momentum convention mistaken for torch's (docs/numerics.md, trap 5) in one layer: train-mode
     # forwards use batch statistics, so the losses and parameters still agree; the running
     # statistics of that layer (and the eval logits that use them) are what the report names.
     recipe = Recipe(

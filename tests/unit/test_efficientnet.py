@@ -17,7 +17,7 @@ TORCHVISION_NUM_PARAMS = {
     "efficientnet_b6": 43040704, "efficientnet_b7": 66347960, "efficientnet_v2_s": 21458488,
     "efficientnet_v2_m": 54139356, "efficientnet_v2_l": 118515272,
 }  # fmt: skip
-# (eps, momentum, classifier dropout) per variant (shared/PITFALLS.md items 8 and 12).
+# (eps, momentum, classifier dropout) per variant (docs/numerics.md, traps 8 and 12).
 SETTINGS = {
     "efficientnet_b0": (1e-5, 0.1, 0.2), "efficientnet_b1": (1e-5, 0.1, 0.2), "efficientnet_b2": (1e-5, 0.1, 0.3),
     "efficientnet_b3": (1e-5, 0.1, 0.3), "efficientnet_b4": (1e-5, 0.1, 0.4), "efficientnet_b5": (1e-3, 0.01, 0.4),
@@ -43,7 +43,14 @@ def test_parameter_count_and_settings_equal_torchvision(arch):
 
 def test_make_divisible_matches_torchvision():
     # torchvision.models._utils._make_divisible
-    assert [make_divisible(v) for v in (32 * 1.1, 16 * 1.1, 24 * 1.4, 40 * 1.8, 320 * 2.0, 3.0)] == [32, 16, 32, 72, 640, 8]
+    assert [make_divisible(v) for v in (32 * 1.1, 16 * 1.1, 24 * 1.4, 40 * 1.8, 320 * 2.0, 3.0)] == [
+        32,
+        16,
+        32,
+        72,
+        640,
+        8,
+    ]
 
 
 def test_mbconv_names_depthwise_kernels_and_squeeze_width():

@@ -1,4 +1,4 @@
-"""The torch-faithful layers against hand-computed values (shared/PITFALLS.md items 1-7, 10, 17)."""
+"""The torch-faithful layers against hand-computed values (docs/numerics.md, traps 1-7, 10, 17)."""
 
 import functools
 import math

@@ -1,4 +1,4 @@
-"""The recipe's common mistakes (shared/RECIPE.md, "Common Mistakes") that no other test answers.
+"""The recipe's common mistakes (docs/recipe.md, "Common mistakes") that no other test answers.
 
 The others are answered elsewhere: everything frozen (tests/unit/test_optim.py
 test_everything_frozen_is_an_error), frozen parameters trained by accident (test_optim.py: no

@@ -35,7 +35,10 @@ POLICIES = {"full": "full", "last block + head": "last_n_blocks:1", "head only":
 
 
 def jaxtl_step(arch: str, policy: str, batch: int, size: int):
-    """jaxtl's jitted train step and its first arguments: ``(step, (state, opt_state, images, labels, mask), trainable)``."""
+    """jaxtl's jitted train step and its first arguments.
+
+    Returns ``(step, (state, opt_state, images, labels, mask), trainable)``.
+    """
     import jax.numpy as jnp
     import numpy as np
 
@@ -64,7 +67,9 @@ def jaxtl_side(arch: str, policy: str, batch: int, size: int):
 
     def run(steps: int) -> int:
         for _ in range(steps):
-            holder["state"], holder["opt"], metrics = step(holder["state"], holder["opt"], images, labels, mask, holder["i"])
+            holder["state"], holder["opt"], metrics = step(
+                holder["state"], holder["opt"], images, labels, mask, holder["i"]
+            )
             holder["i"] += 1
         jax.block_until_ready(metrics)
         return steps * batch
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join([*POLICIES, "eval"]), help="a comma-separated subset of: "
                         + ", ".join([*POLICIES, "eval"]))  # fmt: skip
     parser.add_argument("--xla", choices=("default", "ynnpack"), default="default",
-                        help="ynnpack: XLA:CPU's dots in YNNPACK (jaxtl/xla.py, opt-in); default: XLA's own kernels")  # fmt: skip
+                        help="ynnpack: XLA:CPU's dots in YNNPACK (jaxtl/xla.py, opt-in); "
+                        "default: XLA's own kernels")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.xla == "ynnpack":
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {args.batch} (eval {args.eval_batch}) at {args.size}; "
-          f"{args.steps} steps x {args.rounds} rounds; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)  # fmt: skip
+          f"{args.steps} steps x {args.rounds} rounds; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)  # fmt: skip
     rows = []
     for arch in [] if args.compile_only else args.archs.split(","):
         for label, policy in [*POLICIES.items(), ("eval", None)]:
@@ -253,7 +260,8 @@ def _report(args, rows: list[dict], compiles: dict) -> int:
         cold, warm = sum(c["cold"].values()), sum(c["warm"].values())
         print(f"{arch} full train step in a fresh process, trace + lower + compile: {cold:.1f} s with an empty "
               f"compilation cache ({c['cold']['trace_lower']:.1f} + {c['cold']['compile']:.1f}), {warm:.1f} s with "
-              f"the cache filled ({c['warm']['trace_lower']:.1f} + {c['warm']['compile']:.1f}) = {warm / cold:.0%}")  # fmt: skip
+              f"the cache filled ({c['warm']['trace_lower']:.1f} + {c['warm']['compile']:.1f}) "
+              f"= {warm / cold:.0%}")  # fmt: skip
     write_json(args, "cpu_steps", images_per_second=rows, compile_seconds=compiles)
     return 0
 

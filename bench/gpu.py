@@ -103,7 +103,9 @@ class Result:
     def line(self) -> str:
         fmt = lambda v: f"{v:10.1f}" if v else f"{'-':>10}"  # noqa: E731
         ratio = f"{self.ratio:6.2f}x" if self.ratio else f"{'-':>7}"
-        return f"{self.case:<16} {self.arch:<16} {self.batch:>5} {fmt(self.jaxtl)} {fmt(self.torch)} {ratio}  {self.note}"
+        return (
+            f"{self.case:<16} {self.arch:<16} {self.batch:>5} {fmt(self.jaxtl)} {fmt(self.torch)} {ratio}  {self.note}"
+        )
 
 
 HEADER = f"{'case':<16} {'arch':<16} {'batch':>5} {'jaxtl':>10} {'torch':>10} {'ratio':>7}  (images/s, median)"
@@ -277,7 +279,9 @@ def bench_torch_compile(arch: str, s: Settings, jx, jb, run_jaxtl) -> Result:
         torch_sync()
         compile_s = time.perf_counter() - start
     except Exception as error:  # torch.compile's support differs between machines: report, don't stop
-        return Result("train compiled", arch, s.batch, note=f"torch.compile failed: {type(error).__name__}: {error}"[:200])
+        return Result(
+            "train compiled", arch, s.batch, note=f"torch.compile failed: {type(error).__name__}: {error}"[:200]
+        )
 
     def run_torch() -> int:
         for i in range(s.steps):
@@ -287,7 +291,9 @@ def bench_torch_compile(arch: str, s: Settings, jx, jb, run_jaxtl) -> Result:
 
     run_torch()
     rates = alternate({"jaxtl": run_jaxtl, "torch": run_torch}, s.rounds)
-    result = Result("train compiled", arch, s.batch, rates["jaxtl"], rates["torch"], note=f"torch.compile {compile_s:.0f}s")
+    result = Result(
+        "train compiled", arch, s.batch, rates["jaxtl"], rates["torch"], note=f"torch.compile {compile_s:.0f}s"
+    )
     result.extra["torch_compile_s"] = compile_s
     return result
 
@@ -308,7 +314,13 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     transform = TrainTransform(preprocessing, random_resized_crop=True, flip_p=0.5)
     loaders = {
         kind: Loader(
-            ImageFolder(data), transform, batch_size=s.batch, shuffle=True, num_workers=s.workers, seed=0, worker_type=kind
+            ImageFolder(data),
+            transform,
+            batch_size=s.batch,
+            shuffle=True,
+            num_workers=s.workers,
+            seed=0,
+            worker_type=kind,
         )
         for kind in ("process", "thread")
     }
@@ -317,10 +329,15 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     torch_loader = torch.utils.data.DataLoader(
         torchvision.datasets.ImageFolder(
             str(data),
-            transform=v2.Compose([
-                v2.RandomResizedCrop(s.size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
-                v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
-            ]),  # fmt: skip
+            transform=v2.Compose(
+                [
+                    v2.RandomResizedCrop(s.size, antialias=True),
+                    v2.RandomHorizontalFlip(),
+                    v2.PILToTensor(),
+                    v2.ToDtype(torch.float32, scale=True),
+                    v2.Normalize(MEAN, STD),
+                ]
+            ),  # fmt: skip
         ),
         batch_size=s.batch,
         shuffle=True,

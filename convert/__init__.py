@@ -6,7 +6,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import jaxtl.models
 from convert.torchvision_state import from_torchvision, infer_arch, to_torchvision
 from convert.weight_files import download_weights, load_state_dict_file, sha256_of
 from jaxtl import weights as jaxtl_weights
@@ -21,7 +20,11 @@ def _spec_for_file(arch: str, path: Path, sha256: str, num_classes: int) -> jaxt
     if known is not None and known.arch == arch:
         return dataclasses.replace(known, source=str(path.absolute()), sha256=sha256)
     return jaxtl_weights.WeightSpec(
-        arch=arch, name=path.stem, source=str(path.absolute()), sha256=sha256, num_classes=num_classes,
+        arch=arch,
+        name=path.stem,
+        source=str(path.absolute()),
+        sha256=sha256,
+        num_classes=num_classes,
         sha256_prefix=jaxtl_weights.sha256_prefix_of(path.name),
     )
 

@@ -579,7 +579,10 @@ def check_training_parity(
             candidate, recipe, iter(jax_batches), compiler_options=options
         )
         report = TrainingParityReport(
-            arch, recipe, tuple(jax_batches[0][0].shape), str(dtype).removeprefix("torch."),
+            arch,
+            recipe,
+            tuple(jax_batches[0][0].shape),
+            str(dtype).removeprefix("torch."),
             list(zip(torch_losses, jax_losses)),
         )
         tolerances = report.tolerances

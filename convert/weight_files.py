@@ -125,4 +125,3 @@ def download_weights(spec: WeightSpec, *, timeout_s: float = DOWNLOAD_TIMEOUT_S)
     finally:
         socket.setdefaulttimeout(previous)
     return destination
-

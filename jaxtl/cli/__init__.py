@@ -52,4 +52,3 @@ def main(argv: list[str] | None = None) -> int:
     except JaxtlError as error:
         print(f"jaxtl {args.command}: error: {error}", file=sys.stderr)
         return 2
-

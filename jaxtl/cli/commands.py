@@ -91,7 +91,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     sidecar = out.with_suffix(".json")
     sidecar.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"exported {arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
-    print(f"  load: torchvision.models.get_model({arch!r}, num_classes={num_classes}).load_state_dict(torch.load({str(out)!r}))")
+    print(
+        f"  load: torchvision.models.get_model({arch!r}, num_classes={num_classes})"
+        f".load_state_dict(torch.load({str(out)!r}))"
+    )
     return 0
 
 
@@ -133,7 +136,8 @@ def _training_parity(args: argparse.Namespace) -> int:
     size, batch, num_classes = args.size or (64, 64), args.batch or 8, args.num_classes or 5
     print(
         f"{args.arch}: random torchvision weights with randomised BatchNorm statistics (seed {args.seed}) and a new "
-        f"{num_classes}-way head, converted to jaxtl; recipe {recipe.name} on {recipe.steps} batches {batch}x3x{size[0]}x{size[1]}"
+        f"{num_classes}-way head, converted to jaxtl; recipe {recipe.name} on {recipe.steps} batches "
+        f"{batch}x3x{size[0]}x{size[1]}"
     )
     report = run_training_parity(
         args.arch, recipe, batch=batch, size=size, num_classes=num_classes, seed=args.seed, float64=args.float64
@@ -156,14 +160,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
     from jaxtl.train import distributed, fit  # after the config's checks: a bad config fails before jax loads
 
-    if args.distributed or args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
+    if (
+        args.distributed
+        or args.coordinator is not None
+        or args.num_processes is not None
+        or args.process_id is not None
+    ):
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     started = time.perf_counter()
     result = fit(config, resume=bool(args.resume))
     if not distributed.is_primary():
         return 0
     best = result.best
-    print(f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best.metrics['val_acc1']:.3f} (epoch {best.epoch})")
+    print(
+        f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best.metrics['val_acc1']:.3f} "
+        f"(epoch {best.epoch})"
+    )
     print(f"  best checkpoint: {result.best_checkpoint}; metrics: {result.run_dir / 'metrics.jsonl'}")
     example = _example_image(config)
     print(f"  try: jaxtl predict {result.best_checkpoint} {example or 'IMAGE.jpg'}")
@@ -204,7 +216,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failures == total:
         raise JaxtlError(f"no image could be classified ({failures} file(s) failed; see the lines above)")
     if failures:
-        print(f"jaxtl predict: {failures} of {total} file(s) could not be classified (see their lines)", file=sys.stderr)
+        print(
+            f"jaxtl predict: {failures} of {total} file(s) could not be classified (see their lines)", file=sys.stderr
+        )
         return 1
     return 0
 

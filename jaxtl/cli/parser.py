@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a torchvision state_dict (.pth, loadable with strict=True) and a JSON of classes, "
         "class_to_idx and preprocessing next to it.",
     )
-    export.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoints/best) or a converted-weights directory")
+    export.add_argument(
+        "checkpoint", help="a training checkpoint (RUN_DIR/checkpoints/best) or a converted-weights directory"
+    )
     export.add_argument("--out", required=True, help="the .pth file to write")
     export.set_defaults(run=cmd_export)
 

@@ -131,7 +131,9 @@ def load_image(path: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Im
         kind = "a broken symlink" if os.path.islink(path) else "no such file"
         raise DataError(f"{path}: {kind}") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode the image ({error}); the file is probably truncated or corrupt") from None
+        raise DataError(
+            f"{path}: cannot decode the image ({error}); the file is probably truncated or corrupt"
+        ) from None
 
 
 def _size_of(path: str) -> int | None:
@@ -226,7 +228,9 @@ class TfdsSource:
         try:
             builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         except tfds.core.registered.DatasetNotFoundError:
-            raise DataError(f"{name!r} is not in the tfds catalog (https://www.tensorflow.org/datasets/catalog)") from None
+            raise DataError(
+                f"{name!r} is not in the tfds catalog (https://www.tensorflow.org/datasets/catalog)"
+            ) from None
         # as_data_source, not tfds.data_source: the latter downloads and prepares a missing
         # dataset, which needs tensorflow; here an unprepared dataset is an error.
         try:

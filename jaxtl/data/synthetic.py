@@ -55,7 +55,10 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
     return [
-        (cx + radius * math.cos(angle + 2 * math.pi * k / sides), cy + radius * math.sin(angle + 2 * math.pi * k / sides))
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+            cy + radius * math.sin(angle + 2 * math.pi * k / sides),
+        )
         for k in range(sides)
     ]
 

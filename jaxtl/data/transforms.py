@@ -138,7 +138,9 @@ class TrainTransform:
         if rng is None:
             raise ValueError("a random train transform needs a numpy Generator")
         if self.random_resized_crop:
-            top, left, height, width = random_resized_crop_params(image.height, image.width, self.scale, self.ratio, rng)
+            top, left, height, width = random_resized_crop_params(
+                image.height, image.width, self.scale, self.ratio, rng
+            )
             image = image.crop((left, top, left + width, top + height))
             size = self.output_size
             if (image.height, image.width) != size:

@@ -188,7 +188,9 @@ class EfficientNet(nnx.Module):
         self.classifier = Sequential(
             [
                 nnx.Dropout(dropout, rngs=rngs),
-                Linear(self.num_features, num_classes, weight_init=uniform_init(bound), bias_init=zeros_init, rngs=rngs),
+                Linear(
+                    self.num_features, num_classes, weight_init=uniform_init(bound), bias_init=zeros_init, rngs=rngs
+                ),
             ]
         )
 
@@ -231,7 +233,12 @@ def _v1_stages(width_mult: float, depth_mult: float) -> list[StageConfig]:
             (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]  # fmt: skip
     return [
         StageConfig(
-            "mbconv", expand, kernel, stride, make_divisible(cin * width_mult), make_divisible(cout * width_mult),
+            "mbconv",
+            expand,
+            kernel,
+            stride,
+            make_divisible(cin * width_mult),
+            make_divisible(cout * width_mult),
             int(math.ceil(layers * depth_mult)),
         )
         for expand, kernel, stride, cin, cout, layers in rows
@@ -258,7 +265,13 @@ def _efficientnet_v1(width_mult, depth_mult, dropout, norm=NormConfig(), *, num_
 def _efficientnet_v2(size, dropout, *, num_classes, rngs, **kwargs):
     stages = [StageConfig(*row) for row in _V2_STAGES[size]]
     return EfficientNet(
-        stages, dropout=dropout, norm=NormConfig(eps=1e-3), last_channel=1280, num_classes=num_classes, rngs=rngs, **kwargs
+        stages,
+        dropout=dropout,
+        norm=NormConfig(eps=1e-3),
+        last_channel=1280,
+        num_classes=num_classes,
+        rngs=rngs,
+        **kwargs,
     )
 
 

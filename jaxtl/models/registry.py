@@ -39,9 +39,7 @@ def get_builder(arch: str) -> Callable[..., nnx.Module]:
     except KeyError:
         close = difflib.get_close_matches(arch, _BUILDERS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(
-            f"unknown architecture {arch!r}.{hint} Known: {', '.join(list_models())}"
-        ) from None
+        raise UnknownModelError(f"unknown architecture {arch!r}.{hint} Known: {', '.join(list_models())}") from None
 
 
 @contextlib.contextmanager

@@ -121,9 +121,15 @@ class ResNet(nnx.Module):
         self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, kernel_init=kaiming_normal_fan_out, rngs=rngs)
         self.bn1 = _batch_norm(64)
         self.layer1 = self._make_layer(block, 64, layers[0], rngs=rngs)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0], rngs=rngs)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1], rngs=rngs)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2], rngs=rngs)
+        self.layer2 = self._make_layer(
+            block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0], rngs=rngs
+        )
+        self.layer3 = self._make_layer(
+            block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1], rngs=rngs
+        )
+        self.layer4 = self._make_layer(
+            block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2], rngs=rngs
+        )
         self.num_features = 512 * block.expansion
         self.num_classes = num_classes
         self.fc = Linear(self.num_features, num_classes, rngs=rngs)
@@ -147,7 +153,9 @@ class ResNet(nnx.Module):
                 ]
             )
         common = dict(groups=self._groups, base_width=self._base_width, rngs=rngs)
-        layers = [block(self._inplanes, planes, stride=stride, downsample=downsample, dilation=previous_dilation, **common)]
+        layers = [
+            block(self._inplanes, planes, stride=stride, downsample=downsample, dilation=previous_dilation, **common)
+        ]
         self._inplanes = planes * block.expansion
         for _ in range(1, blocks):
             layers.append(block(self._inplanes, planes, dilation=self._dilation, **common))
@@ -236,13 +244,17 @@ def resnext50_32x4d(*, num_classes: int = 1000, rngs: nnx.Rngs, **kwargs) -> Res
 @register_model
 def resnext101_32x8d(*, num_classes: int = 1000, rngs: nnx.Rngs, **kwargs) -> ResNet:
     """ResNeXt-101 32x8d (arXiv:1611.05431)."""
-    return _resnet(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, num_classes=num_classes, rngs=rngs, **kwargs)
+    return _resnet(
+        Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, num_classes=num_classes, rngs=rngs, **kwargs
+    )
 
 
 @register_model
 def resnext101_64x4d(*, num_classes: int = 1000, rngs: nnx.Rngs, **kwargs) -> ResNet:
     """ResNeXt-101 64x4d (arXiv:1611.05431)."""
-    return _resnet(Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4, num_classes=num_classes, rngs=rngs, **kwargs)
+    return _resnet(
+        Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4, num_classes=num_classes, rngs=rngs, **kwargs
+    )
 
 
 @register_model

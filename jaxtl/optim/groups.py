@@ -25,8 +25,17 @@ from jaxtl.models.names import collapse_names, dotted_name
 from jaxtl.optim.rules import BN_POLICIES, BNPolicy, Group, ParamGroupError, Rule
 
 __all__ = [
-    "BN_POLICIES", "BNPolicy", "Group", "ParamGroupError", "ParamGroups", "Rule", "assign", "assign_labels", "parameters"
+    "BN_POLICIES",
+    "BNPolicy",
+    "Group",
+    "ParamGroupError",
+    "ParamGroups",
+    "Rule",
+    "assign",
+    "assign_labels",
+    "parameters",
 ]
+
 
 def parameters(model: nnx.Module) -> dict[str, nnx.Param]:
     """The model's parameters by dotted (torchvision) name, in the model's order."""

@@ -13,16 +13,16 @@ to the gradient before momentum (``buf = momentum * buf + g``, no dampening).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import optax
 
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
 from jaxtl.optim.settings import OptimizerConfig
+
 
 def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
     group = groups.groups[name]

@@ -10,13 +10,11 @@ optimizer afresh, as a PyTorch loop that creates a new optimizer at each phase d
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import optax
-from flax import nnx
 
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.optim.settings import OptimizerConfig, Phase

@@ -98,5 +98,3 @@ class Rule:
 
     def to_group(self) -> Group:
         return Group(self.group_name, self.frozen, self.lr, self.lr_mult, self.weight_decay, self.bn)
-
-

@@ -221,5 +221,3 @@ class Phase:
         from jaxtl.optim.optimizer import build_optimizer
 
         return build_optimizer(groups, self.optimizer or default or OptimizerConfig(), total_steps)
-
-

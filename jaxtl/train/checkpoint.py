@@ -233,7 +233,8 @@ def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: format {found!r} is not {FORMAT!r}; {ADVICE}")
     if manifest is None and meta["format"] == FORMAT:
         raise CheckpointError(
-            f"{directory} is incomplete: {MANIFEST} is missing (a save was cut short, or the directory was altered); {ADVICE}"
+            f"{directory} is incomplete: {MANIFEST} is missing (a save was cut short, or the directory was altered); "
+            f"{ADVICE}"
         )
     return meta
 

@@ -36,7 +36,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             "detects the cluster: Slurm, Open MPI, Cloud TPU)"
         )
     if num_processes is not None and not 0 <= process_id < num_processes:
-        raise JaxtlError(f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})")
+        raise JaxtlError(
+            f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
@@ -57,7 +59,10 @@ def is_primary() -> bool:
 def local_rows(sharding, batch_size: int) -> slice:
     """The rows of a ``(batch_size, ...)`` batch that this process's devices hold under ``sharding``."""
     spans = sorted(
-        (index[0].indices(batch_size)[:2] for index in sharding.addressable_devices_indices_map((batch_size,)).values()),
+        (
+            index[0].indices(batch_size)[:2]
+            for index in sharding.addressable_devices_indices_map((batch_size,)).values()
+        ),
     )
     start, stop = spans[0][0], spans[-1][1]
     if sum(b - a for a, b in set(spans)) != stop - start:

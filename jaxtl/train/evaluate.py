@@ -97,7 +97,9 @@ class CheckpointEvaluation:
     skipped: tuple[str, ...]
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = ()) -> CheckpointEvaluation:
+def evaluate_checkpoint(
+    checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = ()
+) -> CheckpointEvaluation:
     """A checkpoint's metrics on a split of the data its run used (``overrides`` may point elsewhere).
 
     Evaluated as the run validated: its precision, its eval batch size, sharded over the devices.

@@ -56,7 +56,9 @@ class RunData:
             raise DataError(f"the train source {train!r} has no classes; give it a classes attribute")
         val_classes = tuple(getattr(val, "classes", None) or classes)
         if val_classes != classes:
-            raise DataError(f"the val source's classes {list(val_classes)} differ from the train source's {list(classes)}")
+            raise DataError(
+                f"the val source's classes {list(val_classes)} differ from the train source's {list(classes)}"
+            )
         return cls(train, val, classes)
 
 
@@ -101,7 +103,9 @@ def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing
     d, seed = config.data, config.train.seed
     for name, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
         if size % num_devices:
-            raise DataError(f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}")
+            raise DataError(
+                f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}"
+            )
     augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
     common = {"num_workers": d.num_workers, "skip_bad_files": d.skip_bad_files, "worker_type": d.worker_type}
 

@@ -22,13 +22,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtl.config import RunConfig
-from jaxtl.data import Loader, data_sharding
-from jaxtl.optim import Phase, ParamGroups, carry_optimizer_state, group_lr, schedule
+from jaxtl.data import data_sharding
+from jaxtl.optim import ParamGroups, Phase, carry_optimizer_state, group_lr, schedule
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
 from jaxtl.train.callbacks import Callback
@@ -148,7 +147,9 @@ class Trainer:
     def _run_phase(self, index: int, state: RunState, opt_leaves, previous) -> tuple[RunState, tuple]:
         phase, model = self.phases[index], self.run.model
         if phase.epochs is None:
-            raise RunError(f"phase {phase.name!r} sets steps; the trainer runs phases of epochs (phases.{index}.epochs)")
+            raise RunError(
+                f"phase {phase.name!r} sets steps; the trainer runs phases of epochs (phases.{index}.epochs)"
+            )
         groups = phase.groups(model)
         optimizer_config = phase.optimizer or self.config.optim
         self.log(f"phase {index + 1}/{len(self.phases)} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
@@ -169,7 +170,7 @@ class Trainer:
         context = self._phase_context(index, groups, graphdef, optimizer, model_state)
         for callback in self.callbacks:
             callback.on_phase_start(phase, groups, state)
-        for epoch in range(state.epoch_in_phase, phase.epochs):
+        for _ in range(state.epoch_in_phase, phase.epochs):
             state, model_state, opt_state = self._run_epoch(context, state, model_state, opt_state)
         self.run.directory.figures.flush()
         return RunState(phase=index + 1, step=state.step, best=state.best), (groups, opt_state)
@@ -206,7 +207,9 @@ class Trainer:
         loader_epoch = context.first_loader_epoch + state.epoch_in_phase
         state, model_state, opt_state, train_metrics = self._train_epoch(context, state, model_state, opt_state)
         val_features = context.features["val"] if context.features is not None else None
-        evaluation = evaluate(context.eval_step, model_state, self.loaders.val, len(self.run.data.classes), val_features)
+        evaluation = evaluate(
+            context.eval_step, model_state, self.loaders.val, len(self.run.data.classes), val_features
+        )
         val_metrics = evaluation.metrics()
         record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics}
         self.run.directory.append_metrics(record)
@@ -334,7 +337,9 @@ class Trainer:
     def _report_epoch(self, context: PhaseContext, record: dict, epochs_done: int) -> None:
         """TensorBoard scalars of the epoch (metrics; each group's learning rate at its last step) and the curves."""
         scalars = {
-            f"{k.split('_', 1)[0]}/{k.split('_', 1)[1]}": v for k, v in record.items() if k.startswith(("train_", "val_"))
+            f"{k.split('_', 1)[0]}/{k.split('_', 1)[1]}": v
+            for k, v in record.items()
+            if k.startswith(("train_", "val_"))
         }
         optimizer = context.phase.optimizer or self.config.optim
         for name, group in context.groups.groups.items():

@@ -110,7 +110,8 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], met
         if key in CHANGEABLE or key == "phases" or key.startswith("phases."):
             continue
         raise RunError(
-            f"{key}: the run was trained with {key}={old!r}; a resumed run cannot change it to {new!r} (its checkpoint holds what "
+            f"{key}: the run was trained with {key}={old!r}; a resumed run cannot change it to {new!r} (its checkpoint "
+            "holds what "
             "that value made). Start a new run (another run_dir) instead"
         )
     old_phases, new_phases = list(saved.get("phases", [])), list(config.get("phases", []))
@@ -118,7 +119,8 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], met
     for index in range(min(state.phase + 1, len(old_phases))):
         if index >= len(new_phases):
             raise RunError(
-                f"phases: the run has reached phase {index + 1} ({old_phases[index]['name']!r}); a resumed run must keep "
+                f"phases: the run has reached phase {index + 1} ({old_phases[index]['name']!r}); a resumed run must "
+                "keep "
                 f"the phases already run, but gives {len(new_phases)}"
             )
         for key, old, new in _differences(old_phases[index], new_phases[index], f"phases.{index}."):

@@ -14,14 +14,23 @@ ROOT = Path(__file__).parents[2]
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_mode_runs_every_case(tmp_path):
     out = tmp_path / "gpu.json"
-    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--data", str(tmp_path / "jpegs"), "--json", str(out)]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "gpu.py"),
+        "--smoke",
+        "--data",
+        str(tmp_path / "jpegs"),
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["failures"] == []
     cases = {(r["case"], r["arch"]) for r in data["results"]}
     assert cases == {
-        ("train bf16", "resnet18"), ("eval bf16", "resnet18"), ("loader->train", "resnet18"), ("loader threads", "resnet18")
+        ("train bf16", "resnet18"), ("eval bf16", "resnet18"), ("loader->train", "resnet18"),
+        ("loader threads", "resnet18")
     }  # fmt: skip
     for r in data["results"]:
         # Both frameworks measured, and the ratio is theirs.

@@ -116,7 +116,8 @@ def test_the_compilation_cache_is_bounded_in_jaxtls_cache_unless_jax_is_told_oth
         "_enable_compilation_cache()\n"
         "import jax\n"
         "c = jax.config\n"
-        "print(c.jax_compilation_cache_dir, c.jax_compilation_cache_max_size, c.jax_persistent_cache_min_compile_time_secs)"
+        "print(c.jax_compilation_cache_dir, c.jax_compilation_cache_max_size, "
+        "c.jax_persistent_cache_min_compile_time_secs)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"JAXTL_CACHE": str(tmp_path)}
     default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

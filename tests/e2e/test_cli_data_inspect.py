@@ -14,7 +14,18 @@ def run(*args, env=None):
 
 def test_data_synthetic_writes_and_reuses_the_dataset(tmp_path):
     out = tmp_path / "shapes"
-    args = ("data", "synthetic", "--out", str(out), "--num-classes", "3", "--train-per-class", "4", "--val-per-class", "2")
+    args = (
+        "data",
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-classes",
+        "3",
+        "--train-per-class",
+        "4",
+        "--val-per-class",
+        "2",
+    )
     first = run(*args)
     assert first.returncode == 0, first.stderr
     assert "train: 12 images, classes checkerboard, circle, square" in first.stdout
@@ -37,7 +48,9 @@ def test_data_prepare_runs_apart_and_explains_what_it_needs(tmp_path):
     """The preparing process needs tensorflow; without it the message says so and nothing is written."""
     result = run("data", "prepare", "tf_flowers", "--data-dir", str(tmp_path / "tfds"))
     # find_spec, not import: tensorflow must never enter a process that may import torch.
-    if importlib.util.find_spec("tensorflow") is not None:  # a machine with tensorflow but no network: the download fails, with the name.
+    if (
+        importlib.util.find_spec("tensorflow") is not None
+    ):  # a machine with tensorflow but no network: the download fails, with the name.
         assert result.returncode == 2 and "could not prepare tfds dataset 'tf_flowers'" in result.stderr
     else:
         assert result.returncode == 2

@@ -42,14 +42,19 @@ def two_processes(run_dir, *extra, resume=False, fault=None, expect=(0, 0)):
     processes = [
         subprocess.Popen(
             [*JAXTL, *args, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
     for i, (p, (out, err), allowed) in enumerate(zip(processes, outputs, expect)):
         allowed = allowed if isinstance(allowed, tuple) else (allowed,)
-        assert p.returncode in allowed, f"process {i}: exit {p.returncode}, expected {allowed}\n{out[-3000:]}{err[-3000:]}"
+        assert p.returncode in allowed, (
+            f"process {i}: exit {p.returncode}, expected {allowed}\n{out[-3000:]}{err[-3000:]}"
+        )
     return outputs
 
 

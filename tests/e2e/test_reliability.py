@@ -150,7 +150,6 @@ def test_killed_at_any_point_resumes_to_the_uninterrupted_parameters(tmp_path, e
     assert len(versions["best"]) == 1 and versions["leftovers"] == [], versions
 
 
-
 def test_a_kill_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, env, reference):
     run_dir = tmp_path / "run"
     # Checkpoints every 2 steps inside an epoch: after steps 2 and 4 of epoch 1, 6 and 8 of epoch 2 (5
@@ -242,7 +241,10 @@ def test_a_second_run_on_a_locked_run_directory_refuses(tmp_path, env):
 
 def test_a_non_finite_loss_stops_naming_step_and_phase_and_writes_no_nan_checkpoint(tmp_path, env):
     run_dir = tmp_path / "run"
-    phases = "phases=[{name: warm, policy: head_only, epochs: 1}, {name: absurd, policy: head_only, epochs: 1, lrs: {head: 1.0e+30}}]"
+    phases = (
+        "phases=[{name: warm, policy: head_only, epochs: 1}, "
+        "{name: absurd, policy: head_only, epochs: 1, lrs: {head: 1.0e+30}}]"
+    )
     error = error_line(run(command(run_dir, phases), env, expect=2))
     assert "non-finite training loss" in error
     step = int(error.split(" at step ")[1].split()[0])

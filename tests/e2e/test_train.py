@@ -169,7 +169,10 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
     resumed = run("train", "--resume", str(tmp_path / "cut"))
     assert "resumed from" in resumed.stdout
-    whole, cut = arrays(tmp_path / "whole" / "checkpoints" / "latest"), arrays(tmp_path / "cut" / "checkpoints" / "latest")
+    whole, cut = (
+        arrays(tmp_path / "whole" / "checkpoints" / "latest"),
+        arrays(tmp_path / "cut" / "checkpoints" / "latest"),
+    )
     assert whole.keys() == cut.keys()
     for key in whole:
         assert np.array_equal(whole[key], cut[key]), key
@@ -202,7 +205,10 @@ def test_feature_caching_equals_training_through_the_frozen_backbone(tmp_path, p
     for a, b in zip(cached, uncached, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tolerance)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tolerance)
-    a, b = arrays(tmp_path / "cached" / "checkpoints" / "latest"), arrays(tmp_path / "uncached" / "checkpoints" / "latest")
+    a, b = (
+        arrays(tmp_path / "cached" / "checkpoints" / "latest"),
+        arrays(tmp_path / "uncached" / "checkpoints" / "latest"),
+    )
     np.testing.assert_allclose(a["fc.weight"], b["fc.weight"], atol=tolerance)
 
 

@@ -64,8 +64,13 @@ def test_export_is_loadable_strictly_with_every_torchvision_key():
 
 @pytest.mark.parametrize(
     "arch, num_classes",
-    [("resnet18", 10), ("resnet50", 1000), ("wide_resnet50_2", 3), ("efficientnet_b1", 7),
-     pytest.param("efficientnet_v2_s", 5, marks=pytest.mark.slow)],
+    [
+        ("resnet18", 10),
+        ("resnet50", 1000),
+        ("wide_resnet50_2", 3),
+        ("efficientnet_b1", 7),
+        pytest.param("efficientnet_v2_s", 5, marks=pytest.mark.slow),
+    ],
 )
 def test_architecture_is_inferred_from_keys_and_shapes(arch, num_classes):
     torch_model = torchvision.models.get_model(arch, num_classes=num_classes)
@@ -177,7 +182,9 @@ def test_a_converted_model_carries_a_weight_spec():
     assert (spec.arch, spec.source, spec.num_classes) == ("efficientnet_b0", "my module", 5)
     pre = spec.preprocessing  # unknown weights: the preprocessing of the architecture's DEFAULT weights
     assert ([pre.resize_size], [pre.crop_size], pre.interpolation) == (
-        list(default.resize_size), list(default.crop_size), default.interpolation.value,
+        list(default.resize_size),
+        list(default.crop_size),
+        default.interpolation.value,
     )
     assert list(pre.mean) == list(default.mean) and list(pre.std) == list(default.std)
     known = weights.get_weight_spec("resnet18", "IMAGENET1K_V1")

@@ -106,7 +106,9 @@ def test_random_resized_crop_and_flip_equal_torchvisions_for_the_same_draws():
 def test_loader_batches_equal_a_torch_dataloader_over_the_same_indices(tmp_path):
     from jaxtl.data import Loader, generate_synthetic
 
-    root = generate_synthetic(tmp_path / "ds", num_classes=3, train_per_class=5, val_per_class=2, min_size=60, max_size=90)
+    root = generate_synthetic(
+        tmp_path / "ds", num_classes=3, train_per_class=5, val_per_class=2, min_size=60, max_size=90
+    )
     spec = weights.get_weight_spec("efficientnet_b0", "DEFAULT")
     preprocessing = Preprocessing(**{**spec.preprocessing.__dict__, "resize_size": 72, "crop_size": 64})
     ours = Loader(ImageFolder(root / "val"), EvalTransform(preprocessing), batch_size=4, shuffle=False)

@@ -28,7 +28,9 @@ def test_a_wrong_running_variance_is_located_in_its_stage(pair):
     # Eval logits go wrong from layer3 on; the export carries the wrong value to torch; the
     # running variance is still wrong after a train-mode update. Nothing else.
     assert [(c.check, c.name) for c in report.failures] == [
-        ("eval logits", "logits"), ("running stats", "layer3.1.bn1.running_var"), ("export logits", "logits")
+        ("eval logits", "logits"),
+        ("running stats", "layer3.1.bn1.running_var"),
+        ("export logits", "logits"),
     ]
     text = report.format()
     assert "first diverging stage: layer3" in text, text

@@ -33,7 +33,11 @@ def _save_with_hash_name(state, directory, stem="resnet18"):
 
 def _cache_entries():
     root = weights.cache_dir()
-    return [] if not root.exists() else sorted(p for p in root.rglob("*") if p.is_dir() and p.parent.parent == root / "weights")
+    return (
+        []
+        if not root.exists()
+        else sorted(p for p in root.rglob("*") if p.is_dir() and p.parent.parent == root / "weights")
+    )
 
 
 class Exploit:
@@ -104,7 +108,9 @@ def test_unreadable_files_are_refused(tmp_path, content, message):
 
 
 def test_a_state_dict_of_another_architecture_is_refused_with_keys(tmp_path):
-    path = _save_with_hash_name(randomized_torchvision_model("resnet34", num_classes=4).state_dict(), tmp_path, "resnet34")
+    path = _save_with_hash_name(
+        randomized_torchvision_model("resnet34", num_classes=4).state_dict(), tmp_path, "resnet34"
+    )
     with pytest.raises(WeightsMismatchError, match="layer1.2.\\* \\(10 keys\\)"):
         convert.convert_weights("resnet18", path)
     assert _cache_entries() == []
@@ -137,7 +143,9 @@ def test_resnet50_with_a_fresh_7_way_head_from_converted_weights(tmp_path):
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch_features = torch.flatten(torch_model.avgpool(torch.nn.Sequential(*list(torch_model.children())[:-2])(x)), 1)
+        torch_features = torch.flatten(
+            torch_model.avgpool(torch.nn.Sequential(*list(torch_model.children())[:-2])(x)), 1
+        )
     features = np.asarray(model.forward_features(jnp.asarray(to_nhwc(x))))
     np.testing.assert_allclose(features, torch_features.numpy(), rtol=1e-4, atol=1e-4)
     assert model.fc.weight.shape == (2048, 7)

@@ -142,7 +142,9 @@ def test_classes_that_differ_between_splits_are_listed(tmp_path):
 
 def jpeg_bytes(size=(64, 48)) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
     return buffer.getvalue()
 
 
@@ -234,7 +236,9 @@ def test_normalize_on_device_matches_the_host(tmp_path):
     host = normalize(batch)
     device = jax.jit(lambda b: normalize(b, xp=jnp))(batch)
     np.testing.assert_allclose(np.asarray(device), host, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(host[0, 0, 0], (batch[0, 0, 0] / 255 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], atol=1e-6)
+    np.testing.assert_allclose(
+        host[0, 0, 0], (batch[0, 0, 0] / 255 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], atol=1e-6
+    )
 
 
 def test_eval_transform_pads_images_smaller_than_the_crop():
@@ -410,7 +414,6 @@ def test_concat_source_indexes_its_sources_one_after_the_other(tmp_path):
     assert len(loader) == 4 and sorted(epoch_indices(loader, 0)) == [-1, -1, *range(30)]
 
 
-
 # --- worker processes ----------------------------------------------------------------------------
 
 
@@ -439,7 +442,9 @@ def test_process_workers_give_the_thread_workers_batches_byte_for_byte(folder):
 def test_process_workers_stop_at_or_skip_bad_files_as_threads_do(tmp_path, caplog):
     bad = hostile_folder(tmp_path)
     folder = ImageFolder(tmp_path)
-    with Loader(folder, EvalTransform(SMALL), batch_size=4, shuffle=False, num_workers=2, worker_type="process") as loader:
+    with Loader(
+        folder, EvalTransform(SMALL), batch_size=4, shuffle=False, num_workers=2, worker_type="process"
+    ) as loader:
         with pytest.raises(DataError, match="3x.jpg: an empty"):
             list(loader.epoch(0))
     make = lambda kind: Loader(
@@ -500,7 +505,9 @@ def test_a_killed_worker_process_is_one_clear_error(folder):
 
 def unpicklable_transform(preprocessing):
     transform = EvalTransform(preprocessing)
-    return type("Local", (), {"output_size": transform.output_size, "__call__": lambda self, image, rng: transform(image)})()
+    return type(
+        "Local", (), {"output_size": transform.output_size, "__call__": lambda self, image, rng: transform(image)}
+    )()
 
 
 def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder, monkeypatch, caplog):
@@ -525,7 +532,9 @@ def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder,
     usage = worker_module.shutil.disk_usage("/")
     monkeypatch.setattr(worker_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
     caplog.set_level("INFO", logger="jaxtl.data.loader")
-    with Loader(folder, EvalTransform(SMALL), batch_size=256, shuffle=False, num_workers=4, worker_type="auto") as loader:
+    with Loader(
+        folder, EvalTransform(SMALL), batch_size=256, shuffle=False, num_workers=4, worker_type="auto"
+    ) as loader:
         next(loader.epoch(0))
         assert type(loader._workers).__name__ == "ThreadWorkers"
     assert "threads, not processes: /dev/shm has 1 MiB free" in caplog.text
@@ -540,6 +549,7 @@ def test_auto_workers_are_processes_from_four_workers_where_they_can_run(folder,
 
 def test_tfds_source_through_the_loader():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=11):
         source = TfdsSource("tf_flowers", "train")
         assert source.classes == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
@@ -548,7 +558,9 @@ def test_tfds_source_through_the_loader():
         assert image.mode == "RGB" and 0 <= label < 5
         loader = Loader(source, EvalTransform(SMALL), batch_size=4, shuffle=True)
         batches = list(loader.epoch(0))
-        with Loader(source, EvalTransform(SMALL), batch_size=4, shuffle=True, num_workers=2, worker_type="process") as p:
+        with Loader(
+            source, EvalTransform(SMALL), batch_size=4, shuffle=True, num_workers=2, worker_type="process"
+        ) as p:
             assert all(map(batches_equal, p.epoch(0), batches))
     indices = np.concatenate([b.indices for b in batches])
     assert sorted(indices[indices >= 0]) == list(range(11))
@@ -558,5 +570,8 @@ def test_tfds_source_through_the_loader():
 def test_tfds_errors_name_the_dataset(tmp_path):
     with pytest.raises(DataError, match="'no_such_dataset_xyz' is not in the tfds catalog"):
         TfdsSource("no_such_dataset_xyz", "train", data_dir=tmp_path)
-    with pytest.raises(DataError, match=r"split 'train' cannot be read .*splits: none prepared.*jaxtl data prepare tf_flowers --data-dir"):
+    with pytest.raises(
+        DataError,
+        match=r"split 'train' cannot be read .*splits: none prepared.*jaxtl data prepare tf_flowers --data-dir",
+    ):
         TfdsSource("tf_flowers", "train", data_dir=tmp_path)

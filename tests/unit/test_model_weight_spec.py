@@ -19,10 +19,18 @@ RESNET18_DEFAULT = weights.Preprocessing(resize_size=256, crop_size=224, interpo
 EFFICIENTNET_B0_DEFAULT = weights.Preprocessing(resize_size=256, crop_size=224, interpolation="bicubic")
 
 
-def _spec(preprocessing=weights.Preprocessing(resize_size=72, crop_size=64, interpolation="bicubic", mean=(0.5,) * 3)):
+SMALL = weights.Preprocessing(resize_size=72, crop_size=64, interpolation="bicubic", mean=(0.5,) * 3)
+
+
+def _spec(preprocessing=SMALL):
     return weights.WeightSpec(
-        arch="resnet18", name="test", source="/nowhere/test.pth", num_classes=10, sha256="ab" * 32,
-        preprocessing=preprocessing, metrics={"acc@1": 50.0},
+        arch="resnet18",
+        name="test",
+        source="/nowhere/test.pth",
+        num_classes=10,
+        sha256="ab" * 32,
+        preprocessing=preprocessing,
+        metrics={"acc@1": 50.0},
     )
 
 

@@ -113,7 +113,9 @@ def test_label_function_and_its_errors():
 
 def test_bn_policy_defaults_follow_freezing_and_are_applied():
     model = tiny()
-    groups = assign(model, [Rule("layer2.*", group="l2"), Rule("fc.*", group="head"), Rule("*", group="rest", frozen=True)])
+    groups = assign(
+        model, [Rule("layer2.*", group="l2"), Rule("fc.*", group="head"), Rule("*", group="rest", frozen=True)]
+    )
     assert groups.batch_norms == {"bn1": "frozen", "layer1.bn": "frozen", "layer2.bn": "train"}
     model.train()
     groups.apply_bn_policy(model)
@@ -133,7 +135,10 @@ def counts(model, policy):
 
 
 def test_head_only():
-    for model, head in ((RESNET18, ["fc.bias", "fc.weight"]), (EFFNET_B0, ["classifier.1.bias", "classifier.1.weight"])):
+    for model, head in (
+        (RESNET18, ["fc.bias", "fc.weight"]),
+        (EFFNET_B0, ["classifier.1.bias", "classifier.1.weight"]),
+    ):
         found, groups = counts(model, "head_only")
         assert groups.names("head") == head and groups.groups["backbone"].frozen
         assert set(groups.batch_norms.values()) == {"frozen"}
@@ -183,7 +188,8 @@ def test_bitfit_and_norm_only():
 
 
 @pytest.mark.parametrize("spec, message", [("nope", "unknown policy"), ("last_n_blocks", "needs the number"),
-                                           ("head_only:3", "takes no argument"), ("full:x", "is not a float")])  # fmt: skip
+                                           ("head_only:3", "takes no argument"),
+                                           ("full:x", "is not a float")])  # fmt: skip
 def test_policy_spec_errors(spec, message):
     with pytest.raises(ParamGroupError, match=message):
         get_policy(spec)
@@ -234,7 +240,7 @@ def run_steps(model, groups, config, n=3):
         images = jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
         labels = jnp.asarray(rng.integers(0, 3, 4), jnp.int32)
         mask = jnp.ones(4, bool)
-        grads = jax.grad(lambda t: _loss(graphdef, t, state, images, labels, mask))(state.trainable)
+        grads = jax.grad(_loss, argnums=1)(graphdef, state.trainable, state, images, labels, mask)
         history.append({k: np.asarray(v) for k, v in _flat(grads).items()})
         state, opt_state, _ = step(state, opt_state, images, labels, mask, 0)
     return state, opt_state, history
@@ -471,7 +477,8 @@ def test_the_readme_custom_freezing_transforms():
     assert len(groups.names("convs")) == 20
     model = tiny()
     groups = optim.assign_labels(model, lambda name, w: "convs" if w.ndim == 4 else "rest",
-                                 [optim.Group("convs", transform=optax.sgd(0.5)), optim.Group("rest", frozen=True)])  # fmt: skip
+                                 [optim.Group("convs", transform=optax.sgd(0.5)),
+                                  optim.Group("rest", frozen=True)])  # fmt: skip
     params = nnx.state(model, nnx.Param)
     optimizer = optim.build_optimizer(groups)
     updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), optimizer.init(params), params)

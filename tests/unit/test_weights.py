@@ -19,7 +19,10 @@ from jaxtl.models.state_dict import state_dict
 
 def _spec(arch="resnet18", num_classes=10):
     return weights.WeightSpec(
-        arch=arch, name="test", source="/nowhere/test.pth", num_classes=num_classes,
+        arch=arch,
+        name="test",
+        source="/nowhere/test.pth",
+        num_classes=num_classes,
         categories=tuple(f"class{i}" for i in range(num_classes)),
         preprocessing=weights.Preprocessing(resize_size=232, crop_size=224, interpolation="bicubic"),
     )
@@ -49,8 +52,13 @@ def test_unknown_weight_name_lists_the_known_ones():
 
 @pytest.mark.parametrize(
     "name, prefix",
-    [("resnet50-11ad3fa6.pth", "11ad3fa6"), ("wide_resnet50_2-95faca4d.pth", "95faca4d"), ("model.pth", None),
-     ("my-model.pth", None), ("run-3/ckpt.pt", None)],
+    [
+        ("resnet50-11ad3fa6.pth", "11ad3fa6"),
+        ("wide_resnet50_2-95faca4d.pth", "95faca4d"),
+        ("model.pth", None),
+        ("my-model.pth", None),
+        ("run-3/ckpt.pt", None),
+    ],
 )
 def test_hash_prefix_is_read_from_torchvision_file_names(name, prefix):
     assert weights.sha256_prefix_of(name) == prefix
@@ -150,7 +158,10 @@ def test_the_resolver_tells_the_three_kinds_apart(converted, tmp_path):
 
     resolved = weights.resolve_weights("resnet50", "DEFAULT")
     assert (resolved.kind, resolved.spec.name, resolved.converted, resolved.given) == (
-        "named", "IMAGENET1K_V2", False, "DEFAULT",
+        "named",
+        "IMAGENET1K_V2",
+        False,
+        "DEFAULT",
     )
     assert resolved.path == weights.cache_dir() / "weights" / "resnet50" / "IMAGENET1K_V2"
     weights.save_converted_weights(resolved.path, {"fc.bias": np.zeros(1000)}, resolved.spec)  # in the cache now
@@ -160,10 +171,18 @@ def test_the_resolver_tells_the_three_kinds_apart(converted, tmp_path):
 @pytest.mark.parametrize(
     "arch, argument, message",
     [
-        ("resnet18", "IMAGENET22K", "unknown weights 'IMAGENET22K' for resnet18; known weights for resnet18: DEFAULT, "
-         "IMAGENET1K_V1; or give a converted-weights directory or a .pth state_dict file"),
-        ("resnet18", "/missing/file.pth", "weights file /missing/file.pth does not exist; give the path of a "
-         "torchvision state_dict file, or a weight name of resnet18 (DEFAULT, IMAGENET1K_V1)"),
+        (
+            "resnet18",
+            "IMAGENET22K",
+            "unknown weights 'IMAGENET22K' for resnet18; known weights for resnet18: DEFAULT, "
+            "IMAGENET1K_V1; or give a converted-weights directory or a .pth state_dict file",
+        ),
+        (
+            "resnet18",
+            "/missing/file.pth",
+            "weights file /missing/file.pth does not exist; give the path of a "
+            "torchvision state_dict file, or a weight name of resnet18 (DEFAULT, IMAGENET1K_V1)",
+        ),
         ("resnet18", "runs/missing", "weights path runs/missing does not exist; give a converted-weights directory"),
         ("resnet05", "DEFAULT", "unknown architecture 'resnet05'. Did you mean resnet50"),
     ],

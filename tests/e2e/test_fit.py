@@ -148,3 +148,29 @@ def test_a_yaml_config_takes_its_phases_freezing_from_python(tmp_path, example):
     assert config.optim.lr == 3e-4
     with pytest.raises(ConfigError, match="phases.0: phase 'last_stage': give exactly one of policy"):
         load_config(path)  # without Python, the file alone does not say what the phases train
+
+
+def test_a_callers_model_and_data_train_as_the_configs_own_would(example, tmp_path):
+    from jaxtl.data import generate_synthetic, image_folder_splits
+
+    _, namespace = example
+    config = {**namespace["config"], "run_dir": str(tmp_path / "own")}
+    own = fit(config, freezing=namespace["freezing"], log=lambda line: None)
+
+    synthetic = namespace["config"]["data"]["synthetic"]
+    splits = image_folder_splits(generate_synthetic(tmp_path / "data", seed=0, **synthetic))
+    model = jaxtl.models.create("resnet18", num_classes=3, seed=0)  # what weights: None builds, from train.seed
+    given = fit(
+        {**config, "run_dir": str(tmp_path / "given")},
+        model=model,
+        data={"train": splits["train"], "val": splits["val"]},
+        freezing=namespace["freezing"],
+        log=lambda line: None,
+    )
+    assert given.classes == own.classes
+    final, expected = state_dict(given.model), state_dict(own.model)
+    for key in expected:
+        assert np.array_equal(final[key], expected[key]), key
+    wrong = jaxtl.models.create("resnet18", num_classes=5)
+    with pytest.raises(RunError, match="the model given is not a resnet18 with 3 classes \\(its head has 5\\)"):
+        fit({**config, "run_dir": str(tmp_path / "wrong")}, model=wrong, freezing=namespace["freezing"])

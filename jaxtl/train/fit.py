@@ -94,6 +94,9 @@ def fit(
         ConfigError, RunError, DataError, WeightsError: one line naming the key, file or directory and what to do.
     """
     config = resolve_config(config, freezing, overrides)
+    by_steps = [f"phases.{i}" for i, phase in enumerate(config.phases) if phase.epochs is None]
+    if by_steps:
+        raise ConfigError(f"{', '.join(by_steps)} set steps; a training run's phases are epochs long (set epochs)")
     if not resume and "{time}" in config.run_dir:  # a fresh directory per run, e.g. runs/quickstart-{time}
         config = dataclasses.replace(config, run_dir=config.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
     primary = distributed.is_primary()  # the first process writes the run directory and the log

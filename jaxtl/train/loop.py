@@ -146,10 +146,6 @@ class Trainer:
 
     def _run_phase(self, index: int, state: RunState, opt_leaves, previous) -> tuple[RunState, tuple]:
         phase, model = self.phases[index], self.run.model
-        if phase.epochs is None:
-            raise RunError(
-                f"phase {phase.name!r} sets steps; the trainer runs phases of epochs (phases.{index}.epochs)"
-            )
         groups = phase.groups(model)
         optimizer_config = phase.optimizer or self.config.optim
         self.log(f"phase {index + 1}/{len(self.phases)} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")

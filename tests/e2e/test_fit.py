@@ -112,6 +112,9 @@ def test_freezing_names_unknown_phases_and_python_policies_need_python(example, 
     directory, namespace = example
     with pytest.raises(ConfigError, match="freezing= names phase\\(s\\) nope; the config's phases: last_stage, norms"):
         fit(namespace["config"], freezing={"nope": "head_only"})
+    with pytest.raises(ConfigError, match="phases.0 set steps; a training run's phases are epochs long"):
+        fit({"run_dir": str(tmp_path / "steps"), "phases": [{"name": "p", "policy": "head_only", "steps": 3}]})
+    assert not (tmp_path / "steps").exists()  # refused before anything is written
     saved = load_config(directory / namespace["config"]["run_dir"] / "config.yaml")
     model = jaxtl.models.abstract_model("resnet18", num_classes=3)
     with pytest.raises(jaxtl.optim.ParamGroupError, match="a config file cannot hold it: run it from Python"):

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
 from jaxtl.optim.settings import OptimizerConfig
 
@@ -90,24 +91,9 @@ def build_optimizer(
     return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))
 
 
-def _dotted(path) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":  # nnx Variables flatten to their value
-                parts.append(key.name)
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
-
-
 def _map_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:
     """``fn(dotted_name, leaf)`` over a parameter tree whose paths are the model's attribute paths."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_dotted(path), leaf), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(key_path_name(path), leaf), tree)
 
 
 def group_state_leaves(opt_state: Any) -> dict[str, int]:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxtl.config import RunConfig
 from jaxtl.data import data_sharding
+from jaxtl.models.names import key_path_name
 from jaxtl.optim import ParamGroups, Phase, carry_optimizer_state, group_lr, schedule
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
@@ -299,7 +300,7 @@ class Trainer:
     def _check_finite(self, arrays: dict, val_loss: float, context: PhaseContext, loader_epoch: int) -> None:
         """Stops the run before a checkpoint with a non-finite parameter, statistic or optimizer state is written."""
         bad = [
-            ".".join(str(getattr(k, "key", k)) for k in path)
+            key_path_name(path)
             for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
             if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.isfinite(leaf).all()
         ]

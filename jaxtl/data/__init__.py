@@ -1,5 +1,7 @@
-"""Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader."""
+"""Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader, the decoded cache."""
 
+from jaxtl.data.cache import DecodedCache, cache_key
+from jaxtl.data.cached_source import CachedEvalTransform, CachedSource
 from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
 from jaxtl.data.sources import IMG_EXTENSIONS, ConcatSource, ImageFolder, TfdsSource, image_folder_splits, load_image
 from jaxtl.data.synthetic import generate_synthetic
@@ -8,13 +10,17 @@ from jaxtl.data.transforms import EvalTransform, TrainTransform, normalize
 __all__ = [
     "IMG_EXTENSIONS",
     "Batch",
+    "CachedEvalTransform",
+    "CachedSource",
     "ConcatSource",
+    "DecodedCache",
     "EvalTransform",
     "ImageFolder",
     "Loader",
     "LoaderState",
     "TfdsSource",
     "TrainTransform",
+    "cache_key",
     "data_sharding",
     "device_batches",
     "even_batch_size",

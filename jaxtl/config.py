@@ -70,6 +70,12 @@ class DataConfig:
     resize_size: int | None = bounded(None, low=32)
     random_resized_crop: bool = False
     flip_p: float = bounded(0.0, low=0, high=1)
+    # decoded: each image decoded and resized once into a memory-mapped cache (jaxtl.data.cache); training
+    # augmentation then runs on the device (jaxtl.data.augment), which the three keys below need.
+    cache: Literal["none", "decoded"] = "none"
+    augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = "none"
+    color_jitter: tuple[float, float, float, float] | None = bounded(None, low=0)  # brightness, contrast, sat., hue
+    random_erasing: float = bounded(0.0, low=0, high=1)  # its probability
     skip_bad_files: bool = False
     max_image_pixels: int | None = bounded(178956970, low=1)  # PIL's default decompression-bomb limit
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -358,6 +364,14 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
         raise ConfigError(f"{source}: data.root is required when data.source is folder")
     if d.source == "tfds" and not d.tfds_name:
         raise ConfigError(f"{source}: data.tfds_name is required when data.source is tfds")
+    device_only = [key for key, on in (("data.augment", d.augment != "none"), ("data.color_jitter", d.color_jitter),
+                                       ("data.random_erasing", d.random_erasing > 0)) if on]  # fmt: skip
+    if device_only and d.cache != "decoded":
+        raise ConfigError(
+            f"{source}: {', '.join(device_only)} run(s) on the device, from decoded images: set data.cache: decoded"
+        )
+    if d.color_jitter is not None and d.color_jitter[3] > 0.5:
+        raise ConfigError(f"{source}: data.color_jitter.3 (hue) = {d.color_jitter[3]} is out of range [0, 0.5]")
     return config
 
 

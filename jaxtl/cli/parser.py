@@ -6,6 +6,7 @@ import argparse
 
 from jaxtl.cli.commands import (
     cmd_convert,
+    cmd_data_cache,
     cmd_data_prepare,
     cmd_data_synthetic,
     cmd_eval,
@@ -185,4 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--train-per-class", type=int, default=60, help="train images per class (default 60)")
     synthetic.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
     synthetic.set_defaults(run=cmd_data_synthetic)
+    cache = data_commands.add_parser(
+        "cache",
+        help="decode and resize a config's images once into the decoded cache (data.cache: decoded)",
+        description="Decode every train and val image of a config's dataset once, resized as its weights' eval "
+        "transform resizes it, into memory-mapped files in jaxtl's cache ($JAXTL_CACHE/decoded). A run with "
+        "data.cache: decoded builds what is missing by itself; this does it ahead, with a progress bar.",
+    )
+    cache.add_argument("config", help="a run config, e.g. configs/quickstart.yaml")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
+    cache.set_defaults(run=cmd_data_cache)
     return parser

@@ -29,7 +29,9 @@ class CachedFeatures(NamedTuple):
 
 def is_cacheable(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> bool:
     """Whether a phase trains on cached features: only the head trains and the input is never augmented."""
-    if not config.train.feature_cache or config.data.random_resized_crop or config.data.flip_p > 0:
+    d = config.data
+    augmented = d.random_resized_crop or d.flip_p > 0 or d.augment != "none" or d.color_jitter or d.random_erasing > 0
+    if not config.train.feature_cache or augmented:
         return False
     head = f"{model.head_name}."
     return all(name.startswith(head) for name in groups.trainable_names) and all(

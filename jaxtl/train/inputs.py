@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxtl.config import DataConfig, RunConfig
 from jaxtl.data import (
+    CachedEvalTransform,
+    CachedSource,
     ConcatSource,
+    DecodedCache,
     EvalTransform,
     Loader,
     TfdsSource,
@@ -19,9 +24,10 @@ from jaxtl.data import (
     generate_synthetic,
     image_folder_splits,
 )
+from jaxtl.data.augment.pipeline import CanvasTransform, DeviceAugment, canvas_for, make_device_augment
 from jaxtl.errors import DataError
 from jaxtl.train import distributed
-from jaxtl.weights import Preprocessing
+from jaxtl.weights import Preprocessing, make_random_init_spec, resolve_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +87,28 @@ def load_data(config: DataConfig) -> RunData:
 
 
 @dataclasses.dataclass
+class DeviceAugmentation:
+    """The device half of the train split's augmentation: the jitted function and each image's canvas size."""
+
+    augment: Callable  # (canvases, sizes, indices, epoch) -> crops: jaxtl.data.augment.make_device_augment
+    sizes: np.ndarray  # (N, 2) int32 (height, width) on the canvas, by train source index
+
+    def __call__(self, images, indices: np.ndarray, epoch: int, put: Callable[[np.ndarray], Any]):
+        """The batch's crops; ``put`` shards a host array of the batch's rows as its images are sharded."""
+        sizes = self.sizes[np.maximum(indices, 0)]
+        return self.augment(images, put(sizes), put(indices.astype(np.int32)), epoch)
+
+
+@dataclasses.dataclass
 class RunLoaders:
     """The train loader (shuffled, augmented), the val loader, and ``both``: train then val, in order and
-    unaugmented, for computing a frozen backbone's features in one pass."""
+    unaugmented, for computing a frozen backbone's features in one pass. From the decoded cache with a
+    random augmentation, the train loader yields canvases that ``device`` augments."""
 
     train: Loader
     val: Loader
     both: Loader
+    device: DeviceAugmentation | None = None
 
     def close(self) -> None:
         for loader in (self.train, self.val, self.both):
@@ -99,26 +120,84 @@ class RunLoaders:
 
 
 def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing, num_devices: int) -> RunLoaders:
-    """The run's loaders; each decodes the rows of its batches that this process's devices hold."""
-    d, seed = config.data, config.train.seed
+    """The run's loaders; each decodes the rows of its batches that this process's devices hold.
+
+    With ``data.cache: decoded`` they read the decoded cache (built on first use): eval batches are the
+    files' byte for byte, and a random train augmentation runs on the device.
+    """
+    d, p = config.data, preprocessing
     for name, size in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
         if size % num_devices:
             raise DataError(
                 f"{name}={size} does not split across {num_devices} devices; use a multiple of {num_devices}"
             )
-    augment = TrainTransform(preprocessing, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
-    common = {"num_workers": d.num_workers, "skip_bad_files": d.skip_bad_files, "worker_type": d.worker_type}
-
-    def loader(source, transform, batch_size, **kwargs) -> Loader:
-        rows = distributed.local_rows(data_sharding(batch_size), batch_size)
-        return Loader(source, transform, batch_size=batch_size, rows=rows, **common, **kwargs)
-
-    train = loader(data.train, augment, d.batch_size, shuffle=True, seed=seed)
-    val = loader(data.val, EvalTransform(preprocessing), d.eval_batch_size, shuffle=False)
+    train, val, device = data.train, data.val, None
+    crop = EvalTransform(p)
+    augment = TrainTransform(p, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
+    if d.cache == "decoded":
+        cache = DecodedCache()
+        train = cache.build(data.train, p, skip_bad_files=d.skip_bad_files, num_workers=d.num_workers)
+        val = cache.build(data.val, p, skip_bad_files=d.skip_bad_files, num_workers=d.num_workers)
+        crop = augment = CachedEvalTransform(p)
+        device = _device_augmentation(config, train, p)
+        if device is not None:
+            augment = CanvasTransform(_canvas(train, p))
+    both = ConcatSource(train, val)
     # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
-    both = ConcatSource(data.train, data.val)
     size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
-    return RunLoaders(train, val, loader(both, EvalTransform(preprocessing), size, shuffle=False))
+    return RunLoaders(
+        _loader(config, train, augment, d.batch_size, shuffle=True, seed=config.train.seed),
+        _loader(config, val, crop, d.eval_batch_size, shuffle=False),
+        _loader(config, both, crop, size, shuffle=False),
+        device,
+    )
+
+
+def _loader(config: RunConfig, source, transform, batch_size: int, **kwargs) -> Loader:
+    d = config.data
+    rows = distributed.local_rows(data_sharding(batch_size), batch_size)
+    return Loader(source, transform, batch_size=batch_size, rows=rows, num_workers=d.num_workers,
+                  skip_bad_files=d.skip_bad_files, worker_type=d.worker_type, **kwargs)  # fmt: skip
+
+
+def _canvas(train: CachedSource, p: Preprocessing) -> tuple[int, int]:
+    sizes = train.sizes()
+    return canvas_for(sizes[:, 0], sizes[:, 1], p.resize_size)
+
+
+def _device_augmentation(config: RunConfig, train: CachedSource, p: Preprocessing) -> DeviceAugmentation | None:
+    """The config's train augmentation on the device, or None when nothing in it is random."""
+    d = config.data
+    augment = DeviceAugment(
+        crop_size=p.crop_size, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p, policy=d.augment,
+        color_jitter=d.color_jitter, erasing_p=d.random_erasing,
+        erase_fill=tuple(int(round(255 * m)) for m in p.mean),  # torchvision erases normalised images with 0
+    )  # fmt: skip
+    if not augment.is_random:
+        return None
+    canvas = np.asarray(_canvas(train, p), np.int32)
+    fitted = np.minimum(train.sizes(), canvas)
+    return DeviceAugmentation(make_device_augment(augment, config.train.seed), fitted)
+
+
+def config_preprocessing(config: RunConfig) -> Preprocessing:
+    """The preprocessing a run of ``config`` uses, known without building its model: its weights' (the
+    architecture's DEFAULT weights' when they are random or a file that states none), at ``data.crop_size``."""
+    arch, weights = config.model.arch, config.model.weights
+    spec = None if weights is None else resolve_weights(arch, weights).spec
+    if spec is None or spec.preprocessing is None:
+        spec = make_random_init_spec(arch, 1000, source="the architecture's default preprocessing")
+    return with_size(spec.preprocessing, config.data.crop_size, config.data.resize_size)
+
+
+def build_caches(config: RunConfig, data: RunData | None = None) -> dict[str, CachedSource]:
+    """The decoded cache of ``config``'s train and val splits, built where missing (``jaxtl data cache``)."""
+    data = data or load_data(config.data)
+    cache, p, d = DecodedCache(), config_preprocessing(config), config.data
+    return {
+        split: cache.build(source, p, skip_bad_files=d.skip_bad_files, num_workers=d.num_workers, progress=True)
+        for split, source in (("train", data.train), ("val", data.val))
+    }
 
 
 def with_size(p: Preprocessing, crop_size: int | None, resize_size: int | None) -> Preprocessing:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import time
@@ -267,6 +268,9 @@ class Trainer:
                 progress.update(1, images=0)
             else:
                 inputs = distributed.put(batch.images, self.sharding, size)
+                if self.loaders.device is not None:  # the decoded cache's canvases, augmented on the device
+                    put = functools.partial(distributed.put, sharding=self.sharding, batch_size=size)
+                    inputs = self.loaders.device(inputs, batch.indices, loader_epoch, put)
                 labels = distributed.put(batch.labels, self.sharding, size)
                 model_state, opt_state, metrics = context.train_step(model_state, opt_state, inputs, labels, mask, step)
                 step += 1

@@ -16,10 +16,11 @@ With ``--cache`` jaxtl also reads the decoded cache (``DecodedCache(tmp).build(.
 timing, once without and once with worker processes; both build times are printed):
 
 - eval: ``Loader(CachedSource, CachedEvalTransform)`` + the same normalisation, beside the files' sides;
-- augmented training batches: ``Loader(CachedSource, CanvasTransform)`` canvases + the jitted device
-  augmentation ``DeviceAugment(crop_size, random_resized_crop=True, flip_p=0.5, policy="trivialaugment")``
-  until each epoch's augmented uint8 batches are ready, against torch's DataLoader with RandomResizedCrop +
-  RandomHorizontalFlip + TrivialAugmentWide + PILToTensor on the files (both uint8 at the end).
+- augmented training batches: ``Loader(CachedSource, CachedTrainTransform(random_resized_crop=True,
+  flip_p=0.5))`` crops (PIL, on the host) + the jitted device augmentation ``DeviceAugment(policy=
+  "trivialaugment")`` until each epoch's augmented uint8 batches are ready, against torch's DataLoader
+  with RandomResizedCrop + RandomHorizontalFlip + TrivialAugmentWide + PILToTensor on the files (both uint8
+  at the end).
 
 Rounds alternate between the sides after a warm-up epoch each (which also compiles the device
 augmentation); the tables give median images per second and the ratio to their torch baseline.
@@ -52,6 +53,7 @@ from PIL import Image
 
 from jaxtl.data import (
     CachedEvalTransform,
+    CachedTrainTransform,
     DecodedCache,
     EvalTransform,
     ImageFolder,
@@ -60,7 +62,7 @@ from jaxtl.data import (
     generate_synthetic,
     normalize,
 )
-from jaxtl.data.augment.pipeline import CanvasTransform, DeviceAugment, canvas_for, make_device_augment
+from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
 from jaxtl.weights import cache_dir, get_weight_spec
 
 # The photo set's classes and the scikit-image sample images each is cut from (those that ship with
@@ -145,13 +147,12 @@ def jaxtl_epoch(loader: Loader, epoch: int, to_model) -> int:
     return count
 
 
-def augmented_epoch(loader: Loader, epoch: int, augment, sizes: np.ndarray) -> int:
-    """One epoch of canvases from the cache, each batch augmented on the device; blocked on every output."""
+def augmented_epoch(loader: Loader, epoch: int, augment) -> int:
+    """One epoch of crops from the cache, each batch augmented on the device; blocked on every output."""
     count = 0
     outs = []
     for batch in loader.epoch(epoch):
-        rows = sizes[np.maximum(batch.indices, 0)]
-        outs.append(augment()(batch.images, rows, batch.indices.astype(np.int32), epoch))
+        outs.append(augment()(batch.images, batch.indices.astype(np.int32), epoch))
         count += int(batch.mask.sum())
     jax.block_until_ready(outs)
     return count
@@ -257,12 +258,9 @@ def main(argv=None) -> int:
                 sides[f"cache {PLURAL[kind]}"] = lambda loader=loader: jaxtl_epoch(loader, next(epochs), to_model)
                 labels[f"cache {PLURAL[kind]}"] = f"jaxtl Loader + CachedEvalTransform (cache), {PLURAL[kind]}"
                 section_of[f"cache {PLURAL[kind]}"] = section
-        augment = DeviceAugment(crop_size=p.crop_size, random_resized_crop=True, flip_p=0.5, policy="trivialaugment")
+        augment = DeviceAugment(policy="trivialaugment")
         # Made on first use: jax.random.key starts JAX's threads, and torch's workers fork before that.
         device_augment = functools.cache(lambda: make_device_augment(augment, seed=0))
-        cache_sizes = cached.sizes()
-        canvas = canvas_for(cache_sizes[:, 0], cache_sizes[:, 1], p.resize_size)
-        fitted = np.minimum(cache_sizes, np.asarray(canvas, np.int32))
         torch_augment = v2.Compose([
             v2.RandomResizedCrop(p.crop_size, antialias=True), v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(),
             v2.PILToTensor(),
@@ -272,14 +270,12 @@ def main(argv=None) -> int:
         labels["torch augment"] = "torch DataLoader + RRC, flip, TrivialAugmentWide"
         sections["augment"] = "torch augment"
         for kind in ("thread", "process"):
-            loader = jaxtl_loader(cached, CanvasTransform(canvas), kind)
+            loader = jaxtl_loader(cached, CachedTrainTransform(p, random_resized_crop=True, flip_p=0.5), kind)
             loaders[f"augment {kind}"] = loader
             sides[f"augment {PLURAL[kind]}"] = lambda loader=loader: augmented_epoch(
-                loader, next(epochs), device_augment, fitted
+                loader, next(epochs), device_augment
             )
-            labels[f"augment {PLURAL[kind]}"] = (
-                f"jaxtl cache {canvas[0]}x{canvas[1]} canvases + DeviceAugment, {PLURAL[kind]}"
-            )
+            labels[f"augment {PLURAL[kind]}"] = f"jaxtl cache + host crop/flip + DeviceAugment, {PLURAL[kind]}"
         section_of |= dict.fromkeys(("torch augment", "augment threads", "augment processes"), "augment")
 
     # Warm-up (workers, caches, compile), torch's first: its workers fork, before JAX starts its threads.

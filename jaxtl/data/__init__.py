@@ -1,7 +1,7 @@
 """Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader, the decoded cache."""
 
 from jaxtl.data.cache import DecodedCache, cache_key
-from jaxtl.data.cached_source import CachedEvalTransform, CachedSource
+from jaxtl.data.cached_source import CachedEvalTransform, CachedSource, CachedTrainTransform
 from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
 from jaxtl.data.sources import IMG_EXTENSIONS, ConcatSource, ImageFolder, TfdsSource, image_folder_splits, load_image
 from jaxtl.data.synthetic import generate_synthetic
@@ -12,6 +12,7 @@ __all__ = [
     "Batch",
     "CachedEvalTransform",
     "CachedSource",
+    "CachedTrainTransform",
     "ConcatSource",
     "DecodedCache",
     "EvalTransform",

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from jaxtl.data.transforms import center_crop
+from jaxtl.data.transforms import PIL_INTERPOLATION, center_crop, random_resized_crop_params
 from jaxtl.errors import DataError
 from jaxtl.weights import Preprocessing
 
@@ -120,3 +121,42 @@ class CachedEvalTransform:
                 "with this one"
             )
         return np.ascontiguousarray(center_crop(image, self.output_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTrainTransform:
+    """:class:`jaxtl.data.TrainTransform` over cached arrays: RandomResizedCrop and flip with PIL, on the host.
+
+    The crop box is drawn (torchvision's algorithm, from the loader's (seed, epoch, index) generator) on the
+    cached image, which is already resized to ``resize_size``: the box's relative geometry is torchvision's,
+    but a small box is upsampled from fewer pixels than a crop of the original file would be. The crop is
+    resized with PIL and the weights' interpolation, as torchvision resizes a PIL image. Without
+    ``random_resized_crop`` the crop is the eval transform's center crop.
+    """
+
+    preprocessing: Preprocessing
+    random_resized_crop: bool = False
+    flip_p: float = 0.0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.preprocessing.crop_size, self.preprocessing.crop_size)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        if not (self.random_resized_crop or self.flip_p > 0):
+            return CachedEvalTransform(self.preprocessing)(image)
+        if rng is None:
+            raise ValueError("a random train transform needs a numpy Generator")
+        if self.random_resized_crop:
+            top, left, height, width = random_resized_crop_params(*image.shape[:2], self.scale, self.ratio, rng)
+            crop = Image.fromarray(np.ascontiguousarray(image[top : top + height, left : left + width]))
+            if (height, width) != self.output_size:
+                crop = crop.resize(self.output_size[::-1], PIL_INTERPOLATION[self.preprocessing.interpolation])
+            array = np.asarray(crop)
+        else:
+            array = CachedEvalTransform(self.preprocessing)(image)
+        if self.flip_p > 0 and rng.random() < self.flip_p:
+            array = array[:, ::-1]
+        return np.ascontiguousarray(array)

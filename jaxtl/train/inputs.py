@@ -13,6 +13,7 @@ from jaxtl.config import DataConfig, RunConfig
 from jaxtl.data import (
     CachedEvalTransform,
     CachedSource,
+    CachedTrainTransform,
     ConcatSource,
     DecodedCache,
     EvalTransform,
@@ -24,7 +25,7 @@ from jaxtl.data import (
     generate_synthetic,
     image_folder_splits,
 )
-from jaxtl.data.augment.pipeline import CanvasTransform, DeviceAugment, canvas_for, make_device_augment
+from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
 from jaxtl.errors import DataError
 from jaxtl.train import distributed
 from jaxtl.weights import Preprocessing, make_random_init_spec, resolve_weights
@@ -88,22 +89,20 @@ def load_data(config: DataConfig) -> RunData:
 
 @dataclasses.dataclass
 class DeviceAugmentation:
-    """The device half of the train split's augmentation: the jitted function and each image's canvas size."""
+    """The device half of the train split's augmentation (jaxtl.data.augment.make_device_augment)."""
 
-    augment: Callable  # (canvases, sizes, indices, epoch) -> crops: jaxtl.data.augment.make_device_augment
-    sizes: np.ndarray  # (N, 2) int32 (height, width) on the canvas, by train source index
+    augment: Callable  # (images, indices, epoch) -> images
 
     def __call__(self, images, indices: np.ndarray, epoch: int, put: Callable[[np.ndarray], Any]):
-        """The batch's crops; ``put`` shards a host array of the batch's rows as its images are sharded."""
-        sizes = self.sizes[np.maximum(indices, 0)]
-        return self.augment(images, put(sizes), put(indices.astype(np.int32)), epoch)
+        """The batch augmented; ``put`` shards a host array of the batch's rows as its images are sharded."""
+        return self.augment(images, put(indices.astype(np.int32)), epoch)
 
 
 @dataclasses.dataclass
 class RunLoaders:
     """The train loader (shuffled, augmented), the val loader, and ``both``: train then val, in order and
     unaugmented, for computing a frozen backbone's features in one pass. From the decoded cache with a
-    random augmentation, the train loader yields canvases that ``device`` augments."""
+    per-pixel augmentation, ``device`` augments the train loader's crops."""
 
     train: Loader
     val: Loader
@@ -138,10 +137,9 @@ def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing
         cache = DecodedCache()
         train = cache.build(data.train, p, skip_bad_files=d.skip_bad_files, num_workers=d.num_workers)
         val = cache.build(data.val, p, skip_bad_files=d.skip_bad_files, num_workers=d.num_workers)
-        crop = augment = CachedEvalTransform(p)
-        device = _device_augmentation(config, train, p)
-        if device is not None:
-            augment = CanvasTransform(_canvas(train, p))
+        crop = CachedEvalTransform(p)
+        augment = CachedTrainTransform(p, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
+        device = _device_augmentation(config, p)
     both = ConcatSource(train, val)
     # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
     size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
@@ -160,24 +158,14 @@ def _loader(config: RunConfig, source, transform, batch_size: int, **kwargs) -> 
                   skip_bad_files=d.skip_bad_files, worker_type=d.worker_type, **kwargs)  # fmt: skip
 
 
-def _canvas(train: CachedSource, p: Preprocessing) -> tuple[int, int]:
-    sizes = train.sizes()
-    return canvas_for(sizes[:, 0], sizes[:, 1], p.resize_size)
-
-
-def _device_augmentation(config: RunConfig, train: CachedSource, p: Preprocessing) -> DeviceAugmentation | None:
-    """The config's train augmentation on the device, or None when nothing in it is random."""
+def _device_augmentation(config: RunConfig, p: Preprocessing) -> DeviceAugmentation | None:
+    """The config's per-pixel train augmentation on the device, or None when it has none."""
     d = config.data
     augment = DeviceAugment(
-        crop_size=p.crop_size, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p, policy=d.augment,
-        color_jitter=d.color_jitter, erasing_p=d.random_erasing,
+        policy=d.augment, color_jitter=d.color_jitter, erasing_p=d.random_erasing,
         erase_fill=tuple(int(round(255 * m)) for m in p.mean),  # torchvision erases normalised images with 0
     )  # fmt: skip
-    if not augment.is_random:
-        return None
-    canvas = np.asarray(_canvas(train, p), np.int32)
-    fitted = np.minimum(train.sizes(), canvas)
-    return DeviceAugmentation(make_device_augment(augment, config.train.seed), fitted)
+    return DeviceAugmentation(make_device_augment(augment, config.train.seed)) if augment.is_random else None
 
 
 def config_preprocessing(config: RunConfig) -> Preprocessing:

@@ -268,7 +268,7 @@ class Trainer:
                 progress.update(1, images=0)
             else:
                 inputs = distributed.put(batch.images, self.sharding, size)
-                if self.loaders.device is not None:  # the decoded cache's canvases, augmented on the device
+                if self.loaders.device is not None:  # the policy, colour jitter and erasing, on the device
                     put = functools.partial(distributed.put, sharding=self.sharding, batch_size=size)
                     inputs = self.loaders.device(inputs, batch.indices, loader_epoch, put)
                 labels = distributed.put(batch.labels, self.sharding, size)

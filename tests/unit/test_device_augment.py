@@ -52,3 +52,23 @@ def test_the_cached_train_transform_is_the_train_transform_on_the_cached_image(r
         # TrainTransform on the cached pixels (its resize is a no-op there) draws and crops as torchvision does.
         expected = reference(Image.fromarray(cached), np.random.default_rng(seed))
         assert np.array_equal(host(cached, np.random.default_rng(seed)), expected)
+
+
+def test_importing_the_trainer_leaves_jax_distributed_initialisable():
+    # A jax array built at import (a lookup table) starts the XLA backend, and then a multi-process run's
+    # jax.distributed.initialize fails ("must be called before any JAX calls").
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import jax, jaxtl.train, jaxtl.cli, jaxtl.data.augment\n"
+        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+        "print(jax.process_count())\njax.distributed.shutdown()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "1"

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # torchvision.transforms.v2.functional._color._rgb_to_grayscale_image: ITU-R 601-2 luma, as float32 scalars.
@@ -258,7 +259,8 @@ def _rgb_to_hsv(x: jax.Array) -> jax.Array:
 
 
 # torchvision.transforms.v2.functional._color._hsv_to_rgb: which of (v, p, q, t) each channel takes, by sector.
-_HSV_SELECT = jnp.array([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=jnp.int32)
+# numpy, not jnp: a jax array built at import would start the XLA backend before jax.distributed.initialize.
+_HSV_SELECT = np.array([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=np.int32)
 
 
 def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
@@ -274,7 +276,7 @@ def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     t = jnp.clip((sxf + one_minus_s) * v, 0.0, 1.0)
     p = jnp.clip(one_minus_s * v, 0.0, 1.0)
     vpqt = jnp.stack((v, p, q, t), axis=-1)
-    select = jnp.moveaxis(_HSV_SELECT[:, sector], 0, -1)
+    select = jnp.moveaxis(jnp.asarray(_HSV_SELECT)[:, sector], 0, -1)
     return jnp.take_along_axis(vpqt, select, axis=-1)
 
 

@@ -56,6 +56,7 @@ def test_a_cached_run_without_augmentation_equals_the_pil_path_bitwise(tmp_path,
     assert any((tmp_path / "cache" / "decoded").iterdir())  # the cache was used, and kept for the next run
 
 
+@pytest.mark.slow
 def test_device_augmentation_resumed_mid_epoch_ends_bitwise_equal(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXTL_CACHE", str(tmp_path / "cache"))
     phases = [{"name": "last", "policy": "last_n_blocks:1", "epochs": 2}]

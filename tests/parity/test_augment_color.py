@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from jaxtl.data.augment import color as C
+from jaxtl.data.augment import jitter
 from jaxtl.data.augment.erasing import erase, sample_erasing
 
 SIZES = [(37, 53), (64, 64), (3, 5)]
@@ -175,17 +176,17 @@ def torchvision_jitter(image, params):
 def test_color_jitter_equals_torchvision_with_the_same_draw(ranges):
     images = np.stack(make_images(37, 53) * 3)
     keys = jax.random.split(jax.random.key(0), len(images))
-    params = jax.vmap(lambda key: C.sample_color_jitter(key, **ranges))(keys)
-    results = jax.jit(jax.vmap(C.apply_color_jitter))(images, params)
+    params = jax.vmap(lambda key: jitter.sample_color_jitter(key, **ranges))(keys)
+    results = jax.jit(jax.vmap(jitter.apply_color_jitter))(images, params)
     for k, image in enumerate(images):
         draw = jax.tree.map(lambda leaf, k=k: leaf[k], params)
         np.testing.assert_array_equal(np.asarray(results[k]), torchvision_jitter(image, draw))
-        np.testing.assert_array_equal(np.asarray(jax.jit(C.apply_color_jitter)(image, draw)), results[k])
+        np.testing.assert_array_equal(np.asarray(jax.jit(jitter.apply_color_jitter)(image, draw)), results[k])
 
 
 def test_color_jitter_sampling_matches_torchvisions_ranges():
     keys = jax.random.split(jax.random.key(1), 4000)
-    draw = jax.jit(jax.vmap(lambda key: C.sample_color_jitter(key, brightness=1.5, contrast=(0.2, 0.3), hue=0.25)))
+    draw = jax.jit(jax.vmap(lambda key: jitter.sample_color_jitter(key, brightness=1.5, contrast=(0.2, 0.3), hue=0.25)))
     params = jax.tree.map(np.asarray, draw(keys))
     assert (np.sort(params.order, axis=1) == np.arange(4)).all()
     # Every order is drawn, about equally often (24 permutations).
@@ -199,10 +200,10 @@ def test_color_jitter_sampling_matches_torchvisions_ranges():
     assert (saturation == 1).all()
     assert hue.min() >= -0.25 and hue.max() <= 0.25 and abs(hue.mean()) < 0.02
     # A range collapsed to the identity is skipped, as torchvision's _check_input makes it None.
-    zero = C.sample_color_jitter(jax.random.key(2), brightness=0, contrast=(1, 1), saturation=None, hue=0)
+    zero = jitter.sample_color_jitter(jax.random.key(2), brightness=0, contrast=(1, 1), saturation=None, hue=0)
     assert not np.asarray(zero.enabled).any()
     image = make_images(37, 53)[0]
-    np.testing.assert_array_equal(np.asarray(C.apply_color_jitter(image, zero)), image)
+    np.testing.assert_array_equal(np.asarray(jitter.apply_color_jitter(image, zero)), image)
 
 
 @pytest.mark.parametrize("value", [0, 255, (10, 128, 250)])

@@ -1,19 +1,16 @@
 """On-device training augmentation: jax operations on uint8 (H, W, 3) images computing what torchvision's compute."""
 
 from jaxtl.data.augment.color import (
-    ColorJitterParams,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     adjust_sharpness,
-    apply_color_jitter,
     autocontrast,
     equalize,
     invert,
     posterize,
     rgb_to_grayscale,
-    sample_color_jitter,
     solarize,
 )
 from jaxtl.data.augment.erasing import erase, sample_erasing
@@ -26,6 +23,7 @@ from jaxtl.data.augment.geometry import (
     shear_x,
     shear_y,
 )
+from jaxtl.data.augment.jitter import ColorJitterParams, apply_color_jitter, sample_color_jitter
 from jaxtl.data.augment.policies import (
     OPS,
     apply_op,

@@ -20,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxtl.data.augment import color, erasing, policies
+from jaxtl.data.augment import erasing, jitter, policies
 
 Policy = Literal["none", "trivialaugment", "randaugment", "autoaugment"]
 POLICIES: tuple[str, ...] = ("none", "trivialaugment", "randaugment", "autoaugment")
@@ -60,7 +60,7 @@ def augment_one(augment: DeviceAugment, key: jax.Array, image: jax.Array) -> jax
     if augment.policy != "none":
         image = policies.apply_policy(augment.policy, k_policy, image)
     if augment.color_jitter is not None:
-        image = color.apply_color_jitter(image, color.sample_color_jitter(k_jitter, *augment.color_jitter))
+        image = jitter.apply_color_jitter(image, jitter.sample_color_jitter(k_jitter, *augment.color_jitter))
     if augment.erasing_p > 0:
         height, width = image.shape[:2]
         apply, top, left, box_h, box_w = erasing.sample_erasing(k_erase, height, width, p=augment.erasing_p)

@@ -39,6 +39,7 @@ from jaxtl.data.cached_source import FORMAT, INDEX_DTYPE, CachedSource, is_compl
 from jaxtl.data.loader import default_num_workers
 from jaxtl.data.sources import ConcatSource, ImageFolder, Source
 from jaxtl.data.transforms import resize
+from jaxtl.durable import sync_directory
 from jaxtl.errors import DataError
 from jaxtl.weights import Preprocessing, cache_dir
 
@@ -183,7 +184,7 @@ class DecodedCache:
                     if entry.exists():  # damaged (incomplete): nothing else writes this key while we hold its lock
                         _remove(entry)
                     os.replace(staging, entry)
-                _fsync_dir(self.root)
+                sync_directory(self.root)
             finally:
                 if staging.exists():
                     _remove(staging)
@@ -329,14 +330,6 @@ def _write_file(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _touch(entry: Path) -> None:

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtl.durable import sync_directory
 from jaxtl.errors import JaxtlError
 from jaxtl.train.faults import fault_point
 
@@ -165,20 +166,12 @@ def _point_link(directory: Path, target: str) -> str | None:
     link = parent / f".{name}.tmp-link-{uuid.uuid4().hex[:12]}"
     os.symlink(target, link)
     os.replace(link, directory)
-    _sync_directory(parent)
+    sync_directory(parent)
     return previous
 
 
 def _link_target(directory: Path) -> str | None:
     return os.readlink(directory) if directory.is_symlink() else None
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_interrupted_saves(parent: Path, name: str) -> None:

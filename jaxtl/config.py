@@ -91,6 +91,9 @@ class TrainConfig:
     # Also write checkpoints/latest every N steps inside an epoch (None: at epoch ends only), so that
     # a kill loses at most N steps of a long epoch; a resume continues from the batch after it.
     checkpoint_every_steps: int | None = bounded(None, low=1)
+    # XLA:CPU's dots in YNNPACK for the eval-mode programs (feature pass, validation, predict), for the
+    # train steps too ("all"), or for none ("off"); ignored on GPUs (jaxtl.xla.program_options).
+    ynnpack: Literal["eval", "all", "off"] = "eval"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,12 @@ which in two places of the parity suite lands just beyond a bound set on XLA's k
 train-mode logits at 1.02e-5 against 1e-5 relative; one near-zero squeeze-excitation bias of
 EfficientNet-B0 in the progressive recipe). Turn it on with :func:`use_ynnpack` (or the flag itself
 in ``XLA_FLAGS``) before jax computes.
+
+Per program: :func:`program_options` gives the options that compile one jitted program with YNNPACK's dots
+(``jax.jit(fn, compiler_options=...)``), so a run can use it where it gains and the parity bounds hold. A
+run's ``train.ynnpack`` setting chooses: ``eval`` (the default) for the eval-mode programs (the feature
+pass of a head-only phase, validation, prediction: ResNet-18's eval +65%, the forward parity bounds hold),
+``all`` for the train steps too, ``off`` for none. Only on the CPU and a jaxlib the flag was tested with.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import re
 import shlex
 from collections.abc import Mapping, MutableMapping
+from typing import Literal
 
 YNNPACK: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 # XLA aborts on a flag it does not know: the (major, minor) jaxlib releases the flag was tested with.
@@ -57,3 +64,22 @@ def use_ynnpack(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     it before jax's first computation. Returns the flags added: none on another jaxlib, or where
     ``XLA_FLAGS`` sets the flag already."""
     return add_xla_flags(YNNPACK, environ) if ynnpack_supported() else []
+
+
+YnnpackSetting = Literal["eval", "all", "off"]
+YNNPACK_SETTINGS: tuple[str, ...] = ("eval", "all", "off")
+
+
+def program_options(setting: str, program: Literal["eval", "train"], backend: str | None = None) -> dict[str, str]:
+    """XLA compiler options for one jitted ``program`` ("eval": eval-mode forward passes; "train": train steps)
+    under a run's ``train.ynnpack`` ``setting``: :data:`YNNPACK` where the setting covers the program, the
+    backend (default: jax's) is the CPU and jaxlib supports the flag; no options otherwise."""
+    if setting not in YNNPACK_SETTINGS:
+        raise ValueError(f"ynnpack={setting!r} is not one of {', '.join(YNNPACK_SETTINGS)}")
+    if setting == "off" or (setting == "eval" and program != "eval") or not ynnpack_supported():
+        return {}
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return dict(YNNPACK) if backend == "cpu" else {}

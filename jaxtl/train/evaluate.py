@@ -29,6 +29,7 @@ from jaxtl.train.inputs import load_data
 from jaxtl.train.resume import load_checkpoint
 from jaxtl.train.state import CheckpointMeta
 from jaxtl.train.step import ModelState, make_eval_step
+from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,8 @@ def evaluate_checkpoint(
     )  # fmt: skip
     graphdef, state = eval_model_state(model)
     p = meta.preprocessing
-    step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(config.train.precision))
+    step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(config.train.precision),
+                          compiler_options=program_options(config.train.ynnpack, "eval"))  # fmt: skip
     replicated = jax.sharding.NamedSharding(data_sharding(d.eval_batch_size).mesh, jax.sharding.PartitionSpec())
     try:
         evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)
@@ -136,8 +138,11 @@ class Predictor:
         self.transform = EvalTransform(meta.preprocessing)
         graphdef, self.state = eval_model_state(model)
         p = meta.preprocessing
-        precision = meta.config.get("train", {}).get("precision", "fp32")
-        self.step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(precision))
+        train = meta.config.get("train", {})
+        self.step = make_eval_step(
+            graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(train.get("precision", "fp32")),
+            compiler_options=program_options(train.get("ynnpack", "eval"), "eval"),
+        )  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> Predictor:

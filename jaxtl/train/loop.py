@@ -52,6 +52,7 @@ from jaxtl.train.step import (
     split_model,
 )
 from jaxtl.weights import Preprocessing
+from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass
@@ -177,13 +178,18 @@ class Trainer:
         phase, model, p = self.phases[index], self.run.model, self.run.preprocessing
         cached = is_cacheable(self.config, model, groups)
         forward = head_of if cached else full_model
+        ynnpack = self.config.train.ynnpack
         train_step = make_train_step(graphdef, optimizer, mean=p.mean, std=p.std, forward=forward,
-                                     compute_dtype=self.compute_dtype, seed=self.config.train.seed)  # fmt: skip
-        eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype)
+                                     compute_dtype=self.compute_dtype, seed=self.config.train.seed,
+                                     compiler_options=program_options(ynnpack, "train"))  # fmt: skip
+        eval_options = program_options(ynnpack, "eval")
+        eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
+                                   compiler_options=eval_options)  # fmt: skip
         features = None
         if cached:
             started = time.perf_counter()
-            step = make_features_step(graphdef, mean=p.mean, std=p.std, compute_dtype=self.compute_dtype)
+            step = make_features_step(graphdef, mean=p.mean, std=p.std, compute_dtype=self.compute_dtype,
+                                      compiler_options=eval_options)  # fmt: skip
             sharding = data_sharding(self.loaders.both.batch_size)
             features = compute_features(step, model_state, self.loaders.both, sharding, len(self.run.data.train))
             self.loaders.both.close()  # frees its workers; a later cached phase starts new ones

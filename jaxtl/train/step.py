@@ -95,6 +95,7 @@ def make_train_step(
     compute_dtype=None,
     seed: int = 0,
     donate: bool = True,
+    compiler_options: dict[str, str] | None = None,
 ) -> Callable[..., tuple[ModelState, Any, dict[str, jax.Array]]]:
     """``step(state, opt_state, images, labels, mask, step_index) -> (state, opt_state, metrics)``, jitted.
 
@@ -103,7 +104,8 @@ def make_train_step(
     Dropout and stochastic depth draw from a key that is a function of (seed, step_index), so a
     resumed run draws what an uninterrupted one does. With ``compute_dtype=jnp.bfloat16`` the
     forward and backward run in bf16 on float32 parameters (BatchNorm statistics stay float32).
-    Metrics (loss, correct count, example count) stay on the device.
+    Metrics (loss, correct count, example count) stay on the device. ``compiler_options`` go to XLA
+    (:func:`jaxtl.xla.program_options`).
     """
     base_key = jax.random.key(seed)
 
@@ -135,7 +137,7 @@ def make_train_step(
         metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
         return ModelState(trainable, state.frozen, rest), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jax.jit(step, donate_argnums=(0, 1) if donate else (), compiler_options=compiler_options or None)
 
 
 def _eval_model_and_inputs(graphdef, state: ModelState, images, mean, std, compute_dtype):
@@ -150,20 +152,26 @@ def _eval_model_and_inputs(graphdef, state: ModelState, images, mean, std, compu
 
 
 def make_features_step(
-    graphdef: nnx.GraphDef, *, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), compute_dtype=None
+    graphdef: nnx.GraphDef,
+    *,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    compute_dtype=None,
+    compiler_options: dict[str, str] | None = None,
 ):
     """``step(state, images) -> features``: the eval-mode pooled features (``forward_features``), jitted.
 
     With ``compute_dtype=jnp.bfloat16`` computed as the train step computes its forward pass (bf16
     parameters and inputs), so that a head trained on cached features sees what it would see
-    through the frozen backbone. Features are returned in float32 (or float64).
+    through the frozen backbone. Features are returned in float32 (or float64). ``compiler_options`` go
+    to XLA (:func:`jaxtl.xla.program_options`).
     """
 
     def step(state: ModelState, images):
         model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
         return _at_least_float32(model.forward_features(x))
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=compiler_options or None)
 
 
 def make_eval_step(
@@ -173,11 +181,13 @@ def make_eval_step(
     std=(0.229, 0.224, 0.225),
     forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
     compute_dtype=None,
+    compiler_options: dict[str, str] | None = None,
 ):
     """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted.
 
     Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows.
     With ``compute_dtype=jnp.bfloat16`` parameters and inputs are cast to bf16 for the forward pass.
+    ``compiler_options`` go to XLA (:func:`jaxtl.xla.program_options`).
     """
 
     def step(state: ModelState, images, labels, mask):
@@ -190,4 +200,4 @@ def make_eval_step(
         metrics = {"loss": loss, "correct": correct, "correct5": jnp.sum(top5 & mask), "count": jnp.sum(mask)}
         return logits, metrics
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=compiler_options or None)

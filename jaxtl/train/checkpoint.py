@@ -72,7 +72,53 @@ def save_checkpoint(
         CheckpointError: the checkpoint cannot be written (permissions, full disk); it names the path,
             and the checkpoint the link pointed to before is untouched.
     """
-    directory = Path(directory)
+
+    def write(staging: Path) -> None:
+        _write_arrays(staging / "arrays", arrays)
+        fault_point(f"{Path(directory).name}.arrays")
+        _write_json(staging / "meta.json", {"format": FORMAT, **meta})
+        _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "files": _describe_files(staging, sync=True)})
+
+    return _publish(Path(directory), write, keep_previous)
+
+
+def link_checkpoint(source: str | os.PathLike, directory: str | os.PathLike, *, keep_previous: bool = True) -> Path:
+    """A new version of checkpoint ``directory`` holding the files of the checkpoint ``source`` (a sibling, e.g.
+    ``best`` for ``latest`` when both hold the same state) as hard links: the same files, not written again.
+
+    Versions are never changed in place, so the two names share the files safely; removing one version
+    leaves the other's. Where the filesystem has no hard links the files are copied. Raises as
+    :func:`save_checkpoint` does.
+    """
+    source = Path(source).resolve()
+
+    def write(staging: Path) -> None:
+        last = ("meta.json", MANIFEST)  # as a save writes them: after the arrays
+        for path in sorted(source.iterdir(), key=lambda path: (path.name in last, path.name)):
+            if path.name == "meta.json":
+                fault_point(f"{Path(directory).name}.arrays")
+            _link_tree(path, staging / path.name)
+        sync_directory(staging)
+
+    return _publish(Path(directory), write, keep_previous)
+
+
+def _link_tree(path: Path, target: Path) -> None:
+    """``target``: a hard link to file ``path`` (a copy where hard links fail), or a directory of them."""
+    if path.is_dir():
+        target.mkdir()
+        for child in sorted(path.iterdir()):
+            _link_tree(child, target / child.name)
+        sync_directory(target)
+        return
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copy2(path, target)
+
+
+def _publish(directory: Path, write, keep_previous: bool) -> Path:
+    """``write(staging)`` fills a staging directory; it becomes a new version, then ``directory`` links to it."""
     parent, name = directory.parent, directory.name
     token = uuid.uuid4().hex[:12]
     staging = parent / f".{name}.tmp-{token}"
@@ -82,10 +128,7 @@ def save_checkpoint(
         _remove_interrupted_saves(parent, name)
         try:
             staging.mkdir()
-            _write_arrays(staging / "arrays", arrays)
-            fault_point(f"{name}.arrays")
-            _write_json(staging / "meta.json", {"format": FORMAT, **meta})
-            _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "files": _describe_files(staging, sync=True)})
+            write(staging)
             fault_point(f"{name}.staged")
             os.replace(staging, version)
         finally:

@@ -241,7 +241,7 @@ class Trainer:
         if improved:
             self._save("best", arrays, meta, keep_previous=False)
             self.run.directory.write_confusion(evaluation.confusion, self.run.data.classes, loader_epoch + 1)
-        self._save("latest", arrays, meta)
+        self._save("latest", arrays, meta, like="best" if improved else None)
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state
@@ -322,13 +322,20 @@ class Trainer:
                 "optim.clip_grad_norm"
             )
 
-    def _save(self, name: str, arrays: dict, meta: CheckpointMeta, *, keep_previous: bool = True) -> None:
+    def _save(
+        self, name: str, arrays: dict, meta: CheckpointMeta, *, keep_previous: bool = True, like: str | None = None
+    ) -> None:
+        """Writes checkpoint ``name``; ``like``: the checkpoint just written with the same arrays and meta, whose
+        files the new one links to instead of writing them again."""
         directory = self.run.directory
         if not directory.primary:
             return
+        checkpoints = directory.path / "checkpoints"
         try:
-            ckpt.save_checkpoint(directory.path / "checkpoints" / name, arrays, meta.to_json(),
-                                 keep_previous=keep_previous)  # fmt: skip
+            if like is not None:
+                ckpt.link_checkpoint(checkpoints / like, checkpoints / name, keep_previous=keep_previous)
+            else:
+                ckpt.save_checkpoint(checkpoints / name, arrays, meta.to_json(), keep_previous=keep_previous)
         except ckpt.CheckpointError as error:
             raise RunError(f"{error}, then continue the run: jaxtl train --resume {directory.path}") from None
 

@@ -157,6 +157,35 @@ def test_what_an_interrupted_save_left_is_removed_by_the_next(tmp_path):
 # --- write failures ----------------------------------------------------------------------------------
 
 
+def test_a_linked_checkpoint_holds_the_files_of_its_source_without_writing_them_again(tmp_path):
+    save(tmp_path / "best", 7, keep_previous=False)
+    save(tmp_path / "latest", 5)
+    ckpt.link_checkpoint(tmp_path / "best", tmp_path / "latest")
+    best, latest = (tmp_path / "best").resolve(), (tmp_path / "latest").resolve()
+    assert latest != best and latest.name.startswith("latest.") and files_of(latest) == files_of(best)
+    for relative in files_of(best):
+        assert (latest / relative).stat().st_ino == (best / relative).stat().st_ino, relative  # one file, two names
+    assert ckpt.verify_checkpoint(tmp_path / "latest")["step"] == 7
+    assert np.array_equal(load_arrays(tmp_path / "latest")["model"]["fc"]["weight"], np.full((3, 4), 7.0))
+    assert len(versions(tmp_path)) == 2 and leftovers(tmp_path) == []  # the previous latest is kept
+    # A later best removes its old version: latest's names keep the files.
+    save(tmp_path / "best", 9, keep_previous=False)
+    assert not best.exists() and ckpt.verify_checkpoint(tmp_path / "latest")["step"] == 7
+
+
+@pytest.mark.parametrize("point", ["latest.arrays", "latest.staged", "latest.renamed"])
+def test_an_io_error_while_linking_leaves_the_previous_checkpoint_and_no_staging(tmp_path, monkeypatch, point):
+    save(tmp_path / "best", 7, keep_previous=False)
+    save(tmp_path / "latest", 5)
+    before = versions(tmp_path)
+    monkeypatch.setenv("JAXTL_TEST_FAULT", f"oserror:{point}:1")
+    monkeypatch.setattr(faults, "_passes", collections.Counter())
+    with pytest.raises(CheckpointError, match=rf"cannot write checkpoint {tmp_path}/latest: \[Errno 28\]"):
+        ckpt.link_checkpoint(tmp_path / "best", tmp_path / "latest")
+    assert_previous_intact(tmp_path, before)
+    assert load_meta(tmp_path / "best")["step"] == 7
+
+
 def assert_previous_intact(tmp_path: Path, before: list[str]) -> None:
     assert load_meta(tmp_path / "latest")["step"] == 5
     assert np.array_equal(load_arrays(tmp_path / "latest")["opt_state"]["0"], np.arange(5.0) + 5)

@@ -6,8 +6,8 @@ computation. Neither torch nor jax is imported here.
 YNNPACK: ``--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` makes XLA:CPU
 hand each dot it emits to YNNPACK instead of its own kernels. Measured on 2 cores
 (bench/cpu_steps.py --xla ynnpack, 2026-11-29, ResNet-18 at 224): eval 29.5 -> 44.2 img/s, full
-fine-tuning step 6.8 -> 9.8, last block + head 22.4 -> 27.5; EfficientNet-B0 eval 50 -> 67. It is
-not on by default: it is experimental in XLA; float64 programs run ~7x slower under it; and its
+fine-tuning step 6.8 -> 9.8, last block + head 22.4 -> 27.5; EfficientNet-B0 eval 50 -> 67. For a
+whole process it is not on by default: it is experimental in XLA; float64 programs run ~7x slower under it; and its
 float32 results differ from XLA's own kernels by rounding (relative 2e-7 on ResNet-18's features),
 which in two places of the parity suite lands just beyond a bound set on XLA's kernels (ResNet-152's
 train-mode logits at 1.02e-5 against 1e-5 relative; one near-zero squeeze-excitation bias of

@@ -116,6 +116,9 @@ def load_image(path: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Im
                 )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                if image.mode == "RGB":  # convert("RGB") would return a copy of the same pixels
+                    image.load()
+                    return image
                 return image.convert("RGB")
     except DataError:
         raise

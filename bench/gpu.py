@@ -13,6 +13,13 @@ Cases, each timed for both frameworks in alternating rounds after warm-up (media
 - loader: training fed by the real input pipelines from generated JPEGs (RandomResizedCrop + flip):
   jaxtl's ``Loader`` (worker processes, then worker threads) + ``device_batches`` against
   ``DataLoader(num_workers=W, pin_memory=True)``, both into the model's train step above.
+- loader(cache): the same JPEGs through jaxtl's decoded cache (``DecodedCache.build`` with W processes,
+  then ``Loader(CachedSource, CachedTrainTransform)``, W worker processes) into the same train step,
+  against the same DataLoader. ``1st epoch``: building the cache into a fresh root plus one epoch from it
+  (workers started); ``epoch 2+``: epochs from the built cache, also as a fraction of the device-resident
+  train rate above (target: >= 90% of it and >= 2x the DataLoader); ``+trivialaugment``: epochs 2+ with
+  ``DeviceAugment(policy="trivialaugment")`` on each batch before the step, against the DataLoader with
+  ``TrivialAugmentWide`` after the flip.
 
 It needs only the jax and torch already installed (``pip install --no-deps -e .`` or PYTHONPATH=.),
 stops starting new cases after ``--budget-s`` seconds, and prints each result as it comes.
@@ -29,7 +36,9 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -51,12 +60,26 @@ import torchvision  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 import jaxtl.models  # noqa: E402
-from jaxtl.data import ImageFolder, Loader, TrainTransform, device_batches, generate_synthetic  # noqa: E402
+from jaxtl.data import (  # noqa: E402
+    CachedTrainTransform,
+    DecodedCache,
+    ImageFolder,
+    Loader,
+    TrainTransform,
+    device_batches,
+    generate_synthetic,
+)
+from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment  # noqa: E402
 from jaxtl.optim import OptimizerConfig, assign, build_optimizer, get_policy  # noqa: E402
 from jaxtl.train.step import make_eval_step, make_train_step, split_model  # noqa: E402
 from jaxtl.weights import Preprocessing  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Python 3.11's forkserver never preloads __main__ (CPython gh-126631, fixed in later releases): every worker
+# process it starts re-runs this script, torch's and jax's imports included (seconds each). Preloaded in the
+# forkserver they are inherited, so that the first epoch from the cache times jaxtl's workers, not these imports.
+FORKSERVER_PRELOAD = ["__main__", "torch", "torchvision", "jax", "flax", "jaxtl.models", "jaxtl.data"]
+CASE = 35  # width of the case column: "loader(cache)+trivialaugment->train"
 
 
 @dataclass
@@ -103,12 +126,11 @@ class Result:
     def line(self) -> str:
         fmt = lambda v: f"{v:10.1f}" if v else f"{'-':>10}"  # noqa: E731
         ratio = f"{self.ratio:6.2f}x" if self.ratio else f"{'-':>7}"
-        return (
-            f"{self.case:<16} {self.arch:<16} {self.batch:>5} {fmt(self.jaxtl)} {fmt(self.torch)} {ratio}  {self.note}"
-        )
+        rates = f"{fmt(self.jaxtl)} {fmt(self.torch)} {ratio}"
+        return f"{self.case:<{CASE}} {self.arch:<16} {self.batch:>5} {rates}  {self.note}"
 
 
-HEADER = f"{'case':<16} {'arch':<16} {'batch':>5} {'jaxtl':>10} {'torch':>10} {'ratio':>7}  (images/s, median)"
+HEADER = f"{'case':<{CASE}} {'arch':<16} {'batch':>5} {'jaxtl':>10} {'torch':>10} {'ratio':>7}  (images/s, median)"
 
 
 def torch_device() -> torch.device:
@@ -298,6 +320,54 @@ def bench_torch_compile(arch: str, s: Settings, jx, jb, run_jaxtl) -> Result:
     return result
 
 
+def loader_data(s: Settings, root: Path) -> tuple[Path, Preprocessing]:
+    """The generated JPEGs' train folder (5 classes, written once under ``root``) and their preprocessing."""
+    classes = min(5, s.num_classes)
+    per_class = max(1, s.loader_images // classes)
+    data = generate_synthetic(root, num_classes=classes, train_per_class=per_class, val_per_class=1) / "train"
+    return data, Preprocessing(resize_size=256, crop_size=s.size, interpolation="bilinear", mean=MEAN, std=STD)
+
+
+def torch_loader(data: Path, s: Settings, *augment) -> torch.utils.data.DataLoader:
+    """torch's DataLoader over ``data``: RandomResizedCrop + flip (+ ``augment`` on the PIL crop), normalised."""
+    transform = v2.Compose([
+        v2.RandomResizedCrop(s.size, antialias=True), v2.RandomHorizontalFlip(), *augment,
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
+    ])  # fmt: skip
+    return torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(data), transform=transform),
+        batch_size=s.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=s.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=True,
+        multiprocessing_context="forkserver",  # never fork a process that runs JAX's threads
+    )
+
+
+def torch_epoch(tt: TorchTrainer, loader: torch.utils.data.DataLoader) -> int:
+    """One epoch of ``loader`` through torch's train step; images trained on."""
+    n = 0
+    for x, y in loader:
+        x = x.to(tt.device, non_blocking=True, memory_format=torch.channels_last)
+        tt.step(x, y.to(tt.device, non_blocking=True))
+        n += x.shape[0]
+    torch_sync()
+    return n
+
+
+def jaxtl_epoch(jx: JaxtlTrainer, loader: Loader, epoch: int, augment=None) -> int:
+    """Epoch ``epoch`` of ``loader`` through jaxtl's train step (each batch through ``augment`` first, on the
+    device, as the trainer applies DeviceAugmentation); images trained on."""
+    metrics = None
+    for batch in device_batches(loader.epoch(epoch)):
+        images = batch.images if augment is None else augment(batch.images, batch.indices.astype(jnp.int32), epoch)
+        metrics = jx.step(images, batch.labels, batch.mask)
+    jax.block_until_ready(metrics)
+    return len(loader.source)  # a padded last batch is masked: every image counts once
+
+
 def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -> list[Result]:
     """Training fed by each framework's own input pipeline from JPEG files, one epoch per round.
 
@@ -307,10 +377,7 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     whose step is compiled, can be passed in.
     """
     arch = s.loader_arch
-    classes = min(5, s.num_classes)
-    per_class = max(1, s.loader_images // classes)
-    data = generate_synthetic(root, num_classes=classes, train_per_class=per_class, val_per_class=1) / "train"
-    preprocessing = Preprocessing(resize_size=256, crop_size=s.size, interpolation="bilinear", mean=MEAN, std=STD)
+    data, preprocessing = loader_data(s, root)
     transform = TrainTransform(preprocessing, random_resized_crop=True, flip_p=0.5)
     loaders = {
         kind: Loader(
@@ -326,46 +393,10 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
     }
     jx = trainer or JaxtlTrainer(arch, s)
     tt = TorchTrainer(arch, s)
-    torch_loader = torch.utils.data.DataLoader(
-        torchvision.datasets.ImageFolder(
-            str(data),
-            transform=v2.Compose(
-                [
-                    v2.RandomResizedCrop(s.size, antialias=True),
-                    v2.RandomHorizontalFlip(),
-                    v2.PILToTensor(),
-                    v2.ToDtype(torch.float32, scale=True),
-                    v2.Normalize(MEAN, STD),
-                ]
-            ),  # fmt: skip
-        ),
-        batch_size=s.batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=s.workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=True,
-        multiprocessing_context="forkserver",  # never fork a process that runs JAX's threads
-    )
-    epochs = iter(range(1_000_000))
-
-    def run_jaxtl(loader: Loader) -> int:
-        metrics = None
-        for batch in device_batches(loader.epoch(next(epochs))):
-            metrics = jx.step(batch.images, batch.labels, batch.mask)
-        jax.block_until_ready(metrics)
-        return len(loader.source)  # a padded last batch is masked: every image counts once
-
-    def run_torch() -> int:
-        n = 0
-        for x, y in torch_loader:
-            x = x.to(tt.device, non_blocking=True, memory_format=torch.channels_last)
-            tt.step(x, y.to(tt.device, non_blocking=True))
-            n += x.shape[0]
-        torch_sync()
-        return n
-
-    runs = {kind: lambda loader=loader: run_jaxtl(loader) for kind, loader in loaders.items()} | {"torch": run_torch}
+    baseline = torch_loader(data, s)
+    epochs = itertools.count()
+    runs = {kind: lambda loader=loader: jaxtl_epoch(jx, loader, next(epochs)) for kind, loader in loaders.items()}
+    runs["torch"] = lambda: torch_epoch(tt, baseline)
     for run in runs.values():
         run()  # warm-up: compile, worker start
     rates = alternate(runs, max(2, s.rounds // 2))
@@ -376,6 +407,74 @@ def bench_loader(s: Settings, root: Path, trainer: JaxtlTrainer | None = None) -
         Result("loader->train", arch, s.batch, rates["process"], rates["torch"], note=f"{note}, {s.workers} processes"),
         Result("loader threads", arch, s.batch, rates["thread"], rates["torch"], note=f"{note}, {s.workers} threads"),
     ]
+
+
+def bench_cache(
+    s: Settings, root: Path, trainer: JaxtlTrainer | None = None, train_rate: float | None = None
+) -> list[Result]:
+    """Training fed from the decoded cache of ``bench_loader``'s JPEGs, one epoch per round, against torch's
+    DataLoader over the files (without, then with TrivialAugmentWide) in the same rounds.
+
+    The first epoch's side builds the cache into a fresh root every round (``s.workers`` decoding processes)
+    and trains one epoch from it with a new Loader (its workers started); the later epochs' sides read one
+    cache built beforehand. ``train_rate``: the device-resident train rate of ``s.loader_arch`` (images/s),
+    which the later epochs' rates are given as a fraction of.
+    """
+    arch = s.loader_arch
+    data, preprocessing = loader_data(s, root)
+    transform = CachedTrainTransform(preprocessing, random_resized_crop=True, flip_p=0.5)
+    scratch = tempfile.TemporaryDirectory(prefix="jaxtl-bench-cache-")
+    builds: list[float] = []
+
+    def cache_loader(cache_root: Path) -> Loader:
+        start = time.perf_counter()
+        cached = DecodedCache(cache_root).build(ImageFolder(data), preprocessing, num_workers=s.workers, progress=False)
+        builds.append(time.perf_counter() - start)
+        return Loader(cached, transform, batch_size=s.batch, shuffle=True, num_workers=s.workers, seed=0,
+                      worker_type="process")  # fmt: skip
+
+    def first_epoch() -> int:
+        with tempfile.TemporaryDirectory(dir=scratch.name) as fresh, cache_loader(Path(fresh)) as loader:
+            return jaxtl_epoch(jx, loader, next(epochs))
+
+    jx = trainer or JaxtlTrainer(arch, s)
+    tt = TorchTrainer(arch, s)
+    baseline, baseline_ta = torch_loader(data, s), torch_loader(data, s, v2.TrivialAugmentWide())
+    loader = cache_loader(Path(scratch.name) / "built")
+    augment = make_device_augment(DeviceAugment(policy="trivialaugment"), seed=0)
+    epochs = itertools.count()
+    runs = {
+        "1st epoch": first_epoch,
+        "epoch 2+": lambda: jaxtl_epoch(jx, loader, next(epochs)),
+        "torch": lambda: torch_epoch(tt, baseline),
+        "trivialaugment": lambda: jaxtl_epoch(jx, loader, next(epochs), augment),
+        "torch trivialaugment": lambda: torch_epoch(tt, baseline_ta),
+    }
+    try:
+        for run in runs.values():
+            run()  # warm-up: compile, worker start
+        builds.clear()
+        rates = alternate(runs, max(2, s.rounds // 2))
+    finally:
+        loader.close()
+        scratch.cleanup()
+    build_s = statistics.median(builds)
+    note = f"{len(loader.source)} JPEGs/epoch, {s.workers} processes"
+    first = Result("loader(cache)->train, 1st epoch", arch, s.batch, rates["1st epoch"], rates["torch"],
+                   note=f"{note}, cache build {build_s:.1f}s + 1 epoch", extra={"cache_build_s": build_s})  # fmt: skip
+    later = Result("loader(cache)->train, epoch 2+", arch, s.batch, rates["epoch 2+"], rates["torch"], note=note)
+    ta = Result("loader(cache)+trivialaugment->train", arch, s.batch, rates["trivialaugment"],
+                rates["torch trivialaugment"], note=f"{note}, epoch 2+, torch: + TrivialAugmentWide")  # fmt: skip
+    for result in (later, ta):
+        if train_rate:
+            result.extra["of_device_resident"] = result.jaxtl / train_rate
+            result.note += f", {result.jaxtl / train_rate:.0%} of device-resident train"
+    return [first, later, ta]
+
+
+def device_resident_rate(results: list[Result], arch: str) -> float | None:
+    """The device-resident jaxtl train rate of ``arch`` measured earlier in the run (None: not measured)."""
+    return next((r.jaxtl for r in results if r.case == "train bf16" and r.arch == arch and r.jaxtl), None)
 
 
 def report(result: Result) -> Result:
@@ -406,7 +505,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="steps per timed round (default 20)")
     parser.add_argument("--rounds", type=int, help="timed rounds per framework (default 5)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
-    parser.add_argument("--no-loader", action="store_true", help="skip the input-pipeline case")
+    parser.add_argument("--no-loader", action="store_true", help="skip the input-pipeline cases")
     parser.add_argument("--budget-s", type=float, help="start no new case after this many seconds (default 420)")
     parser.add_argument("--data", type=Path, help="folder for the generated JPEGs (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -422,6 +521,7 @@ def main(argv=None) -> int:
         "compile": False if args.no_compile else None,
     }
     s = Settings(**{**asdict(s), **{k: v for k, v in overrides.items() if v is not None}})
+    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
     start = time.perf_counter()
     deadline = start + s.budget_s
     env = environment()
@@ -457,6 +557,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = args.data or Path(tmp) / "synthetic"
             attempt("loader->train", lambda: [report(r) for r in bench_loader(s, root, trainers.get(s.loader_arch))])
+            trainer, rate = trainers.get(s.loader_arch), device_resident_rate(results, s.loader_arch)
+            attempt("loader(cache)->train", lambda: [report(r) for r in bench_cache(s, root, trainer, rate)])
 
     total = time.perf_counter() - start
     print(f"\n{HEADER}")

@@ -108,19 +108,21 @@ class CachedEvalTransform:
     """
 
     preprocessing: Preprocessing
+    is_random = False
 
     @property
     def output_size(self) -> tuple[int, int]:
         return (self.preprocessing.crop_size, self.preprocessing.crop_size)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The crop: a read-only view of ``image`` (a Loader copies it into its batch)."""
         if min(image.shape[:2]) != self.preprocessing.resize_size:
             raise DataError(
                 f"a cached image of {image.shape[0]}x{image.shape[1]} was not resized to resize_size="
                 f"{self.preprocessing.resize_size}: the cache was built with other preprocessing; build it "
                 "with this one"
             )
-        return np.ascontiguousarray(center_crop(image, self.output_size))
+        return center_crop(image, self.output_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +146,13 @@ class CachedTrainTransform:
     def output_size(self) -> tuple[int, int]:
         return (self.preprocessing.crop_size, self.preprocessing.crop_size)
 
+    @property
+    def is_random(self) -> bool:
+        return self.random_resized_crop or self.flip_p > 0
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        if not (self.random_resized_crop or self.flip_p > 0):
+        """The crop, flipped or not; possibly a view (of the cache or of the resized crop), which a Loader copies."""
+        if not self.is_random:
             return CachedEvalTransform(self.preprocessing)(image)
         if rng is None:
             raise ValueError("a random train transform needs a numpy Generator")
@@ -154,9 +161,10 @@ class CachedTrainTransform:
             crop = Image.fromarray(np.ascontiguousarray(image[top : top + height, left : left + width]))
             if (height, width) != self.output_size:
                 crop = crop.resize(self.output_size[::-1], PIL_INTERPOLATION[self.preprocessing.interpolation])
-            array = np.asarray(crop)
+            # tobytes + frombuffer: one copy out of PIL, where np.asarray(crop) makes two.
+            array = np.frombuffer(crop.tobytes(), np.uint8).reshape(crop.height, crop.width, 3)
         else:
             array = CachedEvalTransform(self.preprocessing)(image)
         if self.flip_p > 0 and rng.random() < self.flip_p:
             array = array[:, ::-1]
-        return np.ascontiguousarray(array)
+        return array

@@ -87,6 +87,7 @@ class EvalTransform:
     """
 
     preprocessing: Preprocessing
+    is_random = False
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -38,35 +38,45 @@ def _load_row(source, transform, seed: int, epoch: int, index: int, skip_bad_fil
         if not skip_bad_files:
             raise
         return None, (source.describe(index), str(error))
-    array = transform(image, np.random.default_rng([seed, epoch, index]))
+    # A transform that draws nothing (``is_random`` False: the eval transforms) gets no generator to make.
+    rng = np.random.default_rng([seed, epoch, index]) if getattr(transform, "is_random", True) else None
+    array = transform(image, rng)
     if array.shape != shape:
         raise DataError(f"{source.describe(index)}: transform gave shape {array.shape}, expected {shape}")
     return array, label
 
 
+def _chunk_size(loader: Loader) -> int:
+    """Rows per task: two tasks per worker and batch, fewer round trips than one example per task."""
+    return max(1, -(-loader.rows_per_batch // (2 * loader.num_workers)))
+
+
 class ThreadWorkers:
-    """Each example is decoded by a thread straight into its row of a fresh batch."""
+    """Threads decode chunks of a batch's examples straight into their rows of a fresh batch."""
 
     def __init__(self, loader: Loader):
         self.loader = loader
         self.pool = ThreadPoolExecutor(loader.num_workers, thread_name_prefix="jaxtl-loader")
+        self.chunk = _chunk_size(loader)
 
     def submit(self, epoch: int, indices: np.ndarray) -> tuple[Batch, list[Future]]:
         out = self.loader.empty_batch(indices)
         rows = [(row, int(index)) for row, index in enumerate(indices) if index >= 0]
-        return out, [self.pool.submit(self._fill, out, row, index, epoch) for row, index in rows]
+        chunks = (rows[i : i + self.chunk] for i in range(0, len(rows), self.chunk))
+        return out, [self.pool.submit(self._fill, out, chunk, epoch) for chunk in chunks]
 
-    def _fill(self, out: Batch, row: int, index: int, epoch: int) -> None:
+    def _fill(self, out: Batch, rows: list[tuple[int, int]], epoch: int) -> None:
         loader = self.loader
-        array, label = _load_row(
-            loader.source, loader.transform, loader.seed, epoch, index, loader.skip_bad_files, out.images.shape[1:]
-        )
-        if array is None:
-            out.mask[row] = False
-            loader.record_skipped(*label)
-            return
-        out.images[row] = array
-        out.labels[row] = label
+        for row, index in rows:
+            array, label = _load_row(
+                loader.source, loader.transform, loader.seed, epoch, index, loader.skip_bad_files, out.images.shape[1:]
+            )
+            if array is None:
+                out.mask[row] = False
+                loader.record_skipped(*label)
+                continue
+            out.images[row] = array
+            out.labels[row] = label
 
     def collect(self, ticket: tuple[Batch, list[Future]]) -> Batch:
         batch, futures = ticket
@@ -147,8 +157,7 @@ class ProcessWorkers:
         self.slots = np.ndarray(self.slots_shape, np.uint8, self.memory.buf)
         self.slot_futures: list[list[Future]] = [[] for _ in range(self.slots_shape[0])]
         self.next_slot = 0
-        # Chunks of rows, two per worker and batch: fewer round trips than one example per task.
-        self.chunk = max(1, -(-loader.rows_per_batch // (2 * loader.num_workers)))
+        self.chunk = _chunk_size(loader)
         self.pool = ProcessPoolExecutor(
             loader.num_workers,
             mp_context=multiprocessing.get_context("forkserver"),

@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxtl import weights as jaxtl_weights
@@ -153,13 +155,33 @@ def _create_from(
     if spec.arch != arch:
         raise WeightsError(f"weights in {path} are for {spec.arch}, not {arch}; use create({spec.arch!r}, ...)")
     num_classes = spec.num_classes if num_classes is None else num_classes
-    model = get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(seed))
+    model = _shaped(arch, num_classes, seed)
     fresh_head = (f"{model.head_name}.",) if num_classes != spec.num_classes else ()
     load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
     if fresh_head:
         reset_head(model, seed)
+    missing = [name for name, leaf in _leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:  # load_state_dict checks the keys: a variable it does not know of
+        raise WeightsError(f"{path} gives no value for {', '.join(missing[:5])} of {arch}; convert the weights again")
     model.weight_spec = jaxtl_weights.fill_default_preprocessing(spec)
     return model
+
+
+def _shaped(arch: str, num_classes: int, seed: int) -> nnx.Module:
+    """``arch`` built with shapes only (``nnx.eval_shape``) but its random streams (dropout's, stochastic
+    depth's), which get keys from ``seed``: every parameter and statistic is about to be replaced by the
+    weights' or the fresh head's, and drawing them first took half a second for ResNet-18."""
+    model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(seed)))
+    streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
+    for index, stream in enumerate(streams):
+        stream.key.set_value(jax.random.fold_in(jax.random.key(seed), index))
+        stream.count.set_value(jnp.zeros(stream.count.get_value().shape, jnp.uint32))
+    return model
+
+
+def _leaves(model: nnx.Module) -> list[tuple[str, object]]:
+    return [(".".join(str(getattr(k, "key", k)) for k in path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))]  # fmt: skip
 
 
 def load_pretrained(

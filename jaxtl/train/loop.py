@@ -135,7 +135,10 @@ class Trainer:
                 with contextlib.suppress(Exception):
                     directory.figures.flush()
                 raise
-            directory.figures.flush()
+            else:
+                directory.figures.flush()
+            finally:
+                directory.figures.close()
         return state, self.run.model
 
     # -- phases ---------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.latest = self.path / "checkpoints" / "latest"
         self.best = self.path / "checkpoints" / "best"
-        self.figures = Figures(figures_every_s) if primary else _Discard()
+        self.figures = Figures(figures_every_s, background=True) if primary else _Discard()
 
     def events(self, purge_step: int | None) -> EventWriter | _Discard:
         """The TensorBoard writer; ``purge_step`` hides what an interrupted run logged after its checkpoint."""
@@ -106,8 +106,8 @@ class RunDirectory:
                 f.write(json.dumps(dict(record)) + "\n")
 
     def draw_curves(self, title: str) -> None:
-        self.figures.update("curves", lambda: plot_curves(load_metrics(self.metrics_path), self.path / "curves.png",
-                                                          title=title))  # fmt: skip
+        records = load_metrics(self.metrics_path)  # read here: the drawing may run while the next epoch appends
+        self.figures.update("curves", lambda: plot_curves(records, self.path / "curves.png", title=title))
 
     def write_confusion(self, confusion: np.ndarray, classes: tuple[str, ...], epoch: int) -> None:
         """confusion.json (counts, rows the true class) and confusion.png of the best checkpoint's epoch."""

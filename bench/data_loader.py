@@ -16,6 +16,8 @@ With ``--cache`` jaxtl also reads the decoded cache (``DecodedCache(tmp).build(.
 timing, once without and once with worker processes; both build times are printed):
 
 - eval: ``Loader(CachedSource, CachedEvalTransform)`` + the same normalisation, beside the files' sides;
+  and the uint8 batches put on the device without it, as jaxtl's eval and feature steps take them (they
+  normalise inside their own program, fused into the model's first layer on a GPU);
 - augmented training batches: ``Loader(CachedSource, CachedTrainTransform(random_resized_crop=True,
   flip_p=0.5))`` crops (PIL, on the host) + the jitted device augmentation ``DeviceAugment(policy=
   "trivialaugment")`` until each epoch's augmented uint8 batches are ready, against torch's DataLoader
@@ -258,6 +260,11 @@ def main(argv=None) -> int:
                 sides[f"cache {PLURAL[kind]}"] = lambda loader=loader: jaxtl_epoch(loader, next(epochs), to_model)
                 labels[f"cache {PLURAL[kind]}"] = f"jaxtl Loader + CachedEvalTransform (cache), {PLURAL[kind]}"
                 section_of[f"cache {PLURAL[kind]}"] = section
+            # What jaxtl's eval and feature steps take: uint8 batches, normalised inside the step's program.
+            loader = loaders["cache thread"]
+            sides["cache uint8"] = lambda: jaxtl_epoch(loader, next(epochs), jax.device_put)
+            labels["cache uint8"] = "the same, threads, uint8 on the device (normalised in the step)"
+            section_of["cache uint8"] = section
         augment = DeviceAugment(policy="trivialaugment")
         # Made on first use: jax.random.key starts JAX's threads, and torch's workers fork before that.
         device_augment = functools.cache(lambda: make_device_augment(augment, seed=0))

@@ -261,8 +261,9 @@ def main(argv=None) -> int:
                 labels[f"cache {PLURAL[kind]}"] = f"jaxtl Loader + CachedEvalTransform (cache), {PLURAL[kind]}"
                 section_of[f"cache {PLURAL[kind]}"] = section
             # What jaxtl's eval and feature steps take: uint8 batches, normalised inside the step's program.
-            loader = loaders["cache thread"]
-            sides["cache uint8"] = lambda: jaxtl_epoch(loader, next(epochs), jax.device_put)
+            sides["cache uint8"] = lambda loader=loaders["cache thread"]: jaxtl_epoch(
+                loader, next(epochs), jax.device_put
+            )
             labels["cache uint8"] = "the same, threads, uint8 on the device (normalised in the step)"
             section_of["cache uint8"] = section
         augment = DeviceAugment(policy="trivialaugment")

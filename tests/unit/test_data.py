@@ -567,6 +567,24 @@ def test_tfds_source_through_the_loader():
     assert batches[0].images.shape == (4, 32, 32, 3)
 
 
+def test_a_tfds_split_goes_through_the_decoded_cache_as_through_the_loader(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from jaxtl.data import CachedEvalTransform, DecodedCache
+    from jaxtl.data.cache import cache_key
+
+    with tfds.testing.mock_data(num_examples=9):
+        source = TfdsSource("tf_flowers", "train")
+        cached = DecodedCache(tmp_path).build(source, SMALL, num_workers=0, progress=False)
+        assert cached.classes == source.classes and len(cached) == 9
+        direct = list(Loader(source, EvalTransform(SMALL), batch_size=4, shuffle=False).epoch(0))
+        from_cache = list(Loader(cached, CachedEvalTransform(SMALL), batch_size=4, shuffle=False).epoch(0))
+        assert all(map(batches_equal, from_cache, direct))
+        # The key names the split (and the dataset's version and files): another split is another entry.
+        assert cache_key(source, SMALL) != cache_key(TfdsSource("tf_flowers", "train[:5]"), SMALL)
+        assert DecodedCache(tmp_path).build(source, SMALL, num_workers=0, progress=False).path == cached.path
+
+
 def test_tfds_errors_name_the_dataset(tmp_path):
     with pytest.raises(DataError, match="'no_such_dataset_xyz' is not in the tfds catalog"):
         TfdsSource("no_such_dataset_xyz", "train", data_dir=tmp_path)

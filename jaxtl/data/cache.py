@@ -6,7 +6,8 @@ resize, back to back), ``index.npy`` (per example: int64 ``offset`` into images.
 example's ``source.describe(i)``, for messages), ``meta.json`` (format, key inputs, counts, bad files'
 messages) and ``last_used`` (its mtime orders entries for eviction). The key is a sha256 over the
 source's files (an ImageFolder's relative paths, labels, sizes, mtime_ns and classes; a tfds split's
-dataset, version, split and prepared files: ``TfdsSource.fingerprint``), the resize settings, Pillow's version (its decoders and resamplers make the pixels) and the format version.
+dataset, version, split and prepared files: ``TfdsSource.fingerprint``), the resize settings, Pillow's
+version (its decoders and resamplers make the pixels) and the format version.
 
 An entry is written under a staging name and renamed into place, so a killed build leaves nothing that
 loads. A per-key file lock serialises builds of one key across processes; a root lock covers eviction.

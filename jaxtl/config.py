@@ -94,6 +94,10 @@ class TrainConfig:
     # XLA:CPU's dots in YNNPACK for the eval-mode programs (feature pass, validation, predict), for the
     # train steps too ("all"), or for none ("off"); ignored on GPUs (jaxtl.xla.program_options).
     ynnpack: Literal["eval", "all", "off"] = "eval"
+    # torch.nn.CrossEntropyLoss(label_smoothing=, weight=) for the training loss (validation's stays plain):
+    # class_weights "balanced" (scikit-learn's, from the train split's labels) or one weight per class.
+    label_smoothing: float = bounded(0.0, low=0, high=1)
+    class_weights: Literal["balanced"] | tuple[float, ...] | None = bounded(None, low=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +178,18 @@ def _describe_yaml_error(error: Exception) -> str:
     return " ".join(text.split())
 
 
+def _same_kind(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is the kind of thing ``annotation`` holds (a list for a tuple, a string for a Literal)."""
+    origin = typing.get_origin(annotation) or annotation
+    if isinstance(value, (list, tuple)):
+        return origin in (tuple, list, Sequence)
+    if isinstance(value, str):
+        return origin in (Literal, str)
+    if isinstance(value, Mapping):
+        return dataclasses.is_dataclass(annotation) or origin in (dict, Mapping)
+    return False
+
+
 def _convert(value: Any, annotation: Any, key: str, source: str, bounds: Bounds | None = None) -> Any:
     """``value`` checked against (and converted to) ``annotation``; ConfigError naming ``key`` otherwise.
 
@@ -201,8 +217,8 @@ def _convert(value: Any, annotation: Any, key: str, source: str, bounds: Bounds 
             try:
                 return _convert(value, option, key, source, bounds)
             except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
+                errors.append((_same_kind(value, option), error))
+        raise next((error for same, error in errors if same), errors[0][1])  # the option the value was meant for
     if origin is collections.abc.Callable:
         if not callable(value) or isinstance(value, type):
             raise ConfigError(f"{where} must be a function, got {value!r}")

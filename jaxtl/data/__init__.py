@@ -3,7 +3,15 @@
 from jaxtl.data.cache import DecodedCache, cache_key
 from jaxtl.data.cached_source import CachedEvalTransform, CachedSource, CachedTrainTransform
 from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
-from jaxtl.data.sources import IMG_EXTENSIONS, ConcatSource, ImageFolder, TfdsSource, image_folder_splits, load_image
+from jaxtl.data.sources import (
+    IMG_EXTENSIONS,
+    ConcatSource,
+    ImageFolder,
+    TfdsSource,
+    image_folder_splits,
+    labels_of,
+    load_image,
+)
 from jaxtl.data.synthetic import generate_synthetic
 from jaxtl.data.transforms import EvalTransform, TrainTransform, normalize
 
@@ -27,6 +35,7 @@ __all__ = [
     "even_batch_size",
     "generate_synthetic",
     "image_folder_splits",
+    "labels_of",
     "load_image",
     "normalize",
 ]

@@ -88,6 +88,11 @@ class CachedSource:
         offset, height, width, label, _ = records[index].tolist()
         return images[offset : offset + height * width * 3].reshape(height, width, 3), label
 
+    def labels(self) -> np.ndarray:
+        """(N,) int64: every example's label (an invalid one's too), from the index."""
+        records, _ = self._open()
+        return records["label"].astype(np.int64)
+
     def sizes(self) -> np.ndarray:
         """(N, 2) int32: each image's decoded (height, width); an invalid image's is (0, 0)."""
         records, _ = self._open()

@@ -277,8 +277,24 @@ class TfdsSource:
             image = image[..., 0]
         return Image.fromarray(image).convert("RGB"), int(example[self.label_key])
 
+    def labels(self) -> np.ndarray:
+        """Every record's label (each record is read)."""
+        return np.asarray([int(self._source[i][self.label_key]) for i in range(len(self))], np.int64)
+
     def describe(self, index: int) -> str:
         return f"tfds {self.name}[{self.split}] record {index}"
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}: {len(self)} examples)"
+
+
+def labels_of(source: Source) -> np.ndarray:
+    """Every example's label, in index order: from the source's ``labels()`` or file list where it has one,
+    otherwise by loading every example."""
+    if callable(getattr(source, "labels", None)):
+        return np.asarray(source.labels(), np.int64)
+    if isinstance(source, ImageFolder):
+        return np.asarray([label for _, label in source.samples], np.int64)
+    if isinstance(source, ConcatSource):
+        return np.concatenate([labels_of(part) for part in source.sources])
+    return np.asarray([source.load(index)[1] for index in range(len(source))], np.int64)

@@ -37,6 +37,7 @@ from jaxtl.train.evaluate import compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
 from jaxtl.train.features import CachedFeatures, cached_batches, compute_features, is_cacheable
 from jaxtl.train.inputs import RunData, RunLoaders
+from jaxtl.train.losses import run_loss
 from jaxtl.train.progress import Progress
 from jaxtl.train.resume import model_arrays, tree_leaves, unflatten_like
 from jaxtl.train.run_dir import RunDirectory, RunError
@@ -103,6 +104,7 @@ class Trainer:
         self.sharding = data_sharding(run.config.data.batch_size)
         self.replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
         self.compute_dtype = compute_dtype_of(run.config.train.precision)
+        self.loss_fn = run_loss(run.config.train, run.data, log)
         self.events: Any = None
 
     @property
@@ -181,10 +183,10 @@ class Trainer:
         phase, model, p = self.phases[index], self.run.model, self.run.preprocessing
         cached = is_cacheable(self.config, model, groups)
         forward = head_of if cached else full_model
-        ynnpack = self.config.train.ynnpack
+        ynnpack, train_options = self.config.train.ynnpack, program_options(self.config.train.ynnpack, "train")
         train_step = make_train_step(graphdef, optimizer, mean=p.mean, std=p.std, forward=forward,
                                      compute_dtype=self.compute_dtype, seed=self.config.train.seed,
-                                     compiler_options=program_options(ynnpack, "train"))  # fmt: skip
+                                     loss_fn=self.loss_fn, compiler_options=train_options)  # fmt: skip
         eval_options = program_options(ynnpack, "eval")
         eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
                                    compiler_options=eval_options)  # fmt: skip

@@ -177,3 +177,19 @@ def test_a_callers_model_and_data_train_as_the_configs_own_would(example, tmp_pa
     wrong = jaxtl.models.create("resnet18", num_classes=5)
     with pytest.raises(RunError, match="the model given is not a resnet18 with 3 classes \\(its head has 5\\)"):
         fit({**config, "run_dir": str(tmp_path / "wrong")}, model=wrong, freezing=namespace["freezing"])
+
+
+@pytest.mark.slow
+def test_label_smoothing_and_balanced_class_weights_train_and_cannot_change_on_resume(example, tmp_path):
+    _, namespace = example
+    train = {**namespace["config"].get("train", {}), "label_smoothing": 0.1, "class_weights": "balanced"}
+    config = {**namespace["config"], "run_dir": str(tmp_path / "smooth"), "train": train}
+    lines: list[str] = []
+    result = fit(config, freezing=namespace["freezing"], log=lines.append)
+    assert [line for line in lines if line.startswith("loss: ")] == [
+        "loss: cross-entropy, label smoothing 0.1, class weights: "
+        + ", ".join(f"{name} 1" for name in result.classes)  # the generated set is balanced
+    ]
+    assert all(np.isfinite(record["train_loss"]) for record in result.history)
+    with pytest.raises(RunError, match="train.label_smoothing: the run was trained with train.label_smoothing=0.1"):
+        fit({**config, "train": {**train, "label_smoothing": 0.2}}, freezing=namespace["freezing"], resume=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxtl.models.names import key_path_name
@@ -42,7 +43,43 @@ def schedule(config: OptimizerConfig, peak: float, total_steps: int | None) -> o
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, config.warmup_steps, total_steps, end_value=peak * config.final_lr_fraction
         )
-    return optax.cosine_onecycle_schedule(total_steps, peak)
+    if config.schedule == "one_cycle":
+        return optax.cosine_onecycle_schedule(total_steps, peak)
+    return _torch_schedule(config, peak)
+
+
+def _torch_schedule(config: OptimizerConfig, peak: float) -> optax.Schedule:
+    """torch.optim.lr_scheduler's closed forms, in steps: the LR after ``count`` ``scheduler.step()`` calls."""
+    gamma = config.gamma
+    if config.schedule == "step":
+        return lambda count: peak * gamma ** (count // config.step_size)
+    if config.schedule == "multistep":
+        milestones = jnp.asarray(config.milestones or (0,), jnp.int32)
+        passed = (lambda count: jnp.sum(count >= milestones)) if config.milestones else (lambda count: 0)
+        return lambda count: peak * gamma ** passed(count)
+    if config.schedule == "exponential":
+        return lambda count: peak * gamma**count
+    # CosineAnnealingWarmRestarts(T_0, T_mult, eta_min): cycle i lasts T_0 * T_mult**i steps.
+    t0, mult, low = config.restart_steps, config.restart_mult, peak * config.final_lr_fraction
+
+    # The cycles' first steps, in integers (a logarithm in float32 can land a boundary in the wrong cycle).
+    starts, lengths = [0], [t0]
+    while mult > 1 and starts[-1] + lengths[-1] < 2**31:
+        starts.append(starts[-1] + lengths[-1])
+        lengths.append(lengths[-1] * mult)
+    later_starts = jnp.asarray(starts[1:], jnp.int32)
+    starts_array, lengths_array = jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.float32)
+
+    def cosine_restarts(count):
+        count = jnp.asarray(count)
+        if mult == 1:
+            cycle_start, length = (count // t0) * t0, jnp.float32(t0)
+        else:
+            cycle = jnp.sum(count >= later_starts)
+            cycle_start, length = starts_array[cycle], lengths_array[cycle]
+        return low + (peak - low) * (1 + jnp.cos(jnp.pi * (count - cycle_start) / length)) / 2
+
+    return cosine_restarts
 
 
 def _decay_mask(groups: ParamGroups, patterns: tuple[str, ...]) -> Callable[[Any], Any] | None:

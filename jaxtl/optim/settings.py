@@ -7,6 +7,7 @@ into groups and optax transformations imports what it needs.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
     from jaxtl.optim.groups import ParamGroups
 
-ScheduleName = Literal["constant", "warmup_cosine", "one_cycle"]
+ScheduleName = Literal["constant", "warmup_cosine", "one_cycle", "step", "multistep", "exponential", "cosine_restarts"]
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,12 @@ class OptimizerConfig:
             0.01).
         betas, eps: Adam's; momentum, nesterov: SGD's.
         schedule: ``"constant"``, ``"warmup_cosine"`` (linear warmup then cosine to
-            ``final_lr_fraction`` of the peak) or ``"one_cycle"``.
+            ``final_lr_fraction`` of the peak) or ``"one_cycle"``; or torch.optim.lr_scheduler's, stepped once
+            per optimizer step (the LR at step k is what torch's scheduler gives after k ``scheduler.step()``
+            calls): ``"step"`` (StepLR: ``gamma`` every ``step_size`` steps), ``"multistep"`` (MultiStepLR:
+            ``gamma`` at each of ``milestones``), ``"exponential"`` (ExponentialLR: ``gamma`` every step),
+            ``"cosine_restarts"`` (CosineAnnealingWarmRestarts: ``restart_steps`` = T_0, ``restart_mult`` =
+            T_mult, eta_min = ``final_lr_fraction`` of the peak).
         warmup_steps: linear warmup length for warmup_cosine.
         no_weight_decay: glob patterns of parameters never decayed, whatever their group
             (``("*.bias", "*bn*")`` is a common choice).
@@ -50,14 +57,21 @@ class OptimizerConfig:
     schedule: ScheduleName = "constant"
     warmup_steps: int = bounded(0, low=0)
     final_lr_fraction: float = bounded(0.0, low=0, high=1)
+    step_size: int = bounded(1, low=1)
+    gamma: float = bounded(0.1, low=0)
+    milestones: tuple[int, ...] = bounded((), low=0)
+    restart_steps: int = bounded(1, low=1)
+    restart_mult: int = bounded(1, low=1)
     no_weight_decay: tuple[str, ...] = ()
     clip_grad_norm: float | None = bounded(None, low=0)
 
     def __post_init__(self):
         if self.name not in ("adamw", "adam", "sgd"):
             raise ParamGroupError(f"optimizer {self.name!r} is not one of adamw, adam, sgd")
-        if self.schedule not in ("constant", "warmup_cosine", "one_cycle"):
-            raise ParamGroupError(f"schedule {self.schedule!r} is not one of constant, warmup_cosine, one_cycle")
+        if self.schedule not in SCHEDULES:
+            raise ParamGroupError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ParamGroupError(f"milestones {list(self.milestones)} must increase (torch's MultiStepLR counts each)")
         problem = out_of_bounds(self)
         if problem:
             raise ParamGroupError(f"optimizer: {problem}")

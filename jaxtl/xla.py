@@ -18,7 +18,8 @@ Per program: :func:`program_options` gives the options that compile one jitted p
 (``jax.jit(fn, compiler_options=...)``), so a run can use it where it gains and the parity bounds hold. A
 run's ``train.ynnpack`` setting chooses: ``eval`` (the default) for the eval-mode programs (the feature
 pass of a head-only phase, validation, prediction: ResNet-18's eval +65%, the forward parity bounds hold),
-``all`` for the train steps too, ``off`` for none. Only on the CPU and a jaxlib the flag was tested with.
+``all`` for the train steps too, ``off`` for none. Only on the CPU and a jaxlib the flag was tested with; in
+bf16 runs the eval-mode programs follow the train steps'.
 """
 
 from __future__ import annotations
@@ -70,12 +71,20 @@ YnnpackSetting = Literal["eval", "all", "off"]
 YNNPACK_SETTINGS: tuple[str, ...] = ("eval", "all", "off")
 
 
-def program_options(setting: str, program: Literal["eval", "train"], backend: str | None = None) -> dict[str, str]:
+def program_options(
+    setting: str, program: Literal["eval", "train"], precision: str = "fp32", backend: str | None = None
+) -> dict[str, str]:
     """XLA compiler options for one jitted ``program`` ("eval": eval-mode forward passes; "train": train steps)
     under a run's ``train.ynnpack`` ``setting``: :data:`YNNPACK` where the setting covers the program, the
-    backend (default: jax's) is the CPU and jaxlib supports the flag; no options otherwise."""
+    backend (default: jax's) is the CPU and jaxlib supports the flag; no options otherwise.
+
+    In a bf16 run (``precision``) the eval-mode programs are compiled as the train steps are: a head trained
+    on cached features must see what the train step's forward pass computes, and YNNPACK's bf16 dots round
+    otherwise than XLA's (a head-only run's losses moved by 7e-4)."""
     if setting not in YNNPACK_SETTINGS:
         raise ValueError(f"ynnpack={setting!r} is not one of {', '.join(YNNPACK_SETTINGS)}")
+    if program == "eval" and precision != "fp32":
+        program = "train"
     if setting == "off" or (setting == "eval" and program != "eval") or not ynnpack_supported():
         return {}
     if backend is None:

@@ -120,8 +120,9 @@ def evaluate_checkpoint(
     )  # fmt: skip
     graphdef, state = eval_model_state(model)
     p = meta.preprocessing
-    step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(config.train.precision),
-                          compiler_options=program_options(config.train.ynnpack, "eval"))  # fmt: skip
+    t = config.train
+    step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(t.precision),
+                          compiler_options=program_options(t.ynnpack, "eval", t.precision))  # fmt: skip
     replicated = jax.sharding.NamedSharding(data_sharding(d.eval_batch_size).mesh, jax.sharding.PartitionSpec())
     try:
         evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)
@@ -141,7 +142,7 @@ class Predictor:
         train = meta.config.get("train", {})
         self.step = make_eval_step(
             graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(train.get("precision", "fp32")),
-            compiler_options=program_options(train.get("ynnpack", "eval"), "eval"),
+            compiler_options=program_options(train.get("ynnpack", "eval"), "eval", train.get("precision", "fp32")),
         )  # fmt: skip
 
     @classmethod

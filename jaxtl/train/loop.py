@@ -183,11 +183,13 @@ class Trainer:
         phase, model, p = self.phases[index], self.run.model, self.run.preprocessing
         cached = is_cacheable(self.config, model, groups)
         forward = head_of if cached else full_model
-        ynnpack, train_options = self.config.train.ynnpack, program_options(self.config.train.ynnpack, "train")
+        t = self.config.train
+        train_options, eval_options = (
+            program_options(t.ynnpack, program, t.precision) for program in ("train", "eval")
+        )
         train_step = make_train_step(graphdef, optimizer, mean=p.mean, std=p.std, forward=forward,
                                      compute_dtype=self.compute_dtype, seed=self.config.train.seed,
                                      loss_fn=self.loss_fn, compiler_options=train_options)  # fmt: skip
-        eval_options = program_options(ynnpack, "eval")
         eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
                                    compiler_options=eval_options)  # fmt: skip
         features = None

@@ -21,6 +21,8 @@ def test_program_options_cover_the_programs_the_setting_names():
     assert program_options("all", "train", backend="cpu") == cpu
     assert program_options("off", "eval", backend="cpu") == {}
     assert program_options("all", "eval", backend="gpu") == {}
+    assert program_options("eval", "eval", "bf16", backend="cpu") == {}  # in bf16, as the train steps
+    assert program_options("all", "eval", "bf16", backend="cpu") == cpu
     with pytest.raises(ValueError, match="ynnpack='fast' is not one of eval, all, off"):
         program_options("fast", "eval")
 

@@ -82,6 +82,17 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` epochs (Keras'
+    EarlyStopping): ``ends`` the phase (the next one starts; patience counts within a phase) or the run."""
+
+    metric: Literal["val_loss", "val_acc1"] = "val_loss"
+    patience: int = bounded(3, low=1)
+    min_delta: float = bounded(0.0, low=0)
+    ends: Literal["phase", "run"] = "phase"
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = bounded(0, low=0, high=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -98,6 +109,7 @@ class TrainConfig:
     # class_weights "balanced" (scikit-learn's, from the train split's labels) or one weight per class.
     label_smoothing: float = bounded(0.0, low=0, high=1)
     class_weights: Literal["balanced"] | tuple[float, ...] | None = bounded(None, low=0)
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)

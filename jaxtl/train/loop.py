@@ -41,7 +41,7 @@ from jaxtl.train.losses import run_loss
 from jaxtl.train.progress import Progress
 from jaxtl.train.resume import model_arrays, tree_leaves, unflatten_like
 from jaxtl.train.run_dir import RunDirectory, RunError
-from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState
+from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState, Watch
 from jaxtl.train.step import (
     ModelState,
     full_model,
@@ -128,8 +128,8 @@ class Trainer:
         purge_step = state.step + 1 if resumed is not None else None  # TensorBoard hides the interrupted tail
         with directory.events(purge_step) as self.events:
             try:
-                for index in range(state.phase, len(self.phases)):
-                    state, previous = self._run_phase(index, state, opt_leaves, previous)
+                while state.phase < len(self.phases):  # early stopping may end the run before its last phase
+                    state, previous = self._run_phase(state.phase, state, opt_leaves, previous)
                     opt_leaves = None
             except BaseException:
                 # A run that stops (a non-finite loss, Ctrl-C) leaves the figures of its last epoch too, but a
@@ -174,10 +174,10 @@ class Trainer:
         context = self._phase_context(index, groups, graphdef, optimizer, model_state)
         for callback in self.callbacks:
             callback.on_phase_start(phase, groups, state)
-        for _ in range(state.epoch_in_phase, phase.epochs):
+        while state.phase == index:  # the phase's epochs, or fewer when early stopping ends it
             state, model_state, opt_state = self._run_epoch(context, state, model_state, opt_state)
         self.run.directory.figures.flush()
-        return RunState(phase=index + 1, step=state.step, best=state.best), (groups, opt_state)
+        return state, (groups, opt_state)
 
     def _phase_context(self, index: int, groups: ParamGroups, graphdef, optimizer, model_state) -> PhaseContext:
         phase, model, p = self.phases[index], self.run.model, self.run.preprocessing
@@ -236,10 +236,15 @@ class Trainer:
         key = config.train.checkpoint_metric
         improved = state.best.improved_by(val_metrics, key)
         best = Best(val_metrics[key], loader_epoch + 1, val_metrics) if improved else state.best
-        done = state.epoch_in_phase + 1 == phase.epochs
+        watch, stop = self._watch(state.watch, val_metrics, loader_epoch + 1, context)
+        done = stop is not None or state.epoch_in_phase + 1 == phase.epochs
+        next_phase = len(self.phases) if stop == "run" else context.index + done
+        early = config.train.early_stopping
+        if done and early is not None and early.ends == "phase":
+            watch = Watch()  # patience counts within a phase
         state = RunState(
-            phase=context.index + done, epoch_in_phase=0 if done else state.epoch_in_phase + 1, step=state.step,
-            best=best,
+            phase=next_phase, epoch_in_phase=0 if done else state.epoch_in_phase + 1, step=state.step, best=best,
+            watch=watch,
         )  # fmt: skip
         arrays = {"model": model_arrays(self.run.model), "opt_state": tree_leaves(opt_state)}
         self._check_finite(arrays, val_metrics["val_loss"], context, loader_epoch)
@@ -252,6 +257,22 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state
+
+    def _watch(self, watch: Watch, metrics: dict, epoch: int, context: PhaseContext) -> tuple[Watch, str | None]:
+        """Early stopping after an epoch: the new record, and "phase" or "run" when it ends one (logged)."""
+        early = self.config.train.early_stopping
+        if early is None:
+            return watch, None
+        watch = watch.update(metrics[early.metric], epoch, lower_is_better=early.metric.endswith("loss"),
+                             min_delta=early.min_delta)  # fmt: skip
+        if watch.stale < early.patience:
+            return watch, None
+        what = f"phase {context.phase.name!r}" if early.ends == "phase" else "the run"
+        self.log(
+            f"  early stopping: {early.metric} has not improved by more than {early.min_delta:g} for {watch.stale} "
+            f"epoch(s) (best {watch.best:.4f} at epoch {watch.epoch}); ending {what}"
+        )
+        return watch, early.ends
 
     def _train_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
         """The epoch's batches from ``state.batch`` on; ``state.totals`` are the sums of the batches before it."""

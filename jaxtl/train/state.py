@@ -60,6 +60,23 @@ class Best:
 
 
 @dataclasses.dataclass(frozen=True)
+class Watch:
+    """Early stopping's record (``train.early_stopping``): the best value of its metric since it began watching,
+    that value's epoch (1-based) and the epochs since without an improvement."""
+
+    best: float | None = None
+    epoch: int | None = None
+    stale: int = 0
+
+    def update(self, value: float, epoch: int, *, lower_is_better: bool, min_delta: float) -> Watch:
+        """After an epoch whose metric is ``value``: an improvement is a change beyond ``min_delta`` in the
+        metric's good direction (Keras' EarlyStopping); the first value always is one."""
+        if self.best is None or (value < self.best - min_delta if lower_is_better else value > self.best + min_delta):
+            return Watch(value, epoch, 0)
+        return Watch(self.best, self.epoch, self.stale + 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunState:
     """Where a run is: everything besides the arrays that a resumed run needs to continue exactly.
 
@@ -70,6 +87,7 @@ class RunState:
         step: optimizer steps taken in the whole run (the dropout keys and the loss curve's x axis).
         totals: the current epoch's sums over its batches before ``batch``.
         best: the best validation result so far.
+        watch: early stopping's record (``train.early_stopping``).
     """
 
     phase: int = 0
@@ -78,6 +96,7 @@ class RunState:
     step: int = 0
     totals: EpochTotals = EpochTotals()
     best: Best = Best()
+    watch: Watch = Watch()
 
     @property
     def at_phase_start(self) -> bool:
@@ -87,6 +106,8 @@ class RunState:
         data = {"phase": self.phase, "epoch_in_phase": self.epoch_in_phase, "batch": self.batch, "step": self.step}
         if self.batch:
             data["epoch_totals"] = dataclasses.asdict(self.totals)
+        if self.watch != Watch():
+            data["early_stopping"] = dataclasses.asdict(self.watch)
         return data
 
     @classmethod
@@ -99,6 +120,7 @@ class RunState:
             step=int(data["step"]),
             totals=EpochTotals(**totals) if totals else EpochTotals(),
             best=Best.from_json(data.get("best") or {}),
+            watch=Watch(**data["early_stopping"]) if data.get("early_stopping") else Watch(),
         )
 
 

@@ -193,3 +193,41 @@ def test_label_smoothing_and_balanced_class_weights_train_and_cannot_change_on_r
     assert all(np.isfinite(record["train_loss"]) for record in result.history)
     with pytest.raises(RunError, match="train.label_smoothing: the run was trained with train.label_smoothing=0.1"):
         fit({**config, "train": {**train, "label_smoothing": 0.2}}, freezing=namespace["freezing"], resume=True)
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_phase_or_the_run_and_resumes_bitwise(example, tmp_path):
+    _, namespace = example
+    freezing = namespace["freezing"]
+    phases = [{"name": "last_stage", "epochs": 3}, {"name": "norms", "epochs": 2}]
+    # val_acc1 can never improve by more than 1: every epoch after a phase's first is stale.
+    early = {"metric": "val_acc1", "patience": 1, "min_delta": 1.0, "ends": "phase"}
+    train = {**namespace["config"]["train"], "early_stopping": early}
+    config = {**namespace["config"], "phases": phases, "train": train}
+    lines: list[str] = []
+    whole = fit({**config, "run_dir": str(tmp_path / "whole")}, freezing=freezing, log=lines.append)
+    # Phase 1 stops after its 2nd epoch; phase 2 starts at its planned epoch (4) and runs its 2.
+    assert [(r["phase"], r["epoch"]) for r in whole.history] == [
+        ("last_stage", 1), ("last_stage", 2), ("norms", 4), ("norms", 5)
+    ]  # fmt: skip
+    stops = [line.strip() for line in lines if "early stopping" in line]
+    assert len(stops) == 2 and stops[0].startswith(
+        "early stopping: val_acc1 has not improved by more than 1 for 1 epoch(s) (best "
+    )
+    assert stops[0].endswith("at epoch 1); ending phase 'last_stage'")
+
+    interrupted = {**config, "run_dir": str(tmp_path / "interrupted")}
+    stop = StopAtStep(8)  # in phase 2's first epoch (steps 7-9)
+    with pytest.raises(Interrupt):
+        fit(interrupted, freezing=freezing, callbacks=[stop], log=lambda line: None)
+    resumed = fit(interrupted, freezing=freezing, resume=True, log=lambda line: None)
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    for key in expected:
+        assert np.array_equal(final[key], expected[key]), key  # bitwise
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+    ended = {**config, "run_dir": str(tmp_path / "run"), "train": {**train, "early_stopping": {**early, "ends": "run"}}}
+    lines.clear()
+    result = fit(ended, freezing=freezing, log=lines.append)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert any(line.strip().endswith("ending the run") for line in lines)

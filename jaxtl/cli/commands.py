@@ -269,10 +269,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not evaluation.count:
         raise JaxtlError(f"no image of the {args.split} split could be read{note}")
     top5 = f" acc@5 {evaluation.acc5:.4f}" if evaluation.confusion.shape[0] > 5 else ""
+    balanced = evaluation.metrics()["val_balanced_acc"]
     print(
         f"{args.checkpoint} on {args.split} ({evaluation.count} images{note}): acc@1 {evaluation.acc1:.4f}{top5} "
-        f"loss {evaluation.loss:.4f}"
+        f"balanced acc {balanced:.4f} loss {evaluation.loss:.4f}"
     )
+    table = evaluation.per_class(result.classes)
+    width = max(len("class"), *map(len, table))
+    print(f"  {'class':<{width}}  precision  recall      f1  support")
+    for name, row in table.items():
+        print(
+            f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
+        )
     return 0
 
 

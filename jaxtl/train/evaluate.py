@@ -43,11 +43,41 @@ class Evaluation:
     confusion: np.ndarray
 
     def metrics(self, prefix: str = "val_") -> dict[str, float]:
-        """``val_loss``, ``val_acc1`` and, with more than five classes, ``val_acc5``."""
+        """``val_loss``, ``val_acc1``, ``val_balanced_acc`` and, with more than five classes, ``val_acc5``."""
         out = {f"{prefix}loss": self.loss, f"{prefix}acc1": self.acc1}
         if self.confusion.shape[0] > 5:
             out[f"{prefix}acc5"] = self.acc5
+        out[f"{prefix}balanced_acc"] = balanced_accuracy(self.confusion)
         return out
+
+    def per_class(self, classes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """Each class's precision, recall, F1 and support (:func:`per_class_metrics`), by name."""
+        table = per_class_metrics(self.confusion)
+        return {
+            name: {key: float(values[i]) if key != "support" else int(values[i]) for key, values in table.items()}
+            for i, name in enumerate(classes)
+        }
+
+
+def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true class), as scikit-learn's
+    ``precision_recall_fscore_support(..., zero_division=0)`` gives them: 0 where a class is never predicted
+    (precision), has no example (recall) or both are 0 (F1)."""
+    confusion = np.asarray(confusion, np.float64)
+    true_positive, predicted, support = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+        recall = np.where(support > 0, true_positive / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
+
+
+def balanced_accuracy(confusion: np.ndarray) -> float:
+    """The mean recall over the classes that have examples (scikit-learn's ``balanced_accuracy_score``)."""
+    confusion = np.asarray(confusion, np.float64)
+    support = confusion.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(confusion)[present] / support[present])) if present.any() else 0.0
 
 
 def evaluate(
@@ -96,6 +126,7 @@ class CheckpointEvaluation:
     evaluation: Evaluation
     split: str
     skipped: tuple[str, ...]
+    classes: tuple[str, ...] = ()
 
 
 def evaluate_checkpoint(
@@ -128,7 +159,7 @@ def evaluate_checkpoint(
         evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)
     finally:
         loader.close()
-    return CheckpointEvaluation(evaluation, split, tuple(loader.skipped))
+    return CheckpointEvaluation(evaluation, split, tuple(loader.skipped), tuple(meta.classes))
 
 
 class Predictor:

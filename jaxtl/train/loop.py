@@ -222,7 +222,8 @@ class Trainer:
             context.eval_step, model_state, self.loaders.val, len(self.run.data.classes), val_features
         )
         val_metrics = evaluation.metrics()
-        record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics}
+        record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics,
+                  "val_per_class": evaluation.per_class(self.run.data.classes)}  # fmt: skip
         self.run.directory.append_metrics(record)
         self._report_epoch(context, record, state.epoch_in_phase + 1)
         self.log(
@@ -381,7 +382,7 @@ class Trainer:
         scalars = {
             f"{k.split('_', 1)[0]}/{k.split('_', 1)[1]}": v
             for k, v in record.items()
-            if k.startswith(("train_", "val_"))
+            if k.startswith(("train_", "val_")) and isinstance(v, (int, float))
         }
         optimizer = context.phase.optimizer or self.config.optim
         for name, group in context.groups.groups.items():

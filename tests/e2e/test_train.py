@@ -104,9 +104,17 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
     assert [line.split()[:3] for line in progress] == [["epoch", str(e), "5/5"] for e in (1, 2, 3)]
     assert all("img/s" in line and " loss " in line for line in progress)
 
-    # eval of the best checkpoint reproduces the logged best accuracy
+    # eval of the best checkpoint reproduces the logged best accuracy, balanced accuracy and per-class table
     evaluated = run("eval", str(run_dir / "checkpoints" / "best"), env=production_xla_env)
     assert f"acc@1 {best_meta['best']['val_acc1']:.4f}" in evaluated.stdout
+    best_record = next(r for r in records if r["epoch"] == best_meta["best"]["epoch"])
+    assert f"balanced acc {best_record['val_balanced_acc']:.4f}" in evaluated.stdout
+    per_class = best_record["val_per_class"]
+    assert list(per_class) == best_meta["classes"] and all(row["support"] == 3 for row in per_class.values())
+    for name, row in per_class.items():
+        line = f"  {name:<12}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
+        assert line in evaluated.stdout.splitlines()
+    assert "val/balanced_acc" in events.Tags()["scalars"]
 
     # predict names the stored classes; a bad file gets its own error line, the others still run
     val = Path(out.split("try: jaxtl predict ")[1].split()[1]).parents[1]

@@ -263,7 +263,7 @@ def _raise(error: OSError) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxtl.train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.split, args.set)
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.set, tta=args.tta)
     evaluation, skipped = result.evaluation, result.skipped
     note = f", {len(skipped)} unreadable file(s) skipped (data.skip_bad_files)" if skipped else ""
     if not evaluation.count:
@@ -271,7 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     top5 = f" acc@5 {evaluation.acc5:.4f}" if evaluation.confusion.shape[0] > 5 else ""
     balanced = evaluation.metrics()["val_balanced_acc"]
     print(
-        f"{args.checkpoint} on {args.split} ({evaluation.count} images{note}): acc@1 {evaluation.acc1:.4f}{top5} "
+        f"{args.checkpoint} on {args.split} ({evaluation.count} images{note}"
+        f"{', TTA: flip' if args.tta == 'flip' else ''}): acc@1 {evaluation.acc1:.4f}{top5} "
         f"balanced acc {balanced:.4f} loss {evaluation.loss:.4f}"
     )
     table = evaluation.per_class(result.classes)

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint", help="a checkpoint directory")
     evaluate.add_argument("--split", choices=("val", "train"), default="val", help="which split (default val)")
+    evaluate.add_argument("--tta", choices=("none", "flip"), default="none",
+                          help="test-time augmentation: flip averages each image's class probabilities with its "
+                          "mirror image's (default none)")  # fmt: skip
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
     evaluate.set_defaults(run=cmd_eval)
 

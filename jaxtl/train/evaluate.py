@@ -130,11 +130,12 @@ class CheckpointEvaluation:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = ()
+    checkpoint: str | Path, split: str = "val", overrides: Sequence[str] = (), *, tta: str = "none"
 ) -> CheckpointEvaluation:
     """A checkpoint's metrics on a split of the data its run used (``overrides`` may point elsewhere).
 
-    Evaluated as the run validated: its precision, its eval batch size, sharded over the devices.
+    Evaluated as the run validated: its precision, its eval batch size, sharded over the devices; with
+    ``tta="flip"`` each image's class probabilities averaged with its mirror image's.
     """
     model, meta = load_checkpoint(checkpoint)
     config = config_from_dict(meta.config, overrides, f"{checkpoint}/meta.json")
@@ -153,7 +154,7 @@ def evaluate_checkpoint(
     p = meta.preprocessing
     t = config.train
     step = make_eval_step(graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(t.precision),
-                          compiler_options=program_options(t.ynnpack, "eval", t.precision))  # fmt: skip
+                          compiler_options=program_options(t.ynnpack, "eval", t.precision), tta=tta)  # fmt: skip
     replicated = jax.sharding.NamedSharding(data_sharding(d.eval_batch_size).mesh, jax.sharding.PartitionSpec())
     try:
         evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)

@@ -182,17 +182,25 @@ def make_eval_step(
     forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
     compute_dtype=None,
     compiler_options: dict[str, str] | None = None,
+    tta: str = "none",
 ):
     """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted.
 
     Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows.
     With ``compute_dtype=jnp.bfloat16`` parameters and inputs are cast to bf16 for the forward pass.
-    ``compiler_options`` go to XLA (:func:`jaxtl.xla.program_options`).
+    ``compiler_options`` go to XLA (:func:`jaxtl.xla.program_options`). ``tta="flip"``: test-time
+    augmentation, the class probabilities of each image and of its mirror image averaged; the logits
+    returned are their logarithm (the loss is the cross-entropy of the averaged probabilities).
     """
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta={tta!r} is not one of 'none', 'flip'")
 
     def step(state: ModelState, images, labels, mask):
         model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
         logits = _at_least_float32(forward(model, x))
+        if tta == "flip":  # NHWC: axis 2 is the width
+            mirrored = _at_least_float32(forward(model, x[:, :, ::-1]))
+            logits = jnp.log((jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored, -1)) / 2)
         loss = masked_cross_entropy(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
         k = min(5, logits.shape[-1])

@@ -6,6 +6,7 @@ weights, which need no download.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def test_quickstart_runs_and_its_checkpoint_predicts_evaluates_and_exports(tmp_p
         line = f"  {name:<12}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
         assert line in evaluated.stdout.splitlines()
     assert "val/balanced_acc" in events.Tags()["scalars"]
+    flipped = run("eval", str(run_dir / "checkpoints" / "best"), "--tta", "flip", env=production_xla_env)
+    assert re.search(r"on val \(9 images, TTA: flip\): acc@1 [0-9.]+ balanced acc [0-9.]+ loss", flipped.stdout)
 
     # predict names the stored classes; a bad file gets its own error line, the others still run
     val = Path(out.split("try: jaxtl predict ")[1].split()[1]).parents[1]

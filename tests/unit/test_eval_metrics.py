@@ -33,3 +33,31 @@ def test_an_evaluation_gives_them_by_class_name_and_in_its_metrics():
         "cat": {"precision": 1.0, "recall": 0.75, "f1": pytest.approx(6 / 7), "support": 4},
         "dog": {"precision": 2 / 3, "recall": 1.0, "f1": pytest.approx(0.8), "support": 2},
     }
+
+
+def test_flip_tta_averages_the_class_probabilities_of_an_image_and_its_mirror_as_torch_computes_them():
+    import jax
+    import torch
+
+    from convert.random_models import randomized_torchvision_model
+    from convert.torchvision_state import from_torchvision
+    from jaxtl.train.evaluate import eval_model_state
+    from jaxtl.train.step import make_eval_step
+
+    torch_model = randomized_torchvision_model("resnet18", num_classes=4, seed=0).eval()
+    graphdef, state = eval_model_state(from_torchvision(torch_model, "resnet18"))
+    x = torch.randn(6, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        probabilities = (torch.softmax(torch_model(x), -1) + torch.softmax(torch_model(x.flip(-1)), -1)) / 2
+    expected_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
+
+    images = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))  # NHWC float32: not normalised again
+    mask = np.ones(6, bool)
+    with pytest.raises(ValueError, match="tta='rotate' is not one of"):
+        make_eval_step(graphdef, tta="rotate")
+    logits, metrics = make_eval_step(graphdef, tta="flip")(state, images, labels.numpy(), mask)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), probabilities.numpy(), rtol=1e-4, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(expected_loss, rel=1e-5)
+    expected_correct = int((probabilities.argmax(-1) == labels).sum())
+    assert int(metrics["correct"]) == expected_correct and int(jax.device_get(metrics["count"])) == 6

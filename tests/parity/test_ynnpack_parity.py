@@ -28,7 +28,9 @@ def test_program_options_cover_the_programs_the_setting_names():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu" or not ynnpack_supported(), reason="YNNPACK is XLA:CPU's")
-@pytest.mark.parametrize("arch, size", [("resnet18", (97, 131)), ("efficientnet_b0", (57, 71))])
+@pytest.mark.parametrize(
+    "arch, size", [("resnet18", (97, 131)), pytest.param("efficientnet_b0", (57, 71), marks=pytest.mark.slow)]
+)
 def test_eval_programs_with_ynnpack_match_torchvision(arch, size):
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0).eval()
     graphdef, state = eval_model_state(from_torchvision(torch_model, arch))

@@ -83,7 +83,7 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.latest = self.path / "checkpoints" / "latest"
         self.best = self.path / "checkpoints" / "best"
-        self.figures = Figures(figures_every_s, background=True) if primary else _Discard()
+        self.figures = Figures(figures_every_s) if primary else _Discard()
 
     def events(self, purge_step: int | None) -> EventWriter | _Discard:
         """The TensorBoard writer; ``purge_step`` hides what an interrupted run logged after its checkpoint."""

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxtl import weights as jaxtl_weights
 from jaxtl.errors import JaxtlError, UnknownModelError, WeightsError
 from jaxtl.models.initializers import shapes_only
+from jaxtl.models.names import key_path_name
 from jaxtl.models.state_dict import load_state_dict
 
 _BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
@@ -160,7 +161,8 @@ def _create_from(
     load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
     if fresh_head:
         reset_head(model, seed)
-    missing = [name for name, leaf in _leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    missing = [key_path_name(path) for path, leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
     if missing:  # load_state_dict checks the keys: a variable it does not know of
         raise WeightsError(f"{path} gives no value for {', '.join(missing[:5])} of {arch}; convert the weights again")
     model.weight_spec = jaxtl_weights.fill_default_preprocessing(spec)
@@ -177,11 +179,6 @@ def _shaped(arch: str, num_classes: int, seed: int) -> nnx.Module:
         stream.key.set_value(jax.random.fold_in(jax.random.key(seed), index))
         stream.count.set_value(jnp.zeros(stream.count.get_value().shape, jnp.uint32))
     return model
-
-
-def _leaves(model: nnx.Module) -> list[tuple[str, object]]:
-    return [(".".join(str(getattr(k, "key", k)) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))]  # fmt: skip
 
 
 def load_pretrained(

@@ -17,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,30 +135,24 @@ class Figures:
     :meth:`flush` draws what is pending (the trainer calls it at the end of every phase and on the way out
     of a run, so the figures a run leaves are its last epoch's). ``every_s=0`` draws on every update.
 
-    With ``background=True`` the drawings run in a thread of their own (one at a time, in order) while the
-    run goes on; :meth:`flush` waits for them and raises the first error a drawing met.
-
     Args:
         every_s: the least time between two drawings, in seconds (>= 0).
         clock: seconds as a float, monotonic (tests pass a fake one).
-        background: draw in a worker thread instead of the caller's.
     """
 
-    def __init__(self, every_s: float = 30.0, *, clock: Callable[[], float] = time.monotonic, background: bool = False):
+    def __init__(self, every_s: float = 30.0, *, clock: Callable[[], float] = time.monotonic):
         if not every_s >= 0:
             raise ReportingError(f"Figures every_s must be >= 0 seconds, got {every_s}")
         self.every_s = every_s
         self.clock = clock
         self._pending: dict[str, Callable[[], object]] = {}
         self._drawn = -math.inf
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="jaxtl-figures") if background else None
-        self._drawing: list[Future] = []
 
     def update(self, name: str, draw: Callable[[], object]) -> None:
         """Registers ``draw`` as the newest drawing of ``name``, and draws everything pending if it is time."""
         self._pending[name] = draw
         if self.clock() - self._drawn >= self.every_s:
-            self._draw_pending()
+            self.flush()
 
     @property
     def pending(self) -> list[str]:
@@ -167,25 +160,10 @@ class Figures:
         return list(self._pending)
 
     def flush(self) -> None:
-        """Draws every pending figure now, in the order they were first registered, and waits for the drawings."""
-        self._draw_pending()
-        drawing, self._drawing = self._drawing, []
-        for future in drawing:
-            future.result()
-
-    def close(self) -> None:
-        """Stops the drawing thread (after what it was given) without waiting for or raising its errors."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-
-    def _draw_pending(self) -> None:
-        draws = list(self._pending.values())
-        self._pending.clear()
-        if self._worker is None:
-            for draw in draws:
-                draw()
-        else:
-            self._drawing += [self._worker.submit(draw) for draw in draws]
+        """Draws every pending figure now, in the order they were first registered."""
+        while self._pending:
+            name = next(iter(self._pending))
+            self._pending.pop(name)()
         self._drawn = self.clock()
 
 

@@ -137,10 +137,7 @@ class Trainer:
                 with contextlib.suppress(Exception):
                     directory.figures.flush()
                 raise
-            else:
-                directory.figures.flush()
-            finally:
-                directory.figures.close()
+            directory.figures.flush()
         return state, self.run.model
 
     # -- phases ---------------------------------------------------------------------------------

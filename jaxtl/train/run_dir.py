@@ -106,8 +106,8 @@ class RunDirectory:
                 f.write(json.dumps(dict(record)) + "\n")
 
     def draw_curves(self, title: str) -> None:
-        records = load_metrics(self.metrics_path)  # read here: the drawing may run while the next epoch appends
-        self.figures.update("curves", lambda: plot_curves(records, self.path / "curves.png", title=title))
+        self.figures.update("curves", lambda: plot_curves(load_metrics(self.metrics_path), self.path / "curves.png",
+                                                          title=title))  # fmt: skip
 
     def write_confusion(self, confusion: np.ndarray, classes: tuple[str, ...], epoch: int) -> None:
         """confusion.json (counts, rows the true class) and confusion.png of the best checkpoint's epoch."""

@@ -353,35 +353,3 @@ def test_figures_every_0_draws_every_update_and_a_negative_interval_is_refused()
     assert drawn == [0, 1, 2]
     with pytest.raises(ReportingError, match="every_s must be >= 0 seconds, got -1"):
         Figures(-1)
-
-
-def test_figures_drawn_in_the_background_are_waited_for_by_flush_which_raises_their_error():
-    import threading
-
-    drawn: list[tuple[str, str]] = []
-    release = threading.Event()
-
-    def draw(name: str):
-        def run():
-            release.wait(10)
-            drawn.append((name, threading.current_thread().name))
-
-        return run
-
-    figures = Figures(every_s=0, background=True)
-    figures.update("curves", draw("curves"))
-    figures.update("confusion", draw("confusion"))
-    assert drawn == []  # the caller went on while the drawing waits
-    release.set()
-    figures.flush()
-    assert [name for name, _ in drawn] == ["curves", "confusion"]
-    assert all(thread.startswith("jaxtl-figures") for _, thread in drawn)
-
-    def broken():
-        raise ReportingError("cannot draw")
-
-    figures.update("curves", broken)
-    with pytest.raises(ReportingError, match="cannot draw"):
-        figures.flush()
-    figures.flush()  # the error was reported once
-    figures.close()

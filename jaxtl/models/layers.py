@@ -127,11 +127,22 @@ class BatchNorm2d(nnx.Module):
             x, self.weight[...], self.bias[...], current_batch_mask(), self.eps
         )
         m = self.momentum
-        unbiased_var = var * (count / (count - 1))
+        if isinstance(count, int):  # no padding rows: the shape check above holds
+            unbiased_var = var * (count / (count - 1))
+            new_mean = (1.0 - m) * self.running_mean[...] + m * batch_mean
+            new_var = (1.0 - m) * self.running_var[...] + m * unbiased_var
+        else:
+            # A batch whose real rows hold one value per channel (the last, padded batch of an epoch, or
+            # a micro-batch of it) has no unbiased variance, and torch refuses such a batch: the running
+            # statistics stay as they were.
+            enough = count >= 2
+            unbiased_var = var * (count / jnp.maximum(count - 1, 1))
+            new_mean = jnp.where(enough, (1.0 - m) * self.running_mean[...] + m * batch_mean, self.running_mean[...])
+            new_var = jnp.where(enough, (1.0 - m) * self.running_var[...] + m * unbiased_var, self.running_var[...])
         # set_value, not `[...] =`: the indexed form compares the shardings of old and new value,
         # which on a tracer builds a provenance message (half the trace time of an EfficientNet).
-        self.running_mean.set_value((1.0 - m) * self.running_mean[...] + m * batch_mean)
-        self.running_var.set_value((1.0 - m) * self.running_var[...] + m * unbiased_var)
+        self.running_mean.set_value(new_mean)
+        self.running_var.set_value(new_var)
         return y
 
 

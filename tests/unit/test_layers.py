@@ -298,3 +298,32 @@ def _check_cpu_conv(shape, kernel, stride, padding, groups):
         np.testing.assert_allclose(f(x, w), expected, rtol=1e-12, atol=1e-12)
         for actual, want in zip(jax.vjp(f, x, w)[1](cotangent), grads_expected, strict=True):
             np.testing.assert_allclose(actual, want, rtol=1e-12, atol=1e-11)
+
+
+def test_a_batch_with_one_real_value_per_channel_leaves_the_running_statistics_as_they_were():
+    """torch refuses a train-mode batch of one value per channel ("Expected more than 1 value per channel");
+    a padded batch (or micro-batch) with one real row at 1x1 keeps its running statistics, finite."""
+    import torch
+
+    from jaxtl.models.batch_norm_ops import batch_mask
+
+    bn = BatchNorm2d(3)
+    bn.running_mean.set_value(jnp.asarray([0.5, -1.0, 2.0]))
+    bn.running_var.set_value(jnp.asarray([1.5, 0.25, 3.0]))
+    before = np.asarray(bn.running_mean[...]), np.asarray(bn.running_var[...])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 1, 3)), jnp.float32)
+    with batch_mask(jnp.asarray([True, False])):
+        y = bn(x)
+    assert np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_array_equal(np.asarray(bn.running_mean[...]), before[0])
+    np.testing.assert_array_equal(np.asarray(bn.running_var[...]), before[1])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm2d(3).train()(torch.zeros(1, 3, 1, 1))
+    with batch_mask(jnp.asarray([True, True])):  # two real values: updated as torch updates them
+        bn(x)
+    reference = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        reference.running_mean.copy_(torch.from_numpy(before[0]))
+        reference.running_var.copy_(torch.from_numpy(before[1]))
+    reference.train()(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(bn.running_var[...]), reference.running_var.numpy(), rtol=1e-6)

@@ -76,6 +76,12 @@ class DataConfig:
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = "none"
     color_jitter: tuple[float, float, float, float] | None = bounded(None, low=0)  # brightness, contrast, sat., hue
     random_erasing: float = bounded(0.0, low=0, high=1)  # its probability
+    # Mixup / CutMix of each train batch on the device (torchvision.transforms.v2.MixUp / CutMix), with
+    # probability mix_prob; CutMix instead of Mixup with probability mix_switch_prob when both alphas are > 0.
+    mixup_alpha: float = bounded(0.0, low=0)
+    cutmix_alpha: float = bounded(0.0, low=0)
+    mix_prob: float = bounded(1.0, low=0, high=1)
+    mix_switch_prob: float = bounded(0.5, low=0, high=1)
     skip_bad_files: bool = False
     max_image_pixels: int | None = bounded(178956970, low=1)  # PIL's default decompression-bomb limit
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -90,6 +96,17 @@ class EarlyStoppingConfig:
     patience: int = bounded(3, low=1)
     min_delta: float = bounded(0.0, low=0)
     ends: Literal["phase", "run"] = "phase"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaConfig:
+    """A moving average of the weights and BatchNorm statistics (torchvision's reference ExponentialMovingAverage),
+    updated after every ``every_steps``-th optimizer step; ``warmup``: timm's, the decay ``1 - (1 + t) ** -2/3`` at
+    the t-th update while that is below ``decay``. Validation, ``best`` and predictions use the average."""
+
+    decay: float = bounded(0.9998, low=0, high=1)
+    every_steps: int = bounded(1, low=1)
+    warmup: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +127,12 @@ class TrainConfig:
     label_smoothing: float = bounded(0.0, low=0, high=1)
     class_weights: Literal["balanced"] | tuple[float, ...] | None = bounded(None, low=0)
     early_stopping: EarlyStoppingConfig | None = None
+    # k micro-batches of data.batch_size per optimizer step, their gradients summed (a k-times larger batch).
+    accumulate_steps: int = bounded(1, low=1)
+    # Train-mode BatchNorm statistics over the whole batch across devices (SyncBatchNorm), or per device
+    # (false: PyTorch DistributedDataParallel's default, each replica its own rows' statistics).
+    bn_sync: bool = True
+    ema: EmaConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -262,7 +262,9 @@ def _raise(error: OSError) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxtl.train import evaluate_checkpoint
+    from jaxtl.train.report import report_path_of, write_report
 
+    report = None if args.report is None else report_path_of(args.checkpoint, args.report or None)
     result = evaluate_checkpoint(args.checkpoint, args.split, args.set, tta=args.tta)
     evaluation, skipped = result.evaluation, result.skipped
     note = f", {len(skipped)} unreadable file(s) skipped (data.skip_bad_files)" if skipped else ""
@@ -282,6 +284,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
         )
+    if report is not None:
+        written = write_report(args.checkpoint, report, split=args.split, overrides=args.set, tta=args.tta)
+        print(f"  report: {written.path}")
     return 0
 
 
@@ -297,6 +302,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         num_classes = args.num_classes or len(load_data(config.data).classes)
         model = models.abstract_model(config.model.arch, num_classes=num_classes)
         print(f"{target}: {config.model.arch} ({num_classes} classes), {len(config.phases)} phase(s)")
+        from jaxtl.train.describe import training_summary
+
+        for line in training_summary(config):
+            print(f"  {line}")
         for index, phase in enumerate(config.phases, start=1):
             print(f"phase {index} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
             groups = phase.groups(model)
@@ -308,6 +317,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.target} ({num_classes} classes), policy {args.policy}:")
     groups = optim.assign(model, optim.get_policy(args.policy)(model))
     print(groups.summary(base_lr=args.lr, default_weight_decay=args.weight_decay))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from jaxtl.config import ConfigError, load_config
+
+    config = load_config(args.config, args.set)
+    if not 1 <= args.phase <= len(config.phases):
+        listed = ", ".join(f"{i} {phase.name!r}" for i, phase in enumerate(config.phases, start=1))
+        raise ConfigError(f"--phase {args.phase}: {args.config} has {len(config.phases)} phase(s): {listed}")
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {args.out}: give a .png file (the JSON of the steps is written next to it)")
+    from jaxtl.train.lr_find import default_output, lr_find  # after the config's checks: a bad one fails before jax
+
+    ramp = {"start_lr": args.start_lr, "end_lr": args.end_lr, "num_iter": args.num_iter}
+    index = args.phase - 1
+    result = lr_find(config, phase=index, **{name: value for name, value in ramp.items() if value is not None})
+    plot = Path(args.out) if args.out is not None else default_output(config, index)
+    result.plot(plot, title=f"lr-find: {config.model.arch}, {args.config}, phase {args.phase} {result.phase_name!r}")
+    print(f"curve: {plot}; every step: {result.save(plot.with_suffix('.json'))}")
+    print(result.summary())
     return 0
 
 

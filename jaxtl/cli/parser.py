@@ -12,6 +12,7 @@ from jaxtl.cli.commands import (
     cmd_eval,
     cmd_export,
     cmd_inspect,
+    cmd_lr_find,
     cmd_models,
     cmd_parity,
     cmd_predict,
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tta", choices=("none", "flip"), default="none",
                           help="test-time augmentation: flip averages each image's class probabilities with its "
                           "mirror image's (default none)")  # fmt: skip
+    evaluate.add_argument(
+        "--report", nargs="?", const="", metavar="PATH",
+        help="also write a self-contained HTML report (curves, confusion matrix, per-class table, the images with "
+        "the highest loss) to PATH (default: the checkpoint's RUN_DIR/report.html)",
+    )  # fmt: skip
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -164,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                          help=f"default weight decay (default {defaults.weight_decay:g})")  # fmt: skip
     inspect.set_defaults(run=cmd_inspect)
+
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="find a learning rate for a phase: fastai's range test, its suggestions and the --set that applies them",
+        description="Train a copy of the model on one phase of a config while the learning rate grows exponentially "
+        "from --start-lr to --end-lr (fastai's lr_find: smoothed loss, stop once it passes 4 times its lowest), "
+        "then print fastai's suggestions (valley, steep, minimum/10) with the --set overrides that apply them "
+        "(groups with their own learning rates keep their ratios), and write the curve as a PNG and a JSON. No "
+        "checkpoint is written or changed.",
+    )
+    lr_find.add_argument("config", help="a YAML config, e.g. configs/quickstart.yaml")
+    lr_find.add_argument("--phase", type=int, default=1, metavar="N",
+                         help="which phase, numbered from 1 as the training log numbers them (default 1)")  # fmt: skip
+    lr_find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, as jaxtl train takes them")  # fmt: skip
+    lr_find.add_argument("--start-lr", type=float, metavar="LR", help="the ramp's first learning rate (default 1e-7)")
+    lr_find.add_argument("--end-lr", type=float, metavar="LR",
+                         help="the learning rate the ramp reaches after --num-iter steps (default 10)")  # fmt: skip
+    lr_find.add_argument("--num-iter", type=int, metavar="N", help="steps at most (default 100)")
+    lr_find.add_argument(
+        "--out", metavar="PLOT.png",
+        help="the PNG to write, the JSON of every step next to it (default: RUN_DIR/lr_find/phaseN-NAME.png)",
+    )  # fmt: skip
+    lr_find.set_defaults(run=cmd_lr_find)
 
     data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

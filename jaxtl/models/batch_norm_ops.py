@@ -22,8 +22,9 @@ def batch_mask(mask: Array | None) -> Iterator[None]:
     """Marks which rows of the batch are examples (True) and which are padding (False) while tracing a forward pass.
 
     BatchNorm layers in train mode then compute the batch mean and variance, and update the running
-    statistics, over the examples only, as torch does on a smaller last batch; padding rows are
-    normalised with those statistics and take no other part. A loader pads its last batch to the
+    statistics, over the examples only, as torch does on a smaller last batch; padding rows come out
+    as zeros (normalised with statistics that are not theirs, over a few layers they would overflow)
+    and take no other part. A loader pads its last batch to the
     fixed shape a jitted step needs; ``make_train_step`` wraps the forward pass in this context.
 
     Example::
@@ -41,6 +42,32 @@ def batch_mask(mask: Array | None) -> Iterator[None]:
 def current_batch_mask() -> Array | None:
     """The (N,) mask of the innermost :func:`batch_mask` context, or None outside one."""
     return _BATCH_MASK.get()
+
+
+_GROUPS: contextvars.ContextVar[int] = contextvars.ContextVar("jaxtl_batch_norm_groups", default=1)
+
+
+@contextlib.contextmanager
+def batch_norm_groups(groups: int) -> Iterator[None]:
+    """BatchNorm in train mode takes the statistics of each of ``groups`` equal, consecutive blocks of rows.
+
+    With the batch sharded over ``groups`` devices (a block per device) these are the statistics per
+    device that PyTorch's DistributedDataParallel computes without SyncBatchNorm: each replica
+    normalises its rows with its own statistics, the running statistics follow the first replica's (DDP
+    broadcasts rank 0's buffers before each forward pass), and the averaged gradient is the gradient of
+    the batch's mean loss. ``groups=1`` (the default): statistics over the whole batch, SyncBatchNorm's.
+    """
+    if groups < 1:
+        raise ValueError(f"batch_norm_groups({groups}): groups must be >= 1")
+    token = _GROUPS.set(groups)
+    try:
+        yield
+    finally:
+        _GROUPS.reset(token)
+
+
+def current_batch_norm_groups() -> int:
+    return _GROUPS.get()
 
 
 def batch_norm_train(
@@ -61,6 +88,9 @@ def batch_norm_train(
     """
     if mask is not None and mask.shape != x.shape[:1]:
         raise ValueError(f"batch_mask of shape {mask.shape} does not match the batch of input shape {x.shape}")
+    groups = current_batch_norm_groups()
+    if groups > 1:
+        return _grouped(x, weight, bias, mask, eps, groups)
     dtype = jnp.promote_types(x.dtype, jnp.float32)  # of the statistics (bf16 compute casts weight too)
     rows = math.prod(x.shape[1:-1])
     if mask is None:
@@ -70,6 +100,26 @@ def batch_norm_train(
         count = jnp.sum(weights) * rows
     y, mean, var = _batch_norm(x, weight, bias, weights, jnp.asarray(count, dtype), eps)
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), count
+
+
+def _grouped(x, weight, bias, mask, eps, groups):
+    """:func:`batch_norm_train` per block of rows (:func:`batch_norm_groups`); the first block's statistics."""
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split into {groups} BatchNorm groups")
+    blocks = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+
+    def block_norm(block, rows):
+        y, mean, var, count = batch_norm_train(block, weight, bias, rows, eps)
+        return y, mean, var, jnp.asarray(count, jnp.float32)
+
+    with batch_norm_groups(1):
+        if mask is None:
+            y, mean, var, _ = jax.vmap(lambda block: block_norm(block, None))(blocks)
+            count = math.prod(blocks.shape[1:-1])  # a Python int, as batch_norm_train's without a mask
+        else:
+            y, mean, var, counts = jax.vmap(block_norm)(blocks, mask.reshape(groups, -1))
+            count = counts[0]
+    return y.reshape(x.shape), mean[0], var[0], count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -99,7 +149,10 @@ def _batch_norm_fwd(x, weight, bias, weights, count, eps):
         centered = shifted - shifted_mean
         var = jnp.sum(jnp.square(centered) * w, axis=axes) / count
     rstd = jax.lax.rsqrt(var + eps)
-    y = (centered * (weight * rstd) + bias).astype(x.dtype)
+    y = centered * (weight * rstd) + bias
+    if weights is not None:  # padding rows out as zeros: normalised with a batch's statistics that are not
+        y = jnp.where(_row_weights(weights, x.ndim) > 0, y, 0.0)  # theirs, layer after layer, they overflow
+    y = y.astype(x.dtype)
     return (y, shift + shifted_mean, var), (x, shift, shifted_mean, rstd, weight, weights, count)
 
 

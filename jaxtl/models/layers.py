@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtl.models.batch_norm_ops import batch_norm_train, current_batch_mask
+from jaxtl.models.batch_norm_ops import batch_norm_train, current_batch_mask, current_batch_norm_groups
 from jaxtl.models.conv_ops import cpu_conv2d, xla_conv2d
 from jaxtl.models.initializers import Initializer, torch_default_uniform
 
@@ -117,11 +117,12 @@ class BatchNorm2d(nnx.Module):
             x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
             return ((x32 - self.running_mean[...]) * scale + self.bias[...]).astype(x.dtype)
-        count = math.prod(x.shape[:-1])
+        count = math.prod(x.shape[:-1]) // current_batch_norm_groups()  # per device with train.bn_sync false
         if count < 2:
             raise ValueError(
-                f"BatchNorm2d in train mode needs more than 1 value per channel, got input shape {x.shape}; "
-                "use a larger batch or put this module in eval mode (module.eval())"
+                f"BatchNorm2d in train mode needs more than 1 value per channel, got input shape {x.shape}"
+                f"{' per device' if current_batch_norm_groups() > 1 else ''}; use a larger batch or put this module "
+                "in eval mode (module.eval())"
             )
         y, batch_mean, var, count = batch_norm_train(
             x, self.weight[...], self.bias[...], current_batch_mask(), self.eps

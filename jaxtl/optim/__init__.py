@@ -10,7 +10,8 @@ _NAMES = {
     "jaxtl.optim.rules": ("BN_POLICIES", "BNPolicy", "Group", "ParamGroupError", "Rule"),
     "jaxtl.optim.settings": ("Freezing", "Labels", "OptimizerConfig", "Phase"),
     "jaxtl.optim.groups": ("ParamGroups", "assign", "assign_labels", "parameters"),
-    "jaxtl.optim.optimizer": ("build_optimizer", "group_lr", "group_state_leaves", "schedule"),
+    "jaxtl.optim.optimizer": ("build_optimizer", "group_lr", "group_state_leaves", "plateau_peaks", "schedule"),
+    "jaxtl.optim.plateau": ("Plateau", "get_plateau_scales", "scale_by_plateau", "set_plateau_scales"),
     "jaxtl.optim.phases": ("carry_optimizer_state", "progressive_unfreezing"),
     "jaxtl.optim.policies": (
         "POLICIES", "bitfit", "discriminative", "full", "get_policy", "head_only", "last_n_blocks",

@@ -6,6 +6,9 @@ holds no state. The train step differentiates only the trainable parameters
 (:mod:`jaxtl.train.step`), so frozen ones normally never reach the optimizer at all; the partition
 also accepts a full parameter tree, and then frozen leaves get zero updates and no state.
 
+With ``schedule: plateau`` each trainable group's chain ends in :func:`jaxtl.optim.plateau.scale_by_plateau`,
+whose scale (in the optimizer state) the training loop sets after each validation.
+
 Conventions follow torch.optim: AdamW's decay is decoupled and multiplied by the LR
 (``p -= lr * (adam_update + wd * p)``), eps is added outside the square root; SGD adds ``wd * p``
 to the gradient before momentum (``buf = momentum * buf + g``, no dampening).
@@ -23,6 +26,7 @@ import optax
 
 from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
+from jaxtl.optim.plateau import scale_by_plateau
 from jaxtl.optim.settings import OptimizerConfig
 
 
@@ -31,10 +35,25 @@ def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
     return group.lr if group.lr is not None else config.lr * group.lr_mult
 
 
+def plateau_peaks(groups: ParamGroups, config: OptimizerConfig) -> dict[str, float]:
+    """The configured lr of each group that ``schedule: plateau`` scales: the trainable ones without a transform."""
+    return {
+        name: group_lr(groups, name, config)
+        for name, group in groups.groups.items()
+        if not group.frozen and group.transform is None
+    }
+
+
 def schedule(config: OptimizerConfig, peak: float, total_steps: int | None) -> optax.Schedule | float:
-    """The LR schedule of one group: ``config.schedule``'s shape scaled to the group's ``peak``."""
+    """The LR schedule of one group: ``config.schedule``'s shape scaled to the group's ``peak``.
+
+    For ``plateau`` this is the LR before the reductions (the peak, after a linear warmup over ``warmup_steps``
+    as warmup_cosine's); the optimizer multiplies it by the group's plateau scale (:mod:`jaxtl.optim.plateau`).
+    """
     if config.schedule == "constant":
         return peak
+    if config.schedule == "plateau":
+        return optax.linear_schedule(0.0, peak, config.warmup_steps) if config.warmup_steps else peak
     if not total_steps or total_steps < 1:
         raise ParamGroupError(f"schedule {config.schedule!r} needs the number of steps (got {total_steps})")
     if config.schedule == "warmup_cosine":
@@ -123,6 +142,8 @@ def build_optimizer(
         tx = _base_transform(config, lr, decay, mask)
         if config.clip_grad_norm is not None:
             tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+        if config.schedule == "plateau":  # the update of AdamW (decay included) or SGD is linear in the lr
+            tx = optax.chain(tx, scale_by_plateau())
         transforms[name] = tx
     labels = groups.labels
     return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))

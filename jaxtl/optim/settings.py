@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 
     from jaxtl.optim.groups import ParamGroups
 
-ScheduleName = Literal["constant", "warmup_cosine", "one_cycle", "step", "multistep", "exponential", "cosine_restarts"]
+ScheduleName = Literal[
+    "constant", "warmup_cosine", "one_cycle", "step", "multistep", "exponential", "cosine_restarts", "plateau"
+]
 SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
+PlateauMetric = Literal["val_loss", "val_acc1"]
+PLATEAU_METRICS: tuple[str, ...] = typing.get_args(PlateauMetric)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +44,15 @@ class OptimizerConfig:
             calls): ``"step"`` (StepLR: ``gamma`` every ``step_size`` steps), ``"multistep"`` (MultiStepLR:
             ``gamma`` at each of ``milestones``), ``"exponential"`` (ExponentialLR: ``gamma`` every step),
             ``"cosine_restarts"`` (CosineAnnealingWarmRestarts: ``restart_steps`` = T_0, ``restart_mult`` =
-            T_mult, eta_min = ``final_lr_fraction`` of the peak).
-        warmup_steps: linear warmup length for warmup_cosine.
+            T_mult, eta_min = ``final_lr_fraction`` of the peak). ``"plateau"``: ReduceLROnPlateau, stepped once
+            per epoch on ``plateau_metric`` after validation (mode min for ``val_loss``, max for ``val_acc1``):
+            each group's lr times ``gamma`` (torch's factor, < 1) once the metric has not improved by
+            ``plateau_threshold`` (``plateau_threshold_mode`` rel or abs) for more than ``plateau_patience``
+            epochs, then ``plateau_cooldown`` epochs without counting, never below ``min_lr`` and only by more
+            than ``plateau_eps``. Each phase starts at its configured lrs with a fresh scheduler, as a new torch
+            optimizer and scheduler per phase would; a group with its own transformation is not scaled.
+        warmup_steps: linear warmup length for warmup_cosine and plateau (from 0 at the phase's first step to
+            the peak, which plateau's reductions then multiply).
         no_weight_decay: glob patterns of parameters never decayed, whatever their group
             (``("*.bias", "*bn*")`` is a common choice).
         clip_grad_norm: clip each group's gradient to this global norm first (None: off).
@@ -62,6 +73,13 @@ class OptimizerConfig:
     milestones: tuple[int, ...] = bounded((), low=0)
     restart_steps: int = bounded(1, low=1)
     restart_mult: int = bounded(1, low=1)
+    plateau_metric: PlateauMetric = "val_loss"
+    plateau_patience: int = bounded(10, low=0)
+    plateau_threshold: float = bounded(1e-4, low=0)
+    plateau_threshold_mode: Literal["rel", "abs"] = "rel"
+    plateau_cooldown: int = bounded(0, low=0)
+    plateau_eps: float = bounded(1e-8, low=0)
+    min_lr: float = bounded(0.0, low=0)
     no_weight_decay: tuple[str, ...] = ()
     clip_grad_norm: float | None = bounded(None, low=0)
 
@@ -72,6 +90,12 @@ class OptimizerConfig:
             raise ParamGroupError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ParamGroupError(f"milestones {list(self.milestones)} must increase (torch's MultiStepLR counts each)")
+        if self.plateau_metric not in PLATEAU_METRICS:
+            raise ParamGroupError(f"plateau_metric {self.plateau_metric!r} is not one of {', '.join(PLATEAU_METRICS)}")
+        if self.plateau_threshold_mode not in ("rel", "abs"):
+            raise ParamGroupError(f"plateau_threshold_mode {self.plateau_threshold_mode!r} is not one of rel, abs")
+        if self.schedule == "plateau" and self.gamma >= 1:
+            raise ParamGroupError(f"gamma={self.gamma} must be below 1 for schedule plateau (torch's factor < 1.0)")
         problem = out_of_bounds(self)
         if problem:
             raise ParamGroupError(f"optimizer: {problem}")

@@ -7,13 +7,17 @@ Files: :mod:`~jaxtl.train.fit` (the entry point), :mod:`~jaxtl.train.loop` (phas
 :class:`RunState`), :mod:`~jaxtl.train.step` (pure jitted steps), :mod:`~jaxtl.train.features` (the
 feature cache), :mod:`~jaxtl.train.evaluate`, :mod:`~jaxtl.train.run_dir`, :mod:`~jaxtl.train.resume`,
 :mod:`~jaxtl.train.checkpoint`, :mod:`~jaxtl.train.callbacks`, :mod:`~jaxtl.train.events`,
-:mod:`~jaxtl.train.figures`, :mod:`~jaxtl.train.progress`, :mod:`~jaxtl.train.distributed`.
+:mod:`~jaxtl.train.figures`, :mod:`~jaxtl.train.progress`, :mod:`~jaxtl.train.distributed`,
+:mod:`~jaxtl.train.losses`, :mod:`~jaxtl.train.ema` (the weight average), :mod:`~jaxtl.train.report`
+(``report.html``), :mod:`~jaxtl.train.lr_find` (the learning-rate range test).
 """
 
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.evaluate import Evaluation, Predictor, evaluate, evaluate_checkpoint
 from jaxtl.train.fit import FitResult, fit, resolve_config
 from jaxtl.train.inputs import RunData, load_data
+from jaxtl.train.lr_find import LRFindResult, lr_find
+from jaxtl.train.report import write_report
 from jaxtl.train.resume import load_checkpoint
 from jaxtl.train.run_dir import RunError
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState
@@ -25,6 +29,7 @@ __all__ = [
     "EpochTotals",
     "Evaluation",
     "FitResult",
+    "LRFindResult",
     "Predictor",
     "RunData",
     "RunError",
@@ -34,5 +39,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "load_data",
+    "lr_find",
     "resolve_config",
+    "write_report",
 ]

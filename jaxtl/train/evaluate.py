@@ -164,9 +164,12 @@ def evaluate_checkpoint(
 
 
 class Predictor:
-    """A checkpoint's class probabilities for images, with its eval preprocessing and class names."""
+    """A checkpoint's class probabilities for images, with its eval preprocessing and class names.
 
-    def __init__(self, model: nnx.Module, meta: CheckpointMeta):
+    ``tta="flip"``: each image's probabilities averaged with its mirror image's (:func:`make_eval_step`).
+    """
+
+    def __init__(self, model: nnx.Module, meta: CheckpointMeta, *, tta: str = "none"):
         self.meta = meta
         self.transform = EvalTransform(meta.preprocessing)
         graphdef, self.state = eval_model_state(model)
@@ -175,11 +178,12 @@ class Predictor:
         self.step = make_eval_step(
             graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(train.get("precision", "fp32")),
             compiler_options=program_options(train.get("ynnpack", "eval"), "eval", train.get("precision", "fp32")),
+            tta=tta,
         )  # fmt: skip
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path) -> Predictor:
-        return cls(*load_checkpoint(checkpoint))
+    def from_checkpoint(cls, checkpoint: str | Path, *, tta: str = "none") -> Predictor:
+        return cls(*load_checkpoint(checkpoint), tta=tta)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -28,9 +28,10 @@ class CachedFeatures(NamedTuple):
 
 
 def is_cacheable(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> bool:
-    """Whether a phase trains on cached features: only the head trains and the input is never augmented."""
+    """Whether a phase trains on cached features: only the head trains and the input is never augmented (nor mixed)."""
     d = config.data
     augmented = d.random_resized_crop or d.flip_p > 0 or d.augment != "none" or d.color_jitter or d.random_erasing > 0
+    augmented = augmented or d.mixup_alpha > 0 or d.cutmix_alpha > 0
     if not config.train.feature_cache or augmented:
         return False
     head = f"{model.head_name}."

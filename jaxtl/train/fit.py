@@ -27,6 +27,7 @@ from jaxtl.train.callbacks import Callback
 from jaxtl.train.figures import load_metrics
 from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
 from jaxtl.train.loop import Run, Trainer
+from jaxtl.train.report import write_report
 from jaxtl.train.resume import check_resume_config, load_model_arrays, load_resume_point
 from jaxtl.train.run_dir import RunDirectory, RunError, RunLock
 from jaxtl.train.state import Best, CheckpointMeta
@@ -71,7 +72,8 @@ def fit(
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Trains as ``config`` says, in its run directory: phases, validation, metrics, checkpoints.
+    """Trains as ``config`` says, in its run directory: phases, validation, metrics, checkpoints, and
+    ``report.html`` (:mod:`jaxtl.train.report`) from the best checkpoint at the end.
 
     Args:
         config: a :class:`RunConfig`, a mapping as a YAML file would hold it, or a YAML path.
@@ -133,7 +135,7 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     run_data = RunData.of(data) if data is not None else load_data(config.data)
     if meta is not None and run_data.classes != meta.classes:
         raise RunError(f"the data's classes {list(run_data.classes)} differ from the checkpoint's {list(meta.classes)}")
-    model, weights, preprocessing = _model(config, given.model, len(run_data.classes), meta, log)
+    model, weights, preprocessing = run_model(config, given.model, len(run_data.classes), meta, log)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=weights["arch"]))
     directory.write_config(config)
     if resumed is not None:
@@ -143,7 +145,9 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     loaders = build_loaders(config, run_data, preprocessing, devices)
     log(
         f"run {directory.path}: {config.model.arch}, {len(run_data.classes)} classes, {len(run_data.train)} train / "
-        f"{len(run_data.val)} val images, batch {config.data.batch_size} on {devices} device(s)"
+        f"{len(run_data.val)} val images, batch {config.data.batch_size}"
+        + (f" x {k} accumulated" if (k := config.train.accumulate_steps) > 1 else "")
+        + f" on {devices} device(s)"
         + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
         + f", {len(config.phases)} phase(s)"
     )
@@ -154,6 +158,11 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     count = round(distributed.total(len(skipped)))  # each process skips the files of its rows
     if count:
         log(f"skipped {count} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
+    if directory.primary and directory.best.exists():
+        if jax.process_count() == 1:
+            _write_report(directory, run_data, log)
+        else:  # one process evaluating alone would keep the others waiting at their shutdown barrier
+            log(f"report.html: write it with `jaxtl eval {directory.best} --report` (not in a multi-process run)")
     result = FitResult(
         run_dir=directory.path.absolute(), history=_history(directory.metrics_path) if directory.primary else [],
         best=state.best, best_checkpoint=directory.best.absolute() if directory.best.exists() else None,
@@ -162,6 +171,19 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     for callback in callbacks:
         callback.on_fit_end(result)
     return result
+
+
+def _write_report(directory: RunDirectory, data: RunData, log: Callable[[str], None]) -> None:
+    """RUN_DIR/report.html from the best checkpoint, on the images the run validated on."""
+    try:
+        report = write_report(directory.best, directory.path / "report.html", source=data.val)
+    except Exception as error:  # the run's checkpoints and metrics are written: its report is not worth failing it
+        log(
+            f"report.html was not written: {type(error).__name__}: {error}; write it with "
+            f"`jaxtl eval {directory.best} --report`"
+        )
+        return
+    log(f"report: {report.path}")
 
 
 def resolve_config(
@@ -219,7 +241,7 @@ def _with_freezing(data: dict[str, Any], freezing: Any, source: str) -> dict[str
     return {**data, "phases": updated}
 
 
-def _model(config: RunConfig, model, num_classes: int, meta: CheckpointMeta | None, log):
+def run_model(config: RunConfig, model, num_classes: int, meta: CheckpointMeta | None, log):
     """(model, weights info with its ``arch``, preprocessing): the caller's, the checkpoint's, or the config's."""
     arch = config.model.arch
     if model is not None:

@@ -144,7 +144,10 @@ def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing
     # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
     size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
     return RunLoaders(
-        _loader(config, train, augment, d.batch_size, shuffle=True, seed=config.train.seed),
+        # k accumulated micro-batches are one loaded batch, split in the train step (train.accumulate_steps)
+        _loader(
+            config, train, augment, d.batch_size * config.train.accumulate_steps, shuffle=True, seed=config.train.seed
+        ),  # fmt: skip
         _loader(config, val, crop, d.eval_batch_size, shuffle=False),
         _loader(config, both, crop, size, shuffle=False),
         device,

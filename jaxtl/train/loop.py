@@ -28,10 +28,20 @@ from flax import nnx
 
 from jaxtl.config import RunConfig
 from jaxtl.data import data_sharding
+from jaxtl.data.augment.mixing import Mixing
 from jaxtl.models.names import key_path_name
-from jaxtl.optim import ParamGroups, Phase, carry_optimizer_state, group_lr, schedule
+from jaxtl.optim import (
+    ParamGroups,
+    Phase,
+    Plateau,
+    carry_optimizer_state,
+    group_lr,
+    plateau_peaks,
+    schedule,
+    set_plateau_scales,
+)
 from jaxtl.train import checkpoint as ckpt
-from jaxtl.train import distributed
+from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.evaluate import compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
@@ -39,7 +49,7 @@ from jaxtl.train.features import CachedFeatures, cached_batches, compute_feature
 from jaxtl.train.inputs import RunData, RunLoaders
 from jaxtl.train.losses import run_loss
 from jaxtl.train.progress import Progress
-from jaxtl.train.resume import model_arrays, tree_leaves, unflatten_like
+from jaxtl.train.resume import load_model_arrays, model_arrays, tree_leaves, unflatten_like
 from jaxtl.train.run_dir import RunDirectory, RunError
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState, Watch
 from jaxtl.train.step import (
@@ -88,6 +98,7 @@ class PhaseContext:
     features: dict[str, CachedFeatures] | None
     total_steps: int
     first_loader_epoch: int  # the loader epoch of the phase's first epoch (epochs count across phases)
+    ema: ModelState | None = None  # the moving average of the weights (train.ema), split as the model is
 
 
 class Trainer:
@@ -101,11 +112,16 @@ class Trainer:
         self.callbacks = tuple(callbacks)
         self.log = log
         self.progress_every_s = progress_every_s
-        self.sharding = data_sharding(run.config.data.batch_size)
+        self.sharding = data_sharding(self.loaders.train.batch_size)  # accumulate_steps micro-batches in one
+        d = run.config.data
+        self.mixing = Mixing(d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob)
+        if self.mixing.enabled:
+            log(f"mixing: {self.mixing.describe()}; the loss on the mixed class probabilities")
         self.replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
         self.compute_dtype = compute_dtype_of(run.config.train.precision)
         self.loss_fn = run_loss(run.config.train, run.data, log)
         self.events: Any = None
+        self.ema_arrays: dict | None = None  # the average between phases, as checkpoints hold it
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -114,7 +130,11 @@ class Trainer:
     def train(self, resumed: ckpt.GoodCheckpoint | None) -> tuple[RunState, nnx.Module]:
         """Every phase from the resume point (or the start); returns the final state and the trained model."""
         state, opt_leaves, previous = RunState(), None, None
+        if self.config.train.ema is not None:
+            self.ema_arrays = model_arrays(self.run.model)  # the first update copies the model anyway
         if resumed is not None:
+            if self.config.train.ema is not None:
+                self.ema_arrays = resumed.arrays["ema"]
             state = RunState.from_json(resumed.meta)
             opt_leaves = resumed.arrays["opt_state"]
             if state.at_phase_start and 0 < state.phase <= len(self.phases):
@@ -166,13 +186,21 @@ class Trainer:
             opt_state, carried = carry_optimizer_state(previous[0], previous[1], groups, opt_state)
             if carried:
                 self.log(f"  optimizer state carried over for group(s) {', '.join(carried)}")
+        if optimizer_config.schedule == "plateau":  # the scales of the record: 1 at a phase's start, none carried
+            opt_state = set_plateau_scales(opt_state, state.plateau.scales(plateau_peaks(groups, optimizer_config)))
         # Committed like the step's outputs: an uncommitted leaf (a fresh count) would compile the step twice.
         opt_state = jax.device_put(opt_state, self.replicated)
         context = self._phase_context(index, groups, graphdef, optimizer, model_state)
+        if self.ema_arrays is not None:
+            average = nnx.merge(*nnx.split(model))  # a model of its own for the average, split like the model
+            load_model_arrays(average, self.ema_arrays, source="the moving average")
+            context.ema = jax.device_put(split_model(average, groups)[1], self.replicated)
         for callback in self.callbacks:
             callback.on_phase_start(phase, groups, state)
         while state.phase == index:  # the phase's epochs, or fewer when early stopping ends it
             state, model_state, opt_state = self._run_epoch(context, state, model_state, opt_state)
+        if context.ema is not None:
+            self.ema_arrays = self._ema_arrays(context)
         self.run.directory.figures.flush()
         return state, (groups, opt_state)
 
@@ -186,7 +214,10 @@ class Trainer:
         )
         train_step = make_train_step(graphdef, optimizer, mean=p.mean, std=p.std, forward=forward,
                                      compute_dtype=self.compute_dtype, seed=self.config.train.seed,
-                                     loss_fn=self.loss_fn, compiler_options=train_options)  # fmt: skip
+                                     loss_fn=self.loss_fn, compiler_options=train_options, mixing=self.mixing,
+                                     num_classes=len(self.run.data.classes),
+                                     accumulate_steps=t.accumulate_steps,
+                                     bn_groups=1 if t.bn_sync else jax.device_count())  # fmt: skip
         eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
                                    compiler_options=eval_options)  # fmt: skip
         features = None
@@ -215,17 +246,17 @@ class Trainer:
         loader_epoch = context.first_loader_epoch + state.epoch_in_phase
         state, model_state, opt_state, train_metrics = self._train_epoch(context, state, model_state, opt_state)
         val_features = context.features["val"] if context.features is not None else None
-        evaluation = evaluate(
-            context.eval_step, model_state, self.loaders.val, len(self.run.data.classes), val_features
-        )
+        evaluated = context.ema if context.ema is not None else model_state  # train.ema: the average's metrics
+        evaluation = evaluate(context.eval_step, evaluated, self.loaders.val, len(self.run.data.classes), val_features)
         val_metrics = evaluation.metrics()
         record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics,
                   "val_per_class": evaluation.per_class(self.run.data.classes)}  # fmt: skip
         self.run.directory.append_metrics(record)
-        self._report_epoch(context, record, state.epoch_in_phase + 1)
+        self._report_epoch(context, record, state.epoch_in_phase + 1, state.plateau)
         self.log(
             f"  epoch {loader_epoch + 1} ({phase.name}): train loss {train_metrics['train_loss']:.4f} "
-            f"acc {train_metrics['train_acc1']:.3f} | val loss {val_metrics['val_loss']:.4f} "
+            f"acc {train_metrics['train_acc1']:.3f} | val{' (EMA)' if context.ema is not None else ''} loss "
+            f"{val_metrics['val_loss']:.4f} "
             f"acc@1 {val_metrics['val_acc1']:.3f}"
             + (f" acc@5 {val_metrics['val_acc5']:.3f}" if "val_acc5" in val_metrics else "")
             + f" | {train_metrics['train_images_per_s']:.1f} img/s"
@@ -240,11 +271,14 @@ class Trainer:
         early = config.train.early_stopping
         if done and early is not None and early.ends == "phase":
             watch = Watch()  # patience counts within a phase
+        plateau = Plateau()  # optim.schedule plateau: a phase starts at its configured lrs with a fresh scheduler
+        if not done:
+            plateau, opt_state = self._plateau(state.plateau, val_metrics, context, opt_state)
         state = RunState(
             phase=next_phase, epoch_in_phase=0 if done else state.epoch_in_phase + 1, step=state.step, best=best,
-            watch=watch,
+            watch=watch, plateau=plateau,
         )  # fmt: skip
-        arrays = {"model": model_arrays(self.run.model), "opt_state": tree_leaves(opt_state)}
+        arrays = self._arrays(self.run.model, opt_state, context)
         self._check_finite(arrays, val_metrics["val_loss"], context, loader_epoch)
         meta = self.run.meta(state, record)
         # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
@@ -272,6 +306,27 @@ class Trainer:
         )
         return watch, early.ends
 
+    def _plateau(self, plateau: Plateau, metrics: dict, context: PhaseContext, opt_state) -> tuple[Plateau, Any]:
+        """optim.schedule plateau after an epoch's validation: torch's step, and the optimizer state with the new
+        scales when a group's lr falls (logged); the scales are arrays of the state, so the step is not recompiled."""
+        config = context.phase.optimizer or self.config.optim
+        if config.schedule != "plateau":
+            return plateau, opt_state
+        peaks = plateau_peaks(context.groups, config)
+        stepped = plateau.step(metrics, config, peaks)
+        reduced = [
+            f"group {name} lr {plateau.lr(name, peak):g} -> {stepped.lr(name, peak):g}"
+            for name, peak in peaks.items()
+            if stepped.lr(name, peak) != plateau.lr(name, peak)
+        ]
+        if not reduced:
+            return stepped, opt_state
+        self.log(
+            f"  reduce on plateau: {config.plateau_metric} has not improved for {config.plateau_patience + 1} "
+            f"epoch(s); {', '.join(reduced)}"
+        )
+        return stepped, jax.device_put(set_plateau_scales(opt_state, stepped.scales(peaks)), self.replicated)
+
     def _train_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
         """The epoch's batches from ``state.batch`` on; ``state.totals`` are the sums of the batches before it."""
         loader = self.loaders.train
@@ -290,6 +345,7 @@ class Trainer:
             else loader.epoch(loader_epoch, state.batch)
         )
         step, size = state.step, loader.batch_size
+        ema_every = self.config.train.ema.every_steps if self.config.train.ema is not None else 0
         for index, batch in enumerate(batches, start=state.batch):
             mask = distributed.put(batch.mask, self.sharding, size)
             # The images of the whole batch; with several processes a collective that every one joins (each holds
@@ -305,6 +361,9 @@ class Trainer:
                     inputs = self.loaders.device(inputs, batch.indices, loader_epoch, put)
                 labels = distributed.put(batch.labels, self.sharding, size)
                 model_state, opt_state, metrics = context.train_step(model_state, opt_state, inputs, labels, mask, step)
+                if context.ema is not None and step % ema_every == 0:
+                    decay = ema.decay_at(step // ema_every, self.config.train.ema.decay, self.config.train.ema.warmup)
+                    context.ema = ema.update(context.ema, model_state, decay)
                 step += 1
                 drain.pending.append((step, metrics))
                 fault_point("train.step")
@@ -327,9 +386,19 @@ class Trainer:
     def _save_mid_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state) -> None:
         """checkpoints/latest before batch ``state.batch`` of the epoch (train.checkpoint_every_steps)."""
         model = merge_model(context.graphdef, jax.device_get(model_state))
-        arrays = {"model": model_arrays(model), "opt_state": tree_leaves(opt_state)}
+        arrays = self._arrays(model, opt_state, context)
         self._check_finite(arrays, 0.0, context, context.first_loader_epoch + state.epoch_in_phase)
         self._save("latest", arrays, self.run.meta(state, {}))
+
+    def _arrays(self, model: nnx.Module, opt_state, context: PhaseContext) -> dict:
+        """What a checkpoint holds: the model's arrays, the optimizer state and (train.ema) the average's arrays."""
+        arrays = {"model": model_arrays(model), "opt_state": tree_leaves(opt_state)}
+        if context.ema is not None:
+            arrays["ema"] = self._ema_arrays(context)
+        return arrays
+
+    def _ema_arrays(self, context: PhaseContext) -> dict:
+        return model_arrays(merge_model(context.graphdef, jax.device_get(context.ema)))
 
     # -- checks and records -----------------------------------------------------------------------
 
@@ -374,8 +443,9 @@ class Trainer:
         except ckpt.CheckpointError as error:
             return f"The last checkpoint is damaged: {error}."
 
-    def _report_epoch(self, context: PhaseContext, record: dict, epochs_done: int) -> None:
-        """TensorBoard scalars of the epoch (metrics; each group's learning rate at its last step) and the curves."""
+    def _report_epoch(self, context: PhaseContext, record: dict, epochs_done: int, plateau: Plateau) -> None:
+        """TensorBoard scalars of the epoch (metrics; each group's learning rate at its last step, with ``plateau``'s
+        reductions) and the curves."""
         scalars = {
             f"{k.split('_', 1)[0]}/{k.split('_', 1)[1]}": v
             for k, v in record.items()
@@ -384,9 +454,10 @@ class Trainer:
         optimizer = context.phase.optimizer or self.config.optim
         for name, group in context.groups.groups.items():
             if not group.frozen and group.transform is None:
-                lr = schedule(optimizer, group_lr(context.groups, name, optimizer), context.total_steps)
+                peak = group_lr(context.groups, name, optimizer)
+                lr = schedule(optimizer, peak, context.total_steps)
                 phase_steps = epochs_done * len(self.loaders.train)
-                scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr)
+                scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr) * plateau.scale(name, peak)
         self.events.scalars(scalars, record["step"])
         self.run.directory.draw_curves(f"{self.config.model.arch}, {self.run.directory.path.name}")
 

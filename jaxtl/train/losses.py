@@ -25,28 +25,71 @@ from jaxtl.errors import DataError
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def cross_entropy(label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> LossFn:
-    """``loss(logits, labels, mask)``: torch's weighted, label-smoothed cross-entropy over the rows where
-    ``mask`` is True (see the module's docstring); 0 for a batch without such rows."""
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing} is not in [0, 1]")
-    weights = None if class_weights is None else np.asarray(class_weights, np.float64)
+class CrossEntropy:
+    """``loss(logits, targets, mask)``: torch's weighted, label-smoothed cross-entropy over the rows where
+    ``mask`` is True (see the module's docstring); 0 for a batch without such rows.
 
-    def loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    ``targets`` are class indices ``(B,)`` or class probabilities ``(B, C)`` (Mixup and CutMix). For
+    probabilities torch smooths the targets (``t * (1 - eps) + eps / C``, which is timm's mixing of
+    smoothed one-hot targets) and takes the mean over the rows, not over their class weights.
+    The loss is ``numerator / denominator``: gradient accumulation sums the numerators of its
+    micro-batches over the denominator of the whole batch, which equals the loss of one large batch.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} is not in [0, 1]")
+        self.label_smoothing = label_smoothing
+        self.class_weights = None if class_weights is None else np.asarray(class_weights, np.float64)
+
+    def _weights(self, num_classes: int, dtype) -> jax.Array:
+        w = self.class_weights
+        return jnp.ones(num_classes, dtype) if w is None else jnp.asarray(w, dtype)
+
+    def denominator(self, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        """What the summed row losses are divided by: the rows' true-class weights (index targets) or their count."""
+        rows = mask.astype(jnp.float32)
+        if targets.ndim == 2 or self.class_weights is None:
+            return jnp.sum(rows)
+        return jnp.sum(jnp.asarray(self.class_weights, jnp.float32)[targets] * rows)
+
+    def numerator(self, logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        """The sum of the rows' losses (each weighted as torch weighs it)."""
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 logits: the loss in float32
         log_p = jax.nn.log_softmax(logits, axis=-1)
-        rows = mask.astype(log_p.dtype)
-        w = jnp.ones(log_p.shape[-1], log_p.dtype) if weights is None else jnp.asarray(weights, log_p.dtype)
-        w_true = w[labels] * rows
-        nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
-        denominator = jnp.maximum(jnp.sum(w_true), jnp.finfo(log_p.dtype).tiny)
-        total = (1.0 - label_smoothing) * jnp.sum(w_true * nll) / denominator
-        if label_smoothing:
-            smooth = -jnp.sum(log_p * w, axis=-1) * rows
-            total = total + label_smoothing / log_p.shape[-1] * jnp.sum(smooth) / denominator
+        rows, eps = mask.astype(log_p.dtype), self.label_smoothing
+        w = self._weights(log_p.shape[-1], log_p.dtype)
+        if targets.ndim == 2:
+            t = targets.astype(log_p.dtype)
+            if eps:
+                t = t * (1.0 - eps) + eps / log_p.shape[-1]
+            return jnp.sum(-jnp.sum(log_p * t * w, axis=-1) * rows)
+        nll = -jnp.take_along_axis(log_p, targets[:, None], axis=-1)[:, 0]
+        total = (1.0 - eps) * jnp.sum(w[targets] * rows * nll)
+        if eps:
+            total = total + eps / log_p.shape[-1] * jnp.sum(-jnp.sum(log_p * w, axis=-1) * rows)
         return total
 
-    return loss
+    def __call__(self, logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        rows, eps = mask.astype(log_p.dtype), self.label_smoothing
+        w = self._weights(log_p.shape[-1], log_p.dtype)
+        if targets.ndim == 2:
+            return self.numerator(logits, targets, mask) / jnp.maximum(jnp.sum(rows), 1.0)
+        w_true = w[targets] * rows
+        nll = -jnp.take_along_axis(log_p, targets[:, None], axis=-1)[:, 0]
+        denominator = jnp.maximum(jnp.sum(w_true), jnp.finfo(log_p.dtype).tiny)
+        total = (1.0 - eps) * jnp.sum(w_true * nll) / denominator
+        if eps:
+            smooth = -jnp.sum(log_p * w, axis=-1) * rows
+            total = total + eps / log_p.shape[-1] * jnp.sum(smooth) / denominator
+        return total
+
+
+def cross_entropy(label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> CrossEntropy:
+    """torch's ``CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)`` (:class:`CrossEntropy`)."""
+    return CrossEntropy(label_smoothing, class_weights)
 
 
 def balanced_class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> list[float]:

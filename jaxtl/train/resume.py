@@ -64,11 +64,17 @@ def unflatten_like(template: Any, leaves: Mapping[str, np.ndarray]) -> Any:
     return jax.tree.unflatten(treedef, [jnp.asarray(leaves[str(i)]) for i in range(treedef.num_leaves)])
 
 
-def load_checkpoint(checkpoint: str | Path) -> tuple[nnx.Module, CheckpointMeta]:
-    """The model a training checkpoint holds, in eval mode, and its meta. Needs neither torch nor the weights."""
+def load_checkpoint(checkpoint: str | Path, *, average: bool = True) -> tuple[nnx.Module, CheckpointMeta]:
+    """The model a training checkpoint holds, in eval mode, and its meta. Needs neither torch nor the weights.
+
+    A run with ``train.ema`` keeps the moving average of its weights beside them: the model is the average
+    (what validation measured and ``best`` was chosen by) unless ``average=False``.
+    """
     meta = CheckpointMeta.from_json(ckpt.load_meta(checkpoint), str(checkpoint))
     model = models.abstract_model(meta.arch, num_classes=meta.num_classes)
-    load_model_arrays(model, ckpt.load_arrays(checkpoint)["model"], source=str(checkpoint))
+    arrays = ckpt.load_arrays(checkpoint)
+    chosen = arrays["ema"] if average and "ema" in arrays else arrays["model"]
+    load_model_arrays(model, chosen, source=str(checkpoint))
     models.fill_rng_state(model)
     model.eval()
     model.weight_spec = WeightSpec(

@@ -3,9 +3,10 @@
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one record per
 epoch), ``checkpoints/latest`` and ``checkpoints/best`` (see :mod:`jaxtl.train.checkpoint`),
 ``tensorboard/`` (per-step training loss, per-epoch metrics and learning rates), ``curves.png``,
-``confusion.json`` / ``confusion.png`` (the validation confusion matrix of the best checkpoint), and
-``.lock`` (held while a process runs it). In a multi-process run only the first process writes it;
-the others get a :class:`RunDirectory` whose writes do nothing.
+``confusion.json`` / ``confusion.png`` (the validation confusion matrix of the best checkpoint),
+``report.html`` (:mod:`jaxtl.train.report`, written when the run ends), ``lr_find/`` (``jaxtl lr-find``'s
+curves, where it was run) and ``.lock`` (held while a process runs it). In a multi-process run only the first
+process writes it; the others get a :class:`RunDirectory` whose writes do nothing.
 """
 
 from __future__ import annotations

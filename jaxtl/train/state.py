@@ -2,8 +2,9 @@
 
 A checkpoint's ``meta.json`` is :meth:`CheckpointMeta.to_json`: the position (phase, epoch in the
 phase, next batch, step, the epoch's loss and accuracy sums so far), the best validation result,
-the epoch's metrics, and what the model is: architecture, classes, class_to_idx, the weights it
-started from, the preprocessing, and the resolved run config.
+early stopping's and reduce-on-plateau's records, the epoch's metrics, and what the model is:
+architecture, classes, class_to_idx, the weights it started from, the preprocessing, and the
+resolved run config.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxtl.errors import JaxtlError
+from jaxtl.optim.plateau import Plateau
 from jaxtl.weights import Preprocessing
 
 
@@ -88,6 +90,7 @@ class RunState:
         totals: the current epoch's sums over its batches before ``batch``.
         best: the best validation result so far.
         watch: early stopping's record (``train.early_stopping``).
+        plateau: reduce-on-plateau's record (``optim.schedule: plateau``) in the current phase.
     """
 
     phase: int = 0
@@ -97,6 +100,7 @@ class RunState:
     totals: EpochTotals = EpochTotals()
     best: Best = Best()
     watch: Watch = Watch()
+    plateau: Plateau = Plateau()
 
     @property
     def at_phase_start(self) -> bool:
@@ -108,6 +112,8 @@ class RunState:
             data["epoch_totals"] = dataclasses.asdict(self.totals)
         if self.watch != Watch():
             data["early_stopping"] = dataclasses.asdict(self.watch)
+        if self.plateau != Plateau():
+            data["plateau"] = self.plateau.to_json()
         return data
 
     @classmethod
@@ -121,6 +127,7 @@ class RunState:
             totals=EpochTotals(**totals) if totals else EpochTotals(),
             best=Best.from_json(data.get("best") or {}),
             watch=Watch(**data["early_stopping"]) if data.get("early_stopping") else Watch(),
+            plateau=Plateau.from_json(data["plateau"]) if data.get("plateau") else Plateau(),
         )
 
 

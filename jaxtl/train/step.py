@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtl.data.augment import mixing as mixing_ops
+from jaxtl.data.augment.mixing import Mixing
 from jaxtl.data.transforms import normalize
-from jaxtl.models.batch_norm_ops import batch_mask
+from jaxtl.models.batch_norm_ops import batch_mask, batch_norm_groups
 from jaxtl.optim.groups import ParamGroups
 
 
@@ -84,6 +86,27 @@ def reseed_streams(model: nnx.Module, key: jax.Array) -> None:
         nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
 
 
+MIX_STREAM = 0x6D697800  # folded into a step's key for Mixup/CutMix draws, apart from the dropout streams
+
+
+def _micro_batches(a: jax.Array, k: int) -> jax.Array:
+    """``(k * b, ...) -> (k, b, ...)``: micro-batch i holds rows i, i + k, i + 2k, ... of the batch, so that each
+    micro-batch is spread over all devices as the batch is (a contiguous split would sit on some of them)."""
+    return jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1)
+
+
+def _loss_terms(loss_fn):
+    """``(numerator(logits, targets, mask), denominator(targets, mask))`` of ``loss_fn``: its own
+    (:class:`jaxtl.train.losses.CrossEntropy`), or a mean over the rows (its value times their count)."""
+    if hasattr(loss_fn, "numerator"):
+        return loss_fn.numerator, loss_fn.denominator
+
+    def numerator(logits, targets, mask):
+        return loss_fn(logits, targets, mask) * jnp.sum(mask)
+
+    return numerator, lambda targets, mask: jnp.sum(mask).astype(jnp.float32)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -96,6 +119,10 @@ def make_train_step(
     seed: int = 0,
     donate: bool = True,
     compiler_options: dict[str, str] | None = None,
+    mixing: Mixing | None = None,
+    num_classes: int | None = None,
+    accumulate_steps: int = 1,
+    bn_groups: int = 1,
 ) -> Callable[..., tuple[ModelState, Any, dict[str, jax.Array]]]:
     """``step(state, opt_state, images, labels, mask, step_index) -> (state, opt_state, metrics)``, jitted.
 
@@ -106,34 +133,99 @@ def make_train_step(
     forward and backward run in bf16 on float32 parameters (BatchNorm statistics stay float32).
     Metrics (loss, correct count, example count) stay on the device. ``compiler_options`` go to XLA
     (:func:`jaxtl.xla.program_options`).
+
+    ``mixing``: Mixup/CutMix of each (micro-)batch (:mod:`jaxtl.data.augment.mixing`), the loss then on
+    class probabilities (``num_classes`` of them); the accuracy counts each row's own label.
+    ``accumulate_steps=k``: the batch is k micro-batches (rows i, i + k, ... of it), run one after the
+    other (the memory of one), their gradients summed into one update; the loss is the whole batch's
+    (the micro-batches' loss numerators over the batch's denominator), so without train-mode BatchNorm
+    the update equals the batch's in one piece. BatchNorm in train mode takes each micro-batch's
+    statistics and updates its running statistics once per micro-batch, as PyTorch does when it
+    accumulates. A micro-batch without real rows is passed over.
+
+    ``bn_groups=D``: train-mode BatchNorm takes the statistics of each of D blocks of the (micro-)batch, one
+    per device with the batch sharded over D devices (:func:`jaxtl.models.batch_norm_ops.batch_norm_groups`:
+    PyTorch DDP's per-replica statistics); 1: of the whole batch (SyncBatchNorm's).
     """
+    if mixing is not None and mixing.enabled and num_classes is None:
+        raise ValueError("mixing needs num_classes: the targets become class probabilities")
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps={accumulate_steps} must be >= 1")
+    mixing = mixing if mixing is not None and mixing.enabled else None
+    k = accumulate_steps
     base_key = jax.random.key(seed)
+    numerator, denominator = _loss_terms(loss_fn)
+
+    def mix(key, x, labels, mask):
+        return mixing_ops.apply(mixing_ops.draw(mixing, key, x.shape[1], x.shape[2]), x, labels, mask, num_classes)
+
+    def forward_pass(trainable, frozen, rest, x, mask, key):
+        """The logits and the new non-parameter state (BatchNorm statistics) of one forward pass."""
+        params = (trainable, frozen)
+        if compute_dtype is not None:
+            params = _cast(params, compute_dtype)
+        model = nnx.merge(graphdef, *params, rest, copy=True)
+        reseed_streams(model, key)
+        inputs = x if compute_dtype is None else x.astype(compute_dtype)
+        with batch_mask(mask), batch_norm_groups(bn_groups):  # padding rows take no part in the statistics
+            logits = _at_least_float32(forward(model, inputs))
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        if compute_dtype is not None:
+            new_rest = jax.tree.map(
+                lambda new, old: new.astype(old.dtype) if jnp.issubdtype(old.dtype, jnp.floating) else new,
+                new_rest,
+                rest,
+            )
+        return logits, new_rest
 
     def step(state: ModelState, opt_state, images, labels, mask, step_index):
         x = _inputs(images, mean, std)
+        key = jax.random.fold_in(base_key, step_index)
+        if k == 1:
+            targets = labels
+            if mixing is not None:
+                x, targets = mix(jax.random.fold_in(key, MIX_STREAM), x, labels, mask)
 
-        def compute_loss(trainable):
-            params = (trainable, state.frozen)
-            if compute_dtype is not None:
-                params = _cast(params, compute_dtype)
-            model = nnx.merge(graphdef, *params, state.rest, copy=True)
-            reseed_streams(model, jax.random.fold_in(base_key, step_index))
-            inputs = x if compute_dtype is None else x.astype(compute_dtype)
-            with batch_mask(mask):  # padding rows take no part in BatchNorm's batch statistics
-                logits = _at_least_float32(forward(model, inputs))
-            rest = nnx.state(model, nnx.Not(nnx.Param))
-            if compute_dtype is not None:
-                rest = jax.tree.map(
-                    lambda new, old: new.astype(old.dtype) if jnp.issubdtype(old.dtype, jnp.floating) else new,
-                    rest,
-                    state.rest,
-                )
-            return loss_fn(logits, labels, mask), (logits, rest)
+            def compute_loss(trainable):
+                logits, rest = forward_pass(trainable, state.frozen, state.rest, x, mask, key)
+                return loss_fn(logits, targets, mask), (logits, rest)
 
-        (loss, (logits, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+            (loss, (logits, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+            correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+        else:
+            x, labels_k, mask_k = (_micro_batches(a, k) for a in (x, labels, mask))
+            targets = labels_k
+            if mixing is not None:
+                keys = jax.random.split(jax.random.fold_in(key, MIX_STREAM), k)
+                x, targets = jax.vmap(mix)(keys, x, labels_k, mask_k)
+            total = jnp.maximum(jnp.sum(jax.vmap(denominator)(targets, mask_k)), jnp.finfo(jnp.float32).tiny)
+
+            def micro(carry, inputs):
+                grads, rest, loss, correct = carry
+                xi, ti, li, mi, i = inputs
+
+                def run(rest):
+                    def compute_loss(trainable):
+                        micro_key = jax.random.fold_in(key, i)
+                        logits, new_rest = forward_pass(trainable, state.frozen, rest, xi, mi, micro_key)
+                        return numerator(logits, ti, mi) / total, (logits, new_rest)
+
+                    (part, (logits, new_rest)), g = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+                    hits = jnp.sum((jnp.argmax(logits, -1) == li) & mi)
+                    summed = jax.tree.map(jnp.add, grads, g)
+                    return summed, new_rest, loss + part.astype(loss.dtype), correct + hits.astype(correct.dtype)
+
+                def skip(rest):
+                    return grads, rest, loss, correct
+
+                return jax.lax.cond(jnp.any(mi), run, skip, rest), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            loss_dtype = jnp.promote_types(jax.tree.leaves(state.trainable)[0].dtype, jnp.float32)
+            carry = (zeros, state.rest, jnp.zeros((), loss_dtype), jnp.zeros((), jnp.int32))
+            (grads, rest, loss, correct), _ = jax.lax.scan(micro, carry, (x, targets, labels_k, mask_k, jnp.arange(k)))
         updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
         metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
         return ModelState(trainable, state.frozen, rest), opt_state, metrics
 

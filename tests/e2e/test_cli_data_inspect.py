@@ -81,3 +81,18 @@ def test_inspect_a_config_prints_every_phase():
     assert "blocks                16" in out and "0.0001" in out
     bad = run("inspect", str(config), "--num-classes", "5", "--set", "phases.0.lrs.blocks=1e-3")
     assert bad.returncode == 2 and "unknown group(s) blocks" in bad.stderr
+
+
+def test_inspect_a_config_shows_its_loss_mixing_average_and_accumulation():
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    sets = ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "train.label_smoothing=0.1", "train.ema.decay=0.999",
+            "train.ema.warmup=true", "train.accumulate_steps=4", "data.batch_size=8"]  # fmt: skip
+    result = run("inspect", str(config), "--num-classes", "5", *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "batch 8 x 4 accumulated micro-batches (an optimizer step sees 32)" in out
+    assert "mixing: mixup alpha 0.2 and cutmix alpha 1 on a batch with p 1, cutmix chosen with p 0.5" in out
+    assert "loss: cross-entropy, label smoothing 0.1, class weights none" in out
+    assert "weight average (EMA): decay 0.999 with timm's warmup, every 1 step(s)" in out

@@ -231,3 +231,77 @@ def test_early_stopping_ends_a_phase_or_the_run_and_resumes_bitwise(example, tmp
     result = fit(ended, freezing=freezing, log=lines.append)
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert any(line.strip().endswith("ending the run") for line in lines)
+
+
+@pytest.mark.slow
+def test_mixing_accumulation_and_the_weight_average_train_and_resume_bitwise(example, tmp_path):
+    """Mixup/CutMix, two accumulated micro-batches per step and the EMA together: killed inside an epoch and
+    resumed, the run ends with the weights and the average an uninterrupted one ends with."""
+    _, namespace = example
+    freezing = namespace["freezing"]
+    data = {**namespace["config"]["data"], "batch_size": 4, "mixup_alpha": 0.2, "cutmix_alpha": 1.0}
+    train = {**namespace["config"]["train"], "accumulate_steps": 2, "ema": {"decay": 0.9, "warmup": True}}
+    config = {**namespace["config"], "data": data, "train": train}  # 24 images: 3 steps of 2 x 4 an epoch
+    lines: list[str] = []
+    whole = fit({**config, "run_dir": str(tmp_path / "whole")}, freezing=freezing, log=lines.append)
+    assert "batch 4 x 2 accumulated on 1 device(s)" in lines[0]
+    mixing = "mixing: mixup alpha 0.2 and cutmix alpha 1 on a batch with p 1, cutmix chosen with p 0.5; the loss on"
+    assert any(line.startswith(mixing) for line in lines)
+    assert any(" | val (EMA) loss " in line for line in lines)
+    assert [r["step"] for r in whole.history] == [3, 6]
+
+    interrupted = {**config, "run_dir": str(tmp_path / "interrupted")}
+    stop = StopAtStep(5)  # phase 2, after its mid-epoch checkpoint at step 4
+    with pytest.raises(Interrupt):
+        fit(interrupted, freezing=freezing, callbacks=[stop], log=lambda line: None)
+    resumed = fit(interrupted, freezing=freezing, resume=True, log=lambda line: None)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    for average in (False, True):
+        final, _ = load_checkpoint(resumed.latest_checkpoint, average=average)
+        expected, _ = load_checkpoint(whole.latest_checkpoint, average=average)
+        final, expected = state_dict(final), state_dict(expected)
+        for key in expected:
+            assert np.array_equal(final[key], expected[key]), (average, key)  # bitwise
+    trained = state_dict(load_checkpoint(whole.latest_checkpoint, average=False)[0])
+    averaged = state_dict(load_checkpoint(whole.latest_checkpoint)[0])
+    assert not np.array_equal(trained["layer4.0.conv1.weight"], averaged["layer4.0.conv1.weight"])
+    # never trained: d x + (1 - d) x, which is x up to float32's rounding (as in torch's average)
+    np.testing.assert_allclose(trained["conv1.weight"], averaged["conv1.weight"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_reduce_on_plateau_lowers_each_groups_lr_per_phase_and_resumes_bitwise(example, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, namespace = example
+    freezing = namespace["freezing"]
+    phases = [{"name": "last_stage", "epochs": 3}, {"name": "norms", "epochs": 3}]
+    # val_acc1 can never improve by more than 1: with no patience every epoch after a phase's first reduces.
+    optim = {"schedule": "plateau", "plateau_metric": "val_acc1", "plateau_threshold": 1.0,
+             "plateau_threshold_mode": "abs", "plateau_patience": 0, "min_lr": 2e-5}  # fmt: skip
+    config = {**namespace["config"], "phases": phases, "optim": optim}  # 3 steps an epoch, a checkpoint every 2
+    lines: list[str] = []
+    whole = fit({**config, "run_dir": str(tmp_path / "whole")}, freezing=freezing, log=lines.append)
+    # Epochs 2 and 5 reduce (layer4 down to min_lr); the last epoch of a phase reduces nothing, and the next phase
+    # starts at its configured lrs (head 1e-3, not 1e-4).
+    assert [line.strip() for line in lines if "reduce on plateau" in line] == [
+        "reduce on plateau: val_acc1 has not improved for 1 epoch(s); group head lr 0.001 -> 0.0001, "
+        "group layer4 lr 0.0001 -> 2e-05",
+        "reduce on plateau: val_acc1 has not improved for 1 epoch(s); group head lr 0.001 -> 0.0001",
+    ]
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard")).Reload()
+    logged = [event.value for event in events.Scalars("lr/head")]
+    np.testing.assert_allclose(logged, [1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4], rtol=1e-6)
+    np.testing.assert_allclose([event.value for event in events.Scalars("lr/layer4")], [1e-4, 1e-4, 2e-5], rtol=1e-6)
+
+    interrupted = {**config, "run_dir": str(tmp_path / "interrupted")}
+    stop = StopAtStep(9)  # after the mid-epoch checkpoint at step 8, in epoch 3 at the reduced lrs
+    with pytest.raises(Interrupt):
+        fit(interrupted, freezing=freezing, callbacks=[stop], log=lambda line: None)
+    _, meta = load_checkpoint(tmp_path / "interrupted" / "checkpoints" / "latest")
+    assert (meta.state.step, meta.state.plateau.lrs) == (8, {"head": 1e-4, "layer4": 2e-5})
+    resumed = fit(interrupted, freezing=freezing, resume=True, log=lambda line: None)
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    for key in expected:
+        assert np.array_equal(final[key], expected[key]), key  # bitwise
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]

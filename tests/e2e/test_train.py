@@ -267,3 +267,33 @@ def test_config_errors_are_one_clear_line(tmp_path):
     assert missing.returncode == 2 and "nope.yaml does not exist" in missing.stderr
     resume = run("train", "--resume", str(tmp_path), check=False)
     assert resume.returncode == 2 and "not a jaxtl run directory" in resume.stderr
+
+
+@pytest.mark.slow
+def test_the_timm_style_config_killed_and_resumed_ends_bitwise_equal(tmp_path):
+    """configs/resnet50_timm_finetune.yaml (device augmentation, Mixup/CutMix, label smoothing, the EMA, AdamW
+    with warmup + cosine) with two accumulated micro-batches: SIGKILLed in its second epoch and resumed, it ends
+    with the weights, the average and the optimizer state of an uninterrupted run."""
+    overrides = ["data.crop_size=32", "phases.0.epochs=2", "optim.warmup_steps=2", "train.accumulate_steps=2",
+                 "data.batch_size=2", "train.checkpoint_every_steps=2"]  # fmt: skip
+    whole = train(tmp_path / "whole", "resnet50_timm_finetune.yaml", *overrides)
+    assert "mixing: mixup alpha 0.2 and cutmix alpha 1" in whole.stdout and "val (EMA) loss" in whole.stdout
+    command = [*JAXTL, "train", str(CONFIGS / "resnet50_timm_finetune.yaml")]
+    for s in (f"run_dir={tmp_path / 'cut'}", *TINY, *overrides):
+        command += ["--set", s]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = tmp_path / "cut" / "checkpoints" / "latest" / "meta.json"
+    deadline = time.time() + 900
+    while time.time() < deadline and process.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 6:  # 5 steps of 2 x 2 an epoch
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    run("train", "--resume", str(tmp_path / "cut"))
+    from jaxtl.train.checkpoint import load_arrays
+
+    whole_arrays, cut_arrays = (load_arrays(tmp_path / name / "checkpoints" / "latest") for name in ("whole", "cut"))
+    assert set(whole_arrays) == {"model", "ema", "opt_state"}
+    assert_trees_equal(whole_arrays, cut_arrays)

@@ -315,6 +315,7 @@ def test_a_batch_with_one_real_value_per_channel_leaves_the_running_statistics_a
     with batch_mask(jnp.asarray([True, False])):
         y = bn(x)
     assert np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_array_equal(np.asarray(y[1]), 0.0)  # the padding row leaves as zeros
     np.testing.assert_array_equal(np.asarray(bn.running_mean[...]), before[0])
     np.testing.assert_array_equal(np.asarray(bn.running_var[...]), before[1])
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):

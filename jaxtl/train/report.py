@@ -1,0 +1,473 @@
+"""``report.html``: one self-contained page about a checkpoint, for a person to read in a browser.
+
+The page holds the run's training curves with its phases marked, the confusion matrix, each class's
+precision, recall, F1 and support with the balanced accuracy, and the validation images with the highest
+loss ("top losses", ordered as fastai's ``plot_top_losses`` orders them: highest first), each with its true
+and predicted class and both probabilities. Every image is a PNG inside the page (a ``data:`` URI) and the
+styles are inline: the file is read without a network, a server or JavaScript, and can be mailed as it is.
+
+A run writes ``RUN_DIR/report.html`` from its best checkpoint when it ends (:func:`jaxtl.train.fit`);
+``jaxtl eval CHECKPOINT --report [PATH]`` writes one for any checkpoint (:func:`write_report`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.config import RunConfig, config_from_dict
+from jaxtl.data import Loader
+from jaxtl.errors import JaxtlError
+from jaxtl.train import checkpoint as ckpt
+from jaxtl.train.evaluate import Evaluation, Predictor, balanced_accuracy
+from jaxtl.train.figures import confusion_matrix, load_metrics, plot_confusion, plot_curves
+from jaxtl.train.inputs import load_data
+from jaxtl.train.state import CheckpointMeta
+
+THUMBNAIL_SIZE = 160  # pixels, the longer side: 16 thumbnails of a 224-pixel crop stay near 1 MB of PNG
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPredictions:
+    """A checkpoint's predictions for every readable image of a split, in the split's order.
+
+    Attributes:
+        log_probabilities: ``(N, C)`` float32 log-softmax of the logits (with TTA, of the averaged probabilities).
+        labels: ``(N,)`` int64 true classes.
+        indices: ``(N,)`` int64 each image's index in its source.
+        skipped: the files skipped as unreadable (``data.skip_bad_files``).
+    """
+
+    log_probabilities: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def losses(self) -> np.ndarray:
+        """``(N,)`` float32 cross-entropy of each image: ``-log p(true class)``."""
+        return -self.log_probabilities[np.arange(len(self.labels)), self.labels]
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """``(N,)`` int64 predicted classes (the argmax)."""
+        return np.argmax(self.log_probabilities, axis=-1).astype(np.int64)
+
+    def evaluation(self) -> Evaluation:
+        """The split's loss, top-1 and top-5 accuracy and confusion matrix, as :func:`evaluate` gives them."""
+        count, num_classes = self.log_probabilities.shape
+        if not count:
+            raise JaxtlError("no image of the split could be read, so there is nothing to report")
+        top = np.argsort(-self.log_probabilities, axis=-1, kind="stable")[:, : min(5, num_classes)]
+        return Evaluation(
+            loss=float(np.mean(self.losses, dtype=np.float64)),
+            acc1=float(np.mean(self.predictions == self.labels)),
+            acc5=float(np.mean(np.any(top == self.labels[:, None], axis=-1))),
+            count=count,
+            confusion=confusion_matrix(self.labels, self.predictions, num_classes),
+        )
+
+    def top_losses(self, k: int) -> np.ndarray:
+        """Positions (into these arrays) of the ``k`` highest losses, highest first; ties in split order."""
+        return np.argsort(-self.losses, kind="stable")[:k]
+
+
+def predict_split(
+    predictor: Predictor,
+    source,
+    *,
+    batch_size: int,
+    num_workers: int | None = None,
+    skip_bad_files: bool = False,
+    worker_type: str = "auto",
+) -> SplitPredictions:
+    """Runs ``predictor``'s eval step over every image of ``source`` (in order) and keeps each image's output.
+
+    The batches run on this process's default device, unsharded: a run's primary process writes the report
+    on its own, while the other processes of a multi-process run have ended theirs.
+
+    Args:
+        predictor: a checkpoint's :class:`Predictor` (its eval transform, precision and TTA).
+        source: the images (:class:`jaxtl.data.sources.Source`), labelled with the checkpoint's classes.
+        batch_size: images per forward pass (the run's ``data.eval_batch_size``).
+        num_workers, skip_bad_files, worker_type: as :class:`jaxtl.data.Loader` takes them.
+    """
+    loader = Loader(source, predictor.transform, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                    skip_bad_files=skip_bad_files, worker_type=worker_type)  # fmt: skip
+    outputs, labels, indices = [], [], []
+    try:
+        for batch in loader.epoch(0):
+            logits, _ = predictor.step(predictor.state, batch.images, batch.labels, batch.mask)
+            rows = batch.mask
+            outputs.append(np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))[rows])
+            labels.append(batch.labels[rows].astype(np.int64))
+            indices.append(batch.indices[rows].astype(np.int64))
+    finally:
+        loader.close()
+    return SplitPredictions(np.concatenate(outputs), np.concatenate(labels), np.concatenate(indices),
+                            tuple(loader.skipped))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLoss:
+    """One image of the top-losses gallery.
+
+    Attributes:
+        rank: 1 for the highest loss.
+        description: where the image came from (its file path, or a tfds record).
+        true_class, predicted_class: class names.
+        loss: ``-log p(true class)``.
+        probability_predicted, probability_true: the predicted and the true class's probabilities.
+        thumbnail: PNG bytes of the image as the model saw it (the eval transform's crop), at most
+            :data:`THUMBNAIL_SIZE` pixels on its longer side.
+    """
+
+    rank: int
+    description: str
+    true_class: str
+    predicted_class: str
+    loss: float
+    probability_predicted: float
+    probability_true: float
+    thumbnail: bytes
+
+
+def gather_top_losses(predictions: SplitPredictions, source, predictor: Predictor, k: int = 16) -> tuple[TopLoss, ...]:
+    """The ``k`` images of ``source`` with the highest loss, highest first, each loaded again for its thumbnail."""
+    classes = predictor.classes
+    gallery = []
+    for rank, row in enumerate(predictions.top_losses(k), start=1):
+        log_probabilities, label = predictions.log_probabilities[row], int(predictions.labels[row])
+        predicted = int(np.argmax(log_probabilities))
+        index = int(predictions.indices[row])
+        image, _ = source.load(index)
+        gallery.append(TopLoss(
+            rank=rank, description=source.describe(index), true_class=classes[label],
+            predicted_class=classes[predicted], loss=float(-log_probabilities[label]),
+            probability_predicted=float(np.exp(log_probabilities[predicted])),
+            probability_true=float(np.exp(log_probabilities[label])),
+            thumbnail=thumbnail_png(predictor.transform(image)),
+        ))  # fmt: skip
+    return tuple(gallery)
+
+
+def thumbnail_png(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
+    """PNG bytes of an ``(H, W, 3)`` uint8 image, shrunk (never enlarged) to at most ``size`` pixels a side."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.asarray(image, np.uint8))
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def figure_png(draw: Callable[[Path], Path]) -> bytes:
+    """The PNG bytes of a figure that ``draw(path)`` saves (the plotting functions of :mod:`.figures`)."""
+    with tempfile.TemporaryDirectory(prefix="jaxtl-report-") as directory:
+        return Path(draw(Path(directory) / "figure.png")).read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What a report shows, and where it was written.
+
+    Attributes:
+        path: the HTML file.
+        checkpoint: the checkpoint evaluated; ``run_dir`` its run directory, when it lies in one.
+        meta: the checkpoint's :class:`jaxtl.train.CheckpointMeta`.
+        split: the split evaluated (``"val"`` or ``"train"``), ``tta`` the test-time augmentation.
+        predictions: every readable image's output; ``evaluation`` the metrics from them.
+        top_losses: the gallery, highest loss first.
+        curves_png: the training curves (None without ``metrics.jsonl``); ``confusion_png`` the matrix.
+    """
+
+    path: Path
+    checkpoint: Path
+    run_dir: Path | None
+    meta: CheckpointMeta
+    split: str
+    tta: str
+    predictions: SplitPredictions
+    evaluation: Evaluation
+    top_losses: tuple[TopLoss, ...]
+    curves_png: bytes | None
+    confusion_png: bytes
+
+
+def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The run directory a checkpoint lies in (``RUN_DIR/checkpoints/NAME``), or None."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def report_path_of(checkpoint: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Where a checkpoint's report goes: ``path`` (a file, not a directory), or by default ``RUN_DIR/report.html``
+    for a checkpoint in a run directory; otherwise an error naming what to give instead."""
+    if path is not None:
+        if Path(path).is_dir():
+            raise JaxtlError(f"report path {path} is a directory; give the HTML file to write, e.g. {path}/report.html")
+        return Path(path)
+    ckpt.load_meta(checkpoint)  # not a checkpoint: the error names the directory and what it lacks
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is None:
+        raise JaxtlError(
+            f"{checkpoint} is not in a run directory (RUN_DIR/checkpoints/NAME), so the report has no default "
+            "place; give one: --report PATH"
+        )
+    return run_dir / "report.html"
+
+
+def write_report(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    source=None,
+    split: str = "val",
+    overrides: Sequence[str] = (),
+    tta: str = "none",
+    top_losses: int = 16,
+) -> Report:
+    """Evaluates a checkpoint image by image and writes its self-contained HTML report.
+
+    Args:
+        checkpoint: a training checkpoint, e.g. ``RUN_DIR/checkpoints/best``.
+        path: the HTML file to write (default: ``RUN_DIR/report.html``, :func:`report_path_of`).
+        source: the images to evaluate (a :class:`jaxtl.data.sources.Source` with the checkpoint's classes);
+            default: ``split`` of the data the checkpoint's run used, with ``overrides`` applied to its config.
+        split: ``"val"`` or ``"train"``, when ``source`` is not given; named in the report.
+        overrides: dotted ``key=value`` settings for the run's config (``data.root=...``).
+        tta: ``"none"`` or ``"flip"`` (:func:`jaxtl.train.step.make_eval_step`).
+        top_losses: how many images the gallery shows (>= 1).
+
+    Returns:
+        The :class:`Report`, written to ``path``.
+
+    Raises:
+        JaxtlError: the checkpoint, the data or the path cannot be used; the message names it.
+    """
+    if top_losses < 1:
+        raise JaxtlError(f"top_losses={top_losses} must be at least 1")
+    if split not in ("val", "train"):
+        raise JaxtlError(f"split={split!r} is not one of 'val', 'train'")
+    path = report_path_of(checkpoint, path)
+    predictor = Predictor.from_checkpoint(checkpoint, tta=tta)
+    meta = predictor.meta
+    config = config_from_dict(meta.config, overrides, f"{checkpoint}/meta.json")
+    source = source if source is not None else _split_source(config, split, meta.classes)
+    d = config.data
+    predictions = predict_split(predictor, source, batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                                skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)  # fmt: skip
+    evaluation = predictions.evaluation()
+    run_dir = run_dir_of(checkpoint)
+    report = Report(
+        path=path, checkpoint=Path(checkpoint), run_dir=run_dir, meta=meta, split=split, tta=tta,
+        predictions=predictions, evaluation=evaluation,
+        top_losses=gather_top_losses(predictions, source, predictor, top_losses),
+        curves_png=_curves_png(run_dir, meta.arch),
+        confusion_png=figure_png(lambda png: plot_confusion(evaluation.confusion, meta.classes, png)),
+    )  # fmt: skip
+    _write_text(path, render_report(report))
+    return report
+
+
+def _split_source(config: RunConfig, split: str, classes: tuple[str, ...]):
+    """``split`` of the data ``config`` names, whose classes must be the checkpoint's."""
+    data = load_data(config.data)
+    if data.classes != classes:
+        raise JaxtlError(f"the data's classes {list(data.classes)} differ from the checkpoint's {list(classes)}")
+    return data.val if split == "val" else data.train
+
+
+def _curves_png(run_dir: Path | None, arch: str) -> bytes | None:
+    """The run's training curves, drawn as the run draws curves.png; None without its metrics.jsonl."""
+    metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    if metrics_path is None or not metrics_path.is_file():
+        return None
+    title = f"{arch}, {run_dir.name}"
+    return figure_png(lambda png: plot_curves(load_metrics(metrics_path), png, title=title))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Writes ``text`` whole or not at all: a reader never sees half a report."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(path)
+    except OSError as error:
+        raise JaxtlError(f"cannot write the report {path}: {error.strerror or error}") from None
+
+
+# -- the page ------------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1180px;
+       padding: 0 1rem; color: #1d2330; background: #fff; }
+h1 { font-size: 1.6rem; margin-bottom: 0.3rem; }
+h2 { font-size: 1.2rem; border-bottom: 1px solid #d8dce3; padding-bottom: 0.2rem; margin-top: 2rem; }
+dl.summary { display: grid; grid-template-columns: max-content 1fr; gap: 0.2rem 1rem; margin: 0; }
+dl.summary dt { font-weight: 600; color: #4a5263; }
+dl.summary dd { margin: 0; overflow-wrap: anywhere; }
+img.figure { max-width: 100%; height: auto; border: 1px solid #e4e7ec; }
+table.per-class { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+table.per-class th, table.per-class td { padding: 0.25rem 0.8rem; border-bottom: 1px solid #e4e7ec; }
+table.per-class td { text-align: right; }
+table.per-class th[scope=row] { text-align: left; font-weight: 500; }
+.note { color: #5b6475; font-size: 0.9rem; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 1rem; }
+figure.top-loss { margin: 0; padding: 0.5rem; border: 1px solid #e4e7ec; border-radius: 6px; }
+figure.top-loss img { display: block; width: 160px; height: auto; margin: 0 auto 0.4rem;
+                      image-rendering: pixelated; }
+figure.top-loss figcaption { font-size: 0.85rem; line-height: 1.35; overflow-wrap: anywhere; }
+.wrong { color: #b42318; font-weight: 600; }
+.right { color: #067647; font-weight: 600; }
+.path { color: #5b6475; font-size: 0.75rem; }
+"""
+
+
+def render_report(report: Report) -> str:
+    """The report's HTML: one string, every image inline, no script and no external reference."""
+    meta = report.meta
+    name = report.run_dir.name if report.run_dir is not None else report.checkpoint.name
+    sections = [_summary(report), _curves(report), _confusion(report), _per_class(report), _gallery(report)]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>jaxtl report: {_text(meta.arch)}, {_text(name)}</title>\n<style>{_STYLE}</style>\n</head>\n"
+        "<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
+    )
+
+
+def _text(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _image(png: bytes, alt: str, css_class: str) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as picture:
+        width, height = picture.size
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<img class="{css_class}" alt="{_text(alt)}" width="{width}" height="{height}" '
+        f'src="data:image/png;base64,{data}">'
+    )
+
+
+def _summary(report: Report) -> str:
+    meta, evaluation = report.meta, report.evaluation
+    best = meta.state.best
+    rows = {
+        "architecture": meta.arch,
+        "run directory": report.run_dir if report.run_dir is not None else "(none: the checkpoint is on its own)",
+        "checkpoint": report.checkpoint,
+        "weights": meta.weights.get("name") or meta.weights.get("source") or "-",
+        "classes": f"{meta.num_classes}: {', '.join(meta.classes)}",
+        "best epoch": f"{best.epoch} ({_metrics_line(best.metrics)})" if best.epoch is not None else "-",
+    }
+    skipped = f", {len(report.predictions.skipped)} unreadable skipped" if report.predictions.skipped else ""
+    tta = ", TTA: flip (each image's probabilities averaged with its mirror image's)" if report.tta == "flip" else ""
+    top5 = f", acc@5 {evaluation.acc5:.4f}" if meta.num_classes > 5 else ""
+    rows[f"this evaluation ({report.split})"] = (
+        f"{evaluation.count} images{skipped}{tta}: acc@1 {evaluation.acc1:.4f}{top5}, balanced accuracy "
+        f"{balanced_accuracy(evaluation.confusion):.4f}, loss {evaluation.loss:.4f}"
+    )
+    items = "\n".join(f"<dt>{_text(key)}</dt><dd>{_text(value)}</dd>" for key, value in rows.items())
+    heading = f"<h1>{_text(meta.arch)} on {meta.num_classes} classes</h1>"
+    return f'<header>\n{heading}\n<dl class="summary">\n{items}\n</dl>\n</header>'
+
+
+def _metrics_line(metrics: Mapping[str, object]) -> str:
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v:.4f}" for k, v in numbers.items())
+
+
+def _curves(report: Report) -> str:
+    if report.curves_png is None:
+        where = report.run_dir / "metrics.jsonl" if report.run_dir is not None else "metrics.jsonl"
+        body = f'<p class="note">No training curves: {_text(where)} does not exist.</p>'
+    else:
+        body = (
+            _image(report.curves_png, "training curves: loss and accuracy per epoch, phases marked", "figure")
+            + '\n<p class="note">Loss and accuracy per epoch; a dashed line marks where each phase starts.</p>'
+        )
+    return f'<section id="curves">\n<h2>Training curves</h2>\n{body}\n</section>'
+
+
+def _confusion(report: Report) -> str:
+    image = _image(report.confusion_png, f"confusion matrix on {report.split}", "figure")
+    note = "Rows: the true class; columns: the predicted class; colour: the share of the true class's images."
+    heading = f"<h2>Confusion matrix ({_text(report.split)})</h2>"
+    return f'<section id="confusion">\n{heading}\n{image}\n<p class="note">{note}</p>\n</section>'
+
+
+def _per_class(report: Report) -> str:
+    table = report.evaluation.per_class(report.meta.classes)
+    rows = "\n".join(
+        f'<tr><th scope="row">{_text(name)}</th><td>{row["precision"]:.4f}</td><td>{row["recall"]:.4f}</td>'
+        f"<td>{row['f1']:.4f}</td><td>{row['support']}</td></tr>"
+        for name, row in table.items()
+    )
+    balanced = balanced_accuracy(report.evaluation.confusion)
+    return (
+        f'<section id="per-class">\n<h2>Per-class metrics ({_text(report.split)})</h2>\n'
+        f'<p>Balanced accuracy (the mean recall over the classes): <strong id="balanced-accuracy">{balanced:.4f}'
+        "</strong></p>\n"
+        '<table class="per-class">\n<thead><tr><th scope="col">class</th><th scope="col">precision</th>'
+        '<th scope="col">recall</th><th scope="col">F1</th><th scope="col">support</th></tr></thead>\n'
+        f"<tbody>\n{rows}\n</tbody>\n</table>\n</section>"
+    )
+
+
+def _gallery(report: Report) -> str:
+    p = report.meta.preprocessing
+    seen = (
+        f"as the model saw it: resized to {p.resize_size} pixels on the shorter side ({_text(p.interpolation)}) and "
+        f"center-cropped to {p.crop_size}x{p.crop_size} by the eval transform, shown at most {THUMBNAIL_SIZE} "
+        "pixels wide"
+    )
+    folder = _common_folder([item.description for item in report.top_losses])
+    figures = "\n".join(_top_loss(item, folder) for item in report.top_losses)
+    files = f" File paths are relative to {_text(folder)}." if folder else ""
+    return (
+        f'<section id="top-losses">\n<h2>Top losses ({_text(report.split)})</h2>\n'
+        f'<p class="note">The {len(report.top_losses)} images with the highest loss (-log of the true class\'s '
+        f"probability), highest first. Each image is shown {seen}.{files}</p>\n"
+        f'<div class="gallery">\n{figures}\n</div>\n</section>'
+    )
+
+
+def _common_folder(descriptions: list[str]) -> str | None:
+    """The folder that holds every file named (None unless every description is an absolute path)."""
+    if not descriptions or not all(os.path.isabs(d) for d in descriptions):
+        return None
+    return os.path.commonpath([os.path.dirname(d) for d in descriptions])
+
+
+def _top_loss(item: TopLoss, folder: str | None) -> str:
+    verdict = "right" if item.predicted_class == item.true_class else "wrong"
+    shown = os.path.relpath(item.description, folder) if folder else item.description
+    image = _image(item.thumbnail, f"{item.description}: true {item.true_class}, predicted {item.predicted_class}",
+                   "thumbnail")  # fmt: skip
+    return (
+        f'<figure class="top-loss" data-rank="{item.rank}" data-loss="{item.loss:.9g}" '
+        f'data-true="{_text(item.true_class)}" data-predicted="{_text(item.predicted_class)}" '
+        f'data-probability-predicted="{item.probability_predicted:.9g}" '
+        f'data-probability-true="{item.probability_true:.9g}" data-source="{_text(item.description)}">\n'
+        f"{image}\n<figcaption>#{item.rank} loss {item.loss:.3f}<br>"
+        f'predicted <span class="{verdict}">{_text(item.predicted_class)}</span> '
+        f"p={item.probability_predicted:.3f}<br>true <strong>{_text(item.true_class)}</strong> "
+        f'p={item.probability_true:.3f}<br><span class="path">{_text(shown)}</span></figcaption>\n'
+        "</figure>"
+    )

@@ -17,6 +17,7 @@ import jax
 import optax
 
 from jaxtl.optim.groups import ParamGroups
+from jaxtl.optim.plateau import ScaleByPlateauState
 from jaxtl.optim.settings import OptimizerConfig, Phase
 
 
@@ -39,10 +40,11 @@ def _keyed_leaves(tree: Any) -> dict[str, Any]:
 
 
 def _schedule_counts(tree: Any) -> set[str]:
-    """The paths of the step counts of the LR schedules (``optax.ScaleByScheduleState``) in ``tree``."""
+    """The paths of the LR schedules' state in ``tree``: step counts (``optax.ScaleByScheduleState``) and
+    reduce-on-plateau scales, which start afresh with each phase's optimizer."""
 
     def is_schedule(node: Any) -> bool:
-        return isinstance(node, optax.ScaleByScheduleState)
+        return isinstance(node, (optax.ScaleByScheduleState, ScaleByPlateauState))
 
     found = set()
     for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_schedule)[0]:

@@ -247,3 +247,31 @@ def test_the_plateau_config_parses_and_names_a_wrong_value():
         OptimizerConfig(schedule="plateau", gamma=1.0)
     with pytest.raises(ParamGroupError, match="plateau_threshold_mode 'relative' is not one of rel, abs"):
         OptimizerConfig(schedule="plateau", plateau_threshold_mode="relative")
+
+
+def test_a_phase_carrying_optimizer_state_does_not_carry_a_reduced_plateau_scale():
+    """A new phase starts at its configured lrs (a new torch scheduler): carry_optimizer_state keeps scales at 1."""
+    import jax
+    import numpy as np
+
+    import jaxtl.models
+    from jaxtl.optim import OptimizerConfig, Phase, carry_optimizer_state, set_plateau_scales
+    from jaxtl.optim.plateau import ScaleByPlateauState
+    from jaxtl.train.step import split_model
+
+    model = jaxtl.models.create("resnet18", num_classes=3)
+    config = OptimizerConfig(name="sgd", lr=0.1, schedule="plateau")
+    first = Phase("head", "head_only", steps=2, optimizer=config)
+    second = Phase("last", "last_n_blocks:1", steps=2, optimizer=config)
+    groups1, groups2 = first.groups(model), second.groups(model)
+    old = first.optax(groups1).init(split_model(model, groups1)[1].trainable)
+    old = set_plateau_scales(old, {"head": 0.01})
+    fresh = second.optax(groups2).init(split_model(model, groups2)[1].trainable)
+    carried, names = carry_optimizer_state(groups1, old, groups2, fresh)
+    assert names == ["head"]
+    scales = [
+        float(node.scale)
+        for node in jax.tree.leaves(carried, is_leaf=lambda n: isinstance(n, ScaleByPlateauState))
+        if isinstance(node, ScaleByPlateauState)
+    ]
+    assert scales and np.all(np.asarray(scales) == 1.0)

@@ -13,6 +13,9 @@ _NAMES = {
     "jaxtl.optim.optimizer": ("build_optimizer", "group_lr", "group_state_leaves", "plateau_peaks", "schedule"),
     "jaxtl.optim.plateau": ("Plateau", "get_plateau_scales", "scale_by_plateau", "set_plateau_scales"),
     "jaxtl.optim.phases": ("carry_optimizer_state", "progressive_unfreezing"),
+    "jaxtl.optim.literature": (
+        "L2SPState", "l2sp", "relative_gradient_norm_scales", "scale_by_relative_gradient_norm", "with_l2sp",
+    ),
     "jaxtl.optim.policies": (
         "POLICIES", "bitfit", "discriminative", "full", "get_policy", "head_only", "last_n_blocks",
         "layerwise_lr_decay", "norm_only",

@@ -98,8 +98,14 @@ class ParamGroups:
                 if inside and not any(n in trainable for n in inside):
                     module.deterministic = True
 
-    def summary(self, base_lr: float | None = None, default_weight_decay: float | None = None) -> str:
-        """Per group: its parameters (whole modules collapsed), counts, LR, weight decay, BN policy."""
+    def summary(
+        self, base_lr: float | None = None, default_weight_decay: float | None = None, l2sp_alpha: float | None = None
+    ) -> str:
+        """Per group: its parameters (whole modules collapsed), counts, LR, weight decay, BN policy.
+
+        ``l2sp_alpha`` (``optim.l2sp_alpha``): the groups it anchors (all but ``head`` and those with their own
+        transformation) show ``l2sp ALPHA`` for their decay, which it replaces.
+        """
         total = sum(self.sizes.values())
         trainable = sum(self.sizes[n] for n in self.trainable_names)
         lines = [
@@ -117,6 +123,8 @@ class ParamGroups:
                 lr = _format_lr(group, base_lr)
                 decay = group.weight_decay if group.weight_decay is not None else default_weight_decay
                 wd = "-" if decay is None else f"{decay:g}"
+                if l2sp_alpha is not None and group.name != "head" and group.transform is None:
+                    wd = f"l2sp {l2sp_alpha:g}"
             norms = [m for m in self.batch_norms if self.labels.get(f"{m}.weight") == group.name]
             bn = group.bn_policy if norms else "-"
             modules = collapse_names(names, universe)

@@ -9,6 +9,10 @@ also accepts a full parameter tree, and then frozen leaves get zero updates and 
 With ``schedule: plateau`` each trainable group's chain ends in :func:`jaxtl.optim.plateau.scale_by_plateau`,
 whose scale (in the optimizer state) the training loop sets after each validation.
 
+With ``l2sp_alpha`` set, each trainable group but ``head`` starts its chain with
+:func:`jaxtl.optim.literature.l2sp` (the penalty's gradient, before clipping as a loss term's) and has no
+weight decay: L2-SP's pull toward the starting weights replaces the pull toward zero.
+
 Conventions follow torch.optim: AdamW's decay is decoupled and multiplied by the LR
 (``p -= lr * (adam_update + wd * p)``), eps is added outside the square root; SGD adds ``wd * p``
 to the gradient before momentum (``buf = momentum * buf + g``, no dampening).
@@ -26,8 +30,11 @@ import optax
 
 from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
+from jaxtl.optim.literature import l2sp
 from jaxtl.optim.plateau import scale_by_plateau
 from jaxtl.optim.settings import OptimizerConfig
+
+HEAD_GROUP = "head"  # the classifier's group in every built-in policy: L2-SP (l2sp_alpha) leaves it out
 
 
 def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
@@ -128,6 +135,7 @@ def build_optimizer(
     ``config`` None: the default :class:`OptimizerConfig`.
     """
     config = config or OptimizerConfig()
+    _check_l2sp(groups, config)
     transforms = {}
     mask = _decay_mask(groups, config.no_weight_decay)
     for name, group in groups.groups.items():
@@ -138,15 +146,39 @@ def build_optimizer(
             transforms[name] = group.transform
             continue
         lr = schedule(config, group_lr(groups, name, config), total_steps)
+        anchored = config.l2sp_alpha is not None and name != HEAD_GROUP
         decay = group.weight_decay if group.weight_decay is not None else config.weight_decay
-        tx = _base_transform(config, lr, decay, mask)
+        tx = _base_transform(config, lr, 0.0 if anchored else decay, mask)
         if config.clip_grad_norm is not None:
             tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+        if anchored:
+            tx = optax.chain(l2sp(config.l2sp_alpha), tx)
         if config.schedule == "plateau":  # the update of AdamW (decay included) or SGD is linear in the lr
             tx = optax.chain(tx, scale_by_plateau())
         transforms[name] = tx
     labels = groups.labels
     return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))
+
+
+def _check_l2sp(groups: ParamGroups, config: OptimizerConfig) -> None:
+    if config.l2sp_alpha is None:
+        return
+    if HEAD_GROUP not in groups.groups:
+        raise ParamGroupError(
+            f"optim.l2sp_alpha anchors every trainable group but {HEAD_GROUP!r} at its starting weights, and no group "
+            f"is named {HEAD_GROUP!r} (groups: {', '.join(groups.groups)}): name the classifier's group "
+            f"{HEAD_GROUP!r}, as the built-in policies do"
+        )
+    decayed = [
+        name
+        for name, group in groups.groups.items()
+        if name != HEAD_GROUP and not group.frozen and group.transform is None and group.weight_decay is not None
+    ]
+    if decayed:
+        raise ParamGroupError(
+            f"group(s) {', '.join(decayed)} set weight_decay, which optim.l2sp_alpha replaces with L2-SP's pull toward "
+            "the starting weights: drop their weight_decay or l2sp_alpha"
+        )
 
 
 def _map_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:

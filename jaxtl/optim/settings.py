@@ -56,6 +56,12 @@ class OptimizerConfig:
         no_weight_decay: glob patterns of parameters never decayed, whatever their group
             (``("*.bias", "*bn*")`` is a common choice).
         clip_grad_norm: clip each group's gradient to this global norm first (None: off).
+        l2sp_alpha: L2-SP (Li et al. 2018, :func:`jaxtl.optim.literature.l2sp`; None: off): every trainable group
+            but ``head`` (the classifier's group in every built-in policy) and those with their own transform adds
+            ``l2sp_alpha * (w - w0)`` to its gradient before clipping and the optimizer, as the penalty
+            ``l2sp_alpha / 2 * ||w - w0||^2`` in the loss would, in place of its weight decay (w0: the group's
+            weights when its optimizer state starts; ``no_weight_decay`` does not exempt a parameter from it).
+            The head keeps ``weight_decay``, the paper's beta (coupled L2 with ``sgd`` and ``adam``, as the paper's).
     """
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -82,6 +88,7 @@ class OptimizerConfig:
     min_lr: float = bounded(0.0, low=0)
     no_weight_decay: tuple[str, ...] = ()
     clip_grad_norm: float | None = bounded(None, low=0)
+    l2sp_alpha: float | None = bounded(None, low=0)
 
     def __post_init__(self):
         if self.name not in ("adamw", "adam", "sgd"):

@@ -174,7 +174,7 @@ class Trainer:
         groups = phase.groups(model)
         optimizer_config = phase.optimizer or self.config.optim
         self.log(f"phase {index + 1}/{len(self.phases)} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
-        self.log(groups.summary(base_lr=optimizer_config.lr, default_weight_decay=optimizer_config.weight_decay))
+        self.log(groups.summary(optimizer_config.lr, optimizer_config.weight_decay, optimizer_config.l2sp_alpha))
         graphdef, model_state = split_model(model, groups)
         model_state = jax.device_put(model_state, self.replicated)
         total_steps = phase.epochs * len(self.loaders.train)

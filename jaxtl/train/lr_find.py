@@ -510,7 +510,7 @@ class _RangeTest:
             f", up to {num_iter} steps, lr {start_lr:g} to {end_lr:g} (exponential), {len(self.loaders.train)} "
             f"batches of {self.config.data.batch_size} an epoch"
         )
-        self.log(self.groups.summary(base_lr=optimizer_config.lr, default_weight_decay=optimizer_config.weight_decay))
+        self.log(self.groups.summary(optimizer_config.lr, optimizer_config.weight_decay, optimizer_config.l2sp_alpha))
         lrs = exponential_lrs(start_lr, end_lr, num_iter)
         optimizer = self._optimizer(lrs / peak)
         step = self._train_step(optimizer)

@@ -333,3 +333,14 @@ def test_each_groups_largest_rgn_is_its_own_under_build_optimizer():
     ratios = {n: np.max(np.abs(u)) / np.max(np.abs(LR * _flat(grads)[n])) for n, u in _flat(updates).items()}
     assert max(v for n, v in ratios.items() if n.startswith("fc.")) == pytest.approx(1.0, rel=1e-6)
     assert max(v for n, v in ratios.items() if not n.startswith("fc.")) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_group_table_shows_l2sp_where_it_replaces_weight_decay():
+    import jaxtl.models
+    from jaxtl.optim import assign, get_policy
+
+    model = jaxtl.models.abstract_model("resnet18", num_classes=3)
+    groups = assign(model, get_policy("full:0.1")(model))
+    rows = {line.split()[0]: line for line in groups.summary(1e-3, 1e-4, 0.01).splitlines()[2:]}
+    assert rows["backbone"].split()[4:6] == ["l2sp", "0.01"]
+    assert rows["head"].split()[4] == "0.0001"

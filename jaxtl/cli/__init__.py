@@ -45,7 +45,7 @@ def _enable_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "predict", "lr-find"):
+    if args.command in ("train", "eval", "predict", "lr-find", "suggest"):
         _enable_compilation_cache()
     try:
         return args.run(args)

@@ -310,7 +310,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"phase {index} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
             groups = phase.groups(model)
             optimizer = phase.optimizer or config.optim
-            print(groups.summary(base_lr=optimizer.lr, default_weight_decay=optimizer.weight_decay))
+            print(groups.summary(optimizer.lr, optimizer.weight_decay, optimizer.l2sp_alpha))
         return 0
     num_classes = args.num_classes or 1000
     model = models.abstract_model(args.target, num_classes=num_classes)
@@ -338,6 +338,26 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     result.plot(plot, title=f"lr-find: {config.model.arch}, {args.config}, phase {args.phase} {result.phase_name!r}")
     print(f"curve: {plot}; every step: {result.save(plot.with_suffix('.json'))}")
     print(result.summary())
+    return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from jaxtl.config import ConfigError
+
+    if args.out is not None and Path(args.out).suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"--out {args.out}: give a .yaml file, which `jaxtl train` then reads")
+    # model.weights: null in a config; --weights null (or none) here.
+    weights = None if args.weights.lower() in ("null", "none", "~") else args.weights
+    from jaxtl.train.suggest import suggest
+
+    result = suggest(args.data_root, arch=args.arch, weights=weights, overrides=args.set)
+    print(result.summary())
+    if args.out is None:
+        print("config (write it with --out CONFIG.yaml):")
+        print(result.config_yaml(), end="")
+        return 0
+    path = result.write_config(args.out)
+    print(f"config: {path}; start with: jaxtl train {path}")
     return 0
 
 

@@ -16,6 +16,7 @@ from jaxtl.cli.commands import (
     cmd_models,
     cmd_parity,
     cmd_predict,
+    cmd_suggest,
     cmd_train,
 )
 
@@ -194,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the PNG to write, the JSON of every step next to it (default: RUN_DIR/lr_find/phaseN-NAME.png)",
     )  # fmt: skip
     lr_find.set_defaults(run=cmd_lr_find)
+
+    suggest = commands.add_parser(
+        "suggest",
+        help="which layers to fine-tune on an ImageFolder dataset: its counts, a linear probe, a config to start from",
+        description="Count the images per class of DATA_ROOT/train and DATA_ROOT/val, fit a linear probe (logistic "
+        "regression) to the frozen backbone's features of the train images and score it on the val images, then "
+        "pick the row of jaxtl's decision table (dataset size x how well the frozen features separate the classes) "
+        "and print every number it compared. The config it suggests (the folder, the model, phases with their "
+        "policies and learning rates) is printed, or written with --out, for `jaxtl train`. The thresholds are "
+        "heuristics (docs/design.md).",
+    )
+    suggest.add_argument(
+        "data_root", metavar="DATA_ROOT",
+        help="an ImageFolder dataset: DATA_ROOT/train/<class>/<image> and DATA_ROOT/val/<class>/<image>",
+    )  # fmt: skip
+    suggest.add_argument("--arch", default="resnet18", help="architecture (default resnet18; see `jaxtl models`)")
+    suggest.add_argument(
+        "--weights", default="DEFAULT",
+        help="as model.weights: a weight name (default DEFAULT), a .pth file or a converted directory; null for "
+        "torchvision's random init (model.weights: null), which makes the probe measure random features",
+    )  # fmt: skip
+    suggest.add_argument("--out", metavar="CONFIG.yaml", help="write the suggested config there (default: print it)")
+    suggest.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a config value for the measurement and the suggested config, e.g. --set "
+                         "data.eval_batch_size=32 or --set model.allow_random_init_fallback=true")  # fmt: skip
+    suggest.set_defaults(run=cmd_suggest)
 
     data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -9,7 +9,8 @@ feature cache), :mod:`~jaxtl.train.evaluate`, :mod:`~jaxtl.train.run_dir`, :mod:
 :mod:`~jaxtl.train.checkpoint`, :mod:`~jaxtl.train.callbacks`, :mod:`~jaxtl.train.events`,
 :mod:`~jaxtl.train.figures`, :mod:`~jaxtl.train.progress`, :mod:`~jaxtl.train.distributed`,
 :mod:`~jaxtl.train.losses`, :mod:`~jaxtl.train.ema` (the weight average), :mod:`~jaxtl.train.report`
-(``report.html``), :mod:`~jaxtl.train.lr_find` (the learning-rate range test).
+(``report.html``), :mod:`~jaxtl.train.lr_find` (the learning-rate range test), :mod:`~jaxtl.train.probe` and
+:mod:`~jaxtl.train.suggest` (a linear probe on the frozen backbone's features; which layers to fine-tune).
 """
 
 from jaxtl.train.callbacks import Callback
@@ -17,10 +18,12 @@ from jaxtl.train.evaluate import Evaluation, Predictor, evaluate, evaluate_check
 from jaxtl.train.fit import FitResult, fit, resolve_config
 from jaxtl.train.inputs import RunData, load_data
 from jaxtl.train.lr_find import LRFindResult, lr_find
+from jaxtl.train.probe import Probe, linear_probe
 from jaxtl.train.report import write_report
 from jaxtl.train.resume import load_checkpoint
 from jaxtl.train.run_dir import RunError
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState
+from jaxtl.train.suggest import SuggestResult, suggest
 
 __all__ = [
     "Best",
@@ -31,15 +34,19 @@ __all__ = [
     "FitResult",
     "LRFindResult",
     "Predictor",
+    "Probe",
     "RunData",
     "RunError",
     "RunState",
+    "SuggestResult",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
+    "linear_probe",
     "load_checkpoint",
     "load_data",
     "lr_find",
     "resolve_config",
+    "suggest",
     "write_report",
 ]

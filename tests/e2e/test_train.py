@@ -245,7 +245,7 @@ def test_every_config_runs_shrunk(tmp_path, config):
     assert (run_dir / "checkpoints" / "best" / "meta.json").is_file()
     assert len(metrics(run_dir)) == len(epochs)
     assert "best val acc@1" in result.stdout
-    for output in ("curves.png", "confusion.png", "confusion.json", "config.yaml"):
+    for output in ("curves.png", "confusion.png", "confusion.json", "config.yaml", "report.html"):
         assert (run_dir / output).is_file(), output
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # best holds what latest holds, optimizer state included (the same state when best is the last epoch).
@@ -253,7 +253,8 @@ def test_every_config_runs_shrunk(tmp_path, config):
 
     best, latest = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "latest"
     best_arrays, latest_arrays = load_arrays(best), load_arrays(latest)
-    assert best_arrays.keys() == latest_arrays.keys() == {"model", "opt_state"}
+    held = {"model", "opt_state"} | ({"ema"} if "ema:" in (CONFIGS / config).read_text() else set())
+    assert best_arrays.keys() == latest_arrays.keys() == held  # the weight average too where train.ema is on
     if load_meta(best)["step"] == load_meta(latest)["step"]:
         assert_trees_equal(best_arrays, latest_arrays)
 

@@ -98,7 +98,10 @@ def batch_norm_train(
     else:
         weights = mask.astype(dtype)
         count = jnp.sum(weights) * rows
-    y, mean, var = _batch_norm(x, weight, bias, weights, jnp.asarray(count, dtype), eps)
+    # A batch without real rows (an all-padding micro-batch) divides by 1, not 0: its statistics are then 0
+    # and finite, its rows come out as zeros, its gradient is 0 and the running statistics keep their values.
+    divisor = count if mask is None else jnp.maximum(count, 1.0)
+    y, mean, var = _batch_norm(x, weight, bias, weights, jnp.asarray(divisor, dtype), eps)
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), count
 
 

@@ -141,7 +141,7 @@ def make_train_step(
     (the micro-batches' loss numerators over the batch's denominator), so without train-mode BatchNorm
     the update equals the batch's in one piece. BatchNorm in train mode takes each micro-batch's
     statistics and updates its running statistics once per micro-batch, as PyTorch does when it
-    accumulates. A micro-batch without real rows is passed over.
+    accumulates. A micro-batch without real rows adds nothing (its BatchNorm statistics are not taken).
 
     ``bn_groups=D``: train-mode BatchNorm takes the statistics of each of D blocks of the (micro-)batch, one
     per device with the batch sharded over D devices (:func:`jaxtl.models.batch_norm_ops.batch_norm_groups`:
@@ -204,26 +204,24 @@ def make_train_step(
                 grads, rest, loss, correct = carry
                 xi, ti, li, mi, i = inputs
 
-                def run(rest):
-                    def compute_loss(trainable):
-                        micro_key = jax.random.fold_in(key, i)
-                        logits, new_rest = forward_pass(trainable, state.frozen, rest, xi, mi, micro_key)
-                        return numerator(logits, ti, mi) / total, (logits, new_rest)
+                def compute_loss(trainable):
+                    logits, new_rest = forward_pass(trainable, state.frozen, rest, xi, mi, jax.random.fold_in(key, i))
+                    return numerator(logits, ti, mi) / total, (logits, new_rest)
 
-                    (part, (logits, new_rest)), g = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
-                    hits = jnp.sum((jnp.argmax(logits, -1) == li) & mi)
-                    summed = jax.tree.map(jnp.add, grads, g)
-                    return summed, new_rest, loss + part.astype(loss.dtype), correct + hits.astype(correct.dtype)
-
-                def skip(rest):
-                    return grads, rest, loss, correct
-
-                return jax.lax.cond(jnp.any(mi), run, skip, rest), None
+                (part, (logits, rest)), g = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
+                hits = jnp.sum((jnp.argmax(logits, -1) == li) & mi)
+                grads = jax.tree.map(jnp.add, grads, g)
+                return (grads, rest, loss + part.astype(loss.dtype), correct + hits.astype(correct.dtype)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             loss_dtype = jnp.promote_types(jax.tree.leaves(state.trainable)[0].dtype, jnp.float32)
             carry = (zeros, state.rest, jnp.zeros((), loss_dtype), jnp.zeros((), jnp.int32))
-            (grads, rest, loss, correct), _ = jax.lax.scan(micro, carry, (x, targets, labels_k, mask_k, jnp.arange(k)))
+            # Unrolled on XLA:CPU, where a loop's (or a conditional's) body runs the model ~8x slower
+            # (bench/toolbox.py); a loop elsewhere, which holds one micro-batch's activations at a time.
+            unroll = k if jax.default_backend() == "cpu" else 1
+            (grads, rest, loss, correct), _ = jax.lax.scan(
+                micro, carry, (x, targets, labels_k, mask_k, jnp.arange(k)), unroll=unroll
+            )
         updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask)}

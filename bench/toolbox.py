@@ -32,8 +32,8 @@ def variants(arch: str, batch: int, size: int) -> dict:
     import numpy as np
 
     import jaxtl.models
-    from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
     from jaxtl.data.augment.mixing import Mixing
+    from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
     from jaxtl.optim import OptimizerConfig, assign, build_optimizer, get_policy
     from jaxtl.train import ema
     from jaxtl.train.losses import cross_entropy

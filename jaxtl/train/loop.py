@@ -43,6 +43,7 @@ from jaxtl.optim import (
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
+from jaxtl.train.drain import Drain
 from jaxtl.train.evaluate import compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
 from jaxtl.train.features import CachedFeatures, cached_batches, compute_features, is_cacheable
@@ -332,7 +333,10 @@ class Trainer:
         loader = self.loaders.train
         loader_epoch = context.first_loader_epoch + state.epoch_in_phase
         every = self.config.train.checkpoint_every_steps
-        drain = _Drain(self, context, state)
+        drain = Drain(
+            context.phase.name, loader_epoch, state.totals if state.batch else EpochTotals(), self.callbacks,
+            self.events, self.last_good,
+        )  # fmt: skip
         started, images_seen = time.perf_counter(), 0
         progress = Progress(
             len(loader) - state.batch, f"epoch {loader_epoch + 1}", log_every_s=self.progress_every_s,
@@ -460,39 +464,3 @@ class Trainer:
                 scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr) * plateau.scale(name, peak)
         self.events.scalars(scalars, record["step"])
         self.run.directory.draw_curves(f"{self.config.model.arch}, {self.run.directory.path.name}")
-
-
-class _Drain:
-    """Pulls the pending steps' metrics off the device: checks the loss, sums the epoch, reports each step."""
-
-    def __init__(self, trainer: Trainer, context: PhaseContext, state: RunState):
-        self.trainer, self.context = trainer, context
-        self.loader_epoch = context.first_loader_epoch + state.epoch_in_phase
-        self.totals = state.totals if state.batch else EpochTotals()
-        self.pending: list[tuple[int, Any]] = []  # (step number, metrics on the device)
-        self.progress: Progress | None = None
-
-    def __call__(self) -> None:
-        if not self.pending:
-            return
-        trainer, loss_sum, count = self.trainer, 0.0, 0.0
-        steps, values = zip(*self.pending)
-        self.pending.clear()
-        for number, m in zip(steps, jax.device_get(values)):
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                raise RunError(
-                    f"non-finite training loss ({loss}) at step {number} (phase {self.context.phase.name!r}, epoch "
-                    f"{self.loader_epoch + 1}); stopped without writing a checkpoint of it. {trainer.last_good()} "
-                    "Lower the learning rate (optim.lr, phases.N.lrs) or set optim.clip_grad_norm"
-                )
-            n, correct = float(m["count"]), float(m["correct"])
-            loss_sum, count = loss_sum + loss * n, count + n
-            self.totals = self.totals.add(loss * n, correct, n)
-            step_metrics = {"loss": loss, "acc1": correct / max(n, 1.0), "count": n}
-            for callback in trainer.callbacks:
-                callback.on_step(number, step_metrics)
-        if count:
-            trainer.events.scalar("train/loss_step", loss_sum / count, steps[-1])
-            if self.progress is not None:
-                self.progress.update(0, loss=self.totals.mean_loss)

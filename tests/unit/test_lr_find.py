@@ -22,22 +22,19 @@ import optax
 import pytest
 
 from jaxtl.config import ConfigError, load_config, parse_overrides
-from jaxtl.train.lr_find import (
+from jaxtl.train.lr_curve import (
     STOP_DIVERGED,
     STOP_DONE,
     STOP_NON_FINITE,
     LossRecord,
-    LRFindResult,
     SmoothedLoss,
-    collect_lr_settings,
     exponential_lrs,
-    lr_find,
     minimum,
-    scale_by_ramp,
     steep,
     suggestion_window,
     valley,
 )
+from jaxtl.train.lr_find import LRFindResult, collect_lr_settings, lr_find, scale_by_ramp
 from jaxtl.train.run_dir import RunError
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"

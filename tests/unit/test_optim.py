@@ -456,7 +456,7 @@ def test_phase_errors():
         Phase("p", "head_only", epochs=0)
 
 
-def test_the_readme_custom_freezing_transforms():
+def test_the_custom_freezing_transforms_of_the_design_docs():
     import optax
 
     from jaxtl import optim

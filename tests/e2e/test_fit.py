@@ -153,6 +153,7 @@ def test_a_yaml_config_takes_its_phases_freezing_from_python(tmp_path, example):
         load_config(path)  # without Python, the file alone does not say what the phases train
 
 
+@pytest.mark.slow
 def test_a_callers_model_and_data_train_as_the_configs_own_would(example, tmp_path):
     from jaxtl.data import generate_synthetic, image_folder_splits
 

@@ -247,6 +247,7 @@ def test_the_page_is_self_contained_and_its_numbers_are_scikit_learns_in_the_bro
         assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(Pictures(labels).load(int(i))[0]))
 
 
+@pytest.mark.slow
 def test_a_report_of_what_is_not_a_checkpoint_or_into_a_directory_is_one_error_naming_it(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

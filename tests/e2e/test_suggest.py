@@ -76,6 +76,7 @@ def numbers(output: str) -> dict[str, float]:
     return dict(zip(("val", "count", "train", "chance", "lift"), map(float, found.groups())))
 
 
+@pytest.mark.slow
 def test_the_advice_follows_the_probe_on_the_shapes_and_on_their_tinted_copy(datasets, tmp_path):
     shapes, tinted = datasets
     results = {}

@@ -426,6 +426,7 @@ def model_values(model):
     return arrays, modes
 
 
+@pytest.mark.slow
 def test_lr_find_trains_a_copy_at_the_ramps_lrs_and_leaves_the_model_as_it_was():
     from jaxtl import models
 

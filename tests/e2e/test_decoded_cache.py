@@ -43,6 +43,7 @@ def config(run_dir, phases, **data) -> dict:
     return {**BASE, "run_dir": str(run_dir), "phases": phases, "data": {**BASE["data"], **data}}
 
 
+@pytest.mark.slow
 def test_a_cached_run_without_augmentation_equals_the_pil_path_bitwise(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXTL_CACHE", str(tmp_path / "cache"))
     phases = [{"name": "head", "policy": "head_only", "epochs": 2}, {"name": "last", "policy": "last_n_blocks:1"}]

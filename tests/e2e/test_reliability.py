@@ -291,6 +291,7 @@ def hostile_dataset(root: Path) -> list[str]:
     return [str(p) for p in paths]
 
 
+@pytest.mark.slow
 def test_a_hostile_folder_stops_at_the_first_bad_file_or_is_skipped_and_counted(tmp_path, env):
     from jaxtl.data import ImageFolder
 

@@ -66,6 +66,7 @@ def test_the_readme_example_trains_with_functions_as_freezing(example):
     assert meta.state.phase == 2 and meta.classes == result.classes
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_mid_phase_resumes_bitwise_and_keeps_frozen_parameters(example, tmp_path):
     _, namespace = example
     config, freezing = dict(namespace["config"]), namespace["freezing"]

@@ -150,6 +150,7 @@ def test_killed_at_any_point_resumes_to_the_uninterrupted_parameters(tmp_path, e
     assert len(versions["best"]) == 1 and versions["leftovers"] == [], versions
 
 
+@pytest.mark.slow
 def test_a_kill_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, env, reference):
     run_dir = tmp_path / "run"
     # Checkpoints every 2 steps inside an epoch: after steps 2 and 4 of epoch 1, 6 and 8 of epoch 2 (5

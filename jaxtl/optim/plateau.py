@@ -83,6 +83,15 @@ class Plateau:
         )
 
 
+def reductions(before: Plateau, after: Plateau, peaks: Mapping[str, float]) -> list[str]:
+    """``group NAME lr OLD -> NEW`` for each group whose lr ``after`` is lower than ``before``."""
+    return [
+        f"group {name} lr {before.lr(name, peak):g} -> {after.lr(name, peak):g}"
+        for name, peak in peaks.items()
+        if after.lr(name, peak) != before.lr(name, peak)
+    ]
+
+
 def _is_better(value: float, best: float | None, config: OptimizerConfig) -> bool:
     """torch's ``_is_better``, operation for operation (a threshold of 1 or more in ``rel`` mode never improves on
     the initial inf, as in torch)."""

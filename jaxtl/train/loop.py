@@ -40,6 +40,7 @@ from jaxtl.optim import (
     schedule,
     set_plateau_scales,
 )
+from jaxtl.optim.plateau import reductions
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
@@ -315,11 +316,7 @@ class Trainer:
             return plateau, opt_state
         peaks = plateau_peaks(context.groups, config)
         stepped = plateau.step(metrics, config, peaks)
-        reduced = [
-            f"group {name} lr {plateau.lr(name, peak):g} -> {stepped.lr(name, peak):g}"
-            for name, peak in peaks.items()
-            if stepped.lr(name, peak) != plateau.lr(name, peak)
-        ]
+        reduced = reductions(plateau, stepped, peaks)
         if not reduced:
             return stepped, opt_state
         self.log(

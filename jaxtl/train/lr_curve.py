@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 # fastai's constants: AvgSmoothLoss(beta=0.98), LRFinder's `smooth_loss > 4 * best_loss`, and the points
 # Learner.lr_find leaves out of its suggestions (`recorder.losses[num_it // 10 : -5]`).
@@ -157,3 +159,20 @@ SUGGESTIONS: dict[str, Callable[[np.ndarray, np.ndarray], Suggestion]] = {
     "minimum": minimum,
 }
 SUGGESTION_LABELS = {"valley": "valley", "steep": "steep", "minimum": "minimum/10"}
+
+
+def scale_by_ramp(factors: Sequence[float] | np.ndarray) -> optax.GradientTransformation:
+    """Multiplies the updates of step ``k`` (counted from 0) by ``factors[k]``, and by the last factor after.
+
+    Chained after an optimizer whose every lr multiplies its whole update (AdamW with its decoupled decay, Adam,
+    SGD), this is that optimizer with every lr times ``factors[k]``. The factors are a constant of the compiled
+    step, indexed by the transformation's own step count: one compile for the whole ramp.
+
+    Args:
+        factors: ``(n,)`` n >= 1, held in float32.
+    """
+    ramp = jnp.asarray(factors, jnp.float32)
+    if ramp.ndim != 1 or not len(ramp):
+        raise ValueError(f"factors must be a non-empty 1-D sequence, got shape {ramp.shape}")
+    last = len(ramp) - 1
+    return optax.scale_by_schedule(lambda count: ramp[jnp.minimum(count, last)])

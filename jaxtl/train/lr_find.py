@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -61,6 +60,7 @@ from jaxtl.train.lr_curve import (
     LossRecord,
     Suggestion,
     exponential_lrs,
+    scale_by_ramp,
     suggestion_window,
 )
 from jaxtl.train.progress import Progress
@@ -273,23 +273,6 @@ def lr_find(
         )
     finally:
         loaders.close()
-
-
-def scale_by_ramp(factors: Sequence[float] | np.ndarray) -> optax.GradientTransformation:
-    """Multiplies the updates of step ``k`` (counted from 0) by ``factors[k]``, and by the last factor after.
-
-    Chained after an optimizer whose every lr multiplies its whole update (AdamW with its decoupled decay, Adam,
-    SGD), this is that optimizer with every lr times ``factors[k]``. The factors are a constant of the compiled
-    step, indexed by the transformation's own step count: one compile for the whole ramp.
-
-    Args:
-        factors: ``(n,)`` n >= 1, held in float32.
-    """
-    ramp = jnp.asarray(factors, jnp.float32)
-    if ramp.ndim != 1 or not len(ramp):
-        raise ValueError(f"factors must be a non-empty 1-D sequence, got shape {ramp.shape}")
-    last = len(ramp) - 1
-    return optax.scale_by_schedule(lambda count: ramp[jnp.minimum(count, last)])
 
 
 def default_output(config: RunConfig, phase_index: int) -> Path:

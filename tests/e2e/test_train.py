@@ -42,6 +42,23 @@ def train(run_dir, config="quickstart.yaml", *overrides, **kwargs):
     return run("train", str(CONFIGS / config), *[a for s in sets for a in ("--set", s)], **kwargs)
 
 
+def kill_after_step(run_dir, config, overrides, step, timeout=900):
+    """Runs ``jaxtl train`` and SIGKILLs it once checkpoints/latest holds step ``step`` or later."""
+    command = [*JAXTL, "train", str(CONFIGS / config)]
+    for s in (f"run_dir={run_dir}", *TINY, *overrides):
+        command += ["--set", s]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = Path(run_dir) / "checkpoints" / "latest" / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= step:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -165,19 +182,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     # the same batches either way.
     train(tmp_path / "whole", "quickstart.yaml", *overrides, "data.worker_type=process")
     # Stop a second run with SIGKILL once its first checkpoint of phase 2 exists, then resume it.
-    command = [*JAXTL, "train", str(CONFIGS / "quickstart.yaml")]
-    for s in (f"run_dir={tmp_path / 'cut'}", *TINY, *overrides):
-        command += ["--set", s]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    latest = tmp_path / "cut" / "checkpoints" / "latest" / "meta.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 2 * 5 + 2:  # into phase 2
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    kill_after_step(tmp_path / "cut", "quickstart.yaml", overrides, 2 * 5 + 2)  # into phase 2
     resumed = run("train", "--resume", str(tmp_path / "cut"))
     assert "resumed from" in resumed.stdout
     whole, cut = (
@@ -279,19 +284,7 @@ def test_the_timm_style_config_killed_and_resumed_ends_bitwise_equal(tmp_path):
                  "data.batch_size=2", "train.checkpoint_every_steps=2"]  # fmt: skip
     whole = train(tmp_path / "whole", "resnet50_timm_finetune.yaml", *overrides)
     assert "mixing: mixup alpha 0.2 and cutmix alpha 1" in whole.stdout and "val (EMA) loss" in whole.stdout
-    command = [*JAXTL, "train", str(CONFIGS / "resnet50_timm_finetune.yaml")]
-    for s in (f"run_dir={tmp_path / 'cut'}", *TINY, *overrides):
-        command += ["--set", s]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    latest = tmp_path / "cut" / "checkpoints" / "latest" / "meta.json"
-    deadline = time.time() + 900
-    while time.time() < deadline and process.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 6:  # 5 steps of 2 x 2 an epoch
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    kill_after_step(tmp_path / "cut", "resnet50_timm_finetune.yaml", overrides, 6)  # 5 steps of 2 x 2 an epoch
     run("train", "--resume", str(tmp_path / "cut"))
     from jaxtl.train.checkpoint import load_arrays
 

@@ -125,6 +125,39 @@ def layerwise_lr_decay(decay: float = 0.75) -> Policy:
     return policy
 
 
+SURGICAL_BLOCKS = ("first", "middle", "last")
+
+
+def surgical(block: str) -> Policy:
+    """Surgical fine-tuning: the head and one block group train; the rest of the backbone is frozen.
+
+    Lee et al., "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts", ICLR 2023 (arXiv:2210.11466):
+    which block to tune depends on the shift, the first for input-level shifts (corruptions, a new sensor), a
+    middle one for feature-level shifts, the last for output-level ones (new labels of the same images). The
+    blocks are the model's stages (``blocks()`` without stem and head): ``first`` is the stem and the first stage,
+    ``middle`` the stage at index ``(stages - 1) // 2`` (ResNet: ``layer2``; EfficientNet: ``features.4``),
+    ``last`` the last stage. Group ``block`` holds the block; the new head (group ``head``) always trains, since
+    the paper's models kept their trained classifier and a transferred one's is new.
+    """
+    if block not in SURGICAL_BLOCKS:
+        raise ParamGroupError(f"surgical({block!r}): the block is one of {', '.join(SURGICAL_BLOCKS)}")
+
+    def policy(model: nnx.Module) -> list[Rule]:
+        (_, stem), *stages, (_, head) = _blocks(model)
+        if not stages:
+            raise ParamGroupError(f"surgical({block!r}): the model has no stage between its stem and head")
+        chosen = {
+            "first": (*stem, *stages[0][1]),
+            "middle": stages[(len(stages) - 1) // 2][1],
+            "last": stages[-1][1],
+        }[block]
+        rules = _prefix_rules(head, group="head") + _prefix_rules(chosen, group="block")
+        return [*rules, Rule("*", group="frozen", frozen=True)]
+
+    policy.__name__ = f"surgical({block})"
+    return policy
+
+
 def bitfit(model: nnx.Module) -> list[Rule]:
     """BitFit: the head and every bias train (BatchNorm biases in BN-only ResNets); the rest is frozen."""
     *_, (_, head) = _blocks(model)
@@ -146,10 +179,18 @@ POLICIES: dict[str, Callable[..., Policy] | Policy] = {
     "full": full,
     "discriminative": discriminative,
     "layerwise_lr_decay": layerwise_lr_decay,
+    "surgical": surgical,
     "bitfit": bitfit,
     "norm_only": norm_only,
 }
-_PARAMETRIC = {"last_n_blocks": int, "full": float, "discriminative": float, "layerwise_lr_decay": float}
+_PARAMETRIC = {
+    "last_n_blocks": int,
+    "full": float,
+    "discriminative": float,
+    "layerwise_lr_decay": float,
+    "surgical": str,
+}
+_REQUIRED = {"last_n_blocks": "last_n_blocks:1", "surgical": "surgical:first (or middle, last)"}
 
 
 def get_policy(spec: str) -> Policy:
@@ -159,8 +200,8 @@ def get_policy(spec: str) -> Policy:
         raise ParamGroupError(f"unknown policy {spec!r}; known: {', '.join(POLICIES)} (arguments as last_n_blocks:2)")
     if name in _PARAMETRIC:
         if not argument:
-            if name == "last_n_blocks":
-                raise ParamGroupError("last_n_blocks needs the number of blocks: last_n_blocks:1")
+            if name in _REQUIRED:
+                raise ParamGroupError(f"{name} needs an argument: {_REQUIRED[name]}")
             return POLICIES[name]()
         try:
             value = _PARAMETRIC[name](argument)

@@ -190,7 +190,24 @@ def test_bitfit_and_norm_only():
     assert set(groups.batch_norms.values()) == {"train"}
 
 
-@pytest.mark.parametrize("spec, message", [("nope", "unknown policy"), ("last_n_blocks", "needs the number"),
+def test_surgical_trains_the_head_and_one_block_group():
+    # ResNet-18: conv1/bn1 (3 tensors) + layer1 (12), layer2 (15: its downsample), layer4 (15), fc (2).
+    found, groups = counts(RESNET18, "surgical:first")
+    assert found == {"head": 2, "block": 15, "frozen": 45}
+    assert {n.split(".")[0] for n in groups.names("block")} == {"conv1", "bn1", "layer1"}
+    found, groups = counts(RESNET18, "surgical:middle")
+    assert {n.split(".")[0] for n in groups.names("block")} == {"layer2"} and found["block"] == 15
+    found, groups = counts(RESNET18, "surgical:last")
+    assert {n.split(".")[0] for n in groups.names("block")} == {"layer4"} and found["block"] == 15
+    # EfficientNet-B0: seven stages features.1-7 (features.8, the last 1x1 conv, rides with the last); middle is 4.
+    _, groups = counts(EFFNET_B0, "surgical:middle")
+    assert {".".join(n.split(".")[:2]) for n in groups.names("block")} == {"features.4"}
+
+
+@pytest.mark.parametrize("spec, message", [("nope", "unknown policy"),
+                                           ("last_n_blocks", "needs an argument: last_n_blocks:1"),
+                                           ("surgical", "needs an argument: surgical:first"),
+                                           ("surgical:top", "the block is one of first, middle, last"),
                                            ("head_only:3", "takes no argument"),
                                            ("full:x", "is not a float")])  # fmt: skip
 def test_policy_spec_errors(spec, message):

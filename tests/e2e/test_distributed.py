@@ -12,7 +12,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_train import CONFIGS, JAXTL, TINY, arrays, metrics, train
+from test_train import CONFIGS, JAXTL, arrays, metrics, train
+from tiny import TINY
 
 from jaxtl.train.checkpoint import load_meta
 

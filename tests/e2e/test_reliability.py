@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import CONFIGS, JAXTL, TINY
+from test_train import CONFIGS, JAXTL
+from tiny import TINY
 
 from jaxtl.train.checkpoint import load_arrays, load_meta
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
+from tiny import TINY
 
 from jaxtl.errors import JaxtlError
 from jaxtl.train.figures import plot_confusion, plot_curves
@@ -45,18 +46,6 @@ HEADLESS = [
 ]  # fmt: skip
 JAXTL = [sys.executable, "-m", "jaxtl.cli"]
 CONFIGS = Path(__file__).parents[2] / "configs"
-TINY = [
-    "data.synthetic.num_classes=3",
-    "data.synthetic.train_per_class=6",
-    "data.synthetic.val_per_class=3",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "data.num_workers=2",
-    "model.weights=null",
-    "data.crop_size=64",
-    "phases.0.epochs=1",
-    "phases.1.epochs=1",
-]
 
 # What the browser saw, written into the page once it has loaded (the report itself has no script).
 BROWSER_CHECK = """<script>
@@ -330,7 +319,7 @@ def assert_gallery_is_torchs(seen: dict, reference: np.ndarray, files: list[str]
 @pytest.mark.slow
 def test_a_run_leaves_a_report_the_browser_renders_with_torchs_losses_and_scikit_learns_table(tmp_path):
     run_dir = tmp_path / "run"
-    sets = [f"run_dir={run_dir}", *TINY]
+    sets = [f"run_dir={run_dir}", *TINY, "phases.0.epochs=1", "phases.1.epochs=1"]
     result = jaxtl("train", str(CONFIGS / "quickstart.yaml"), *[a for s in sets for a in ("--set", s)])
     report = run_dir / "report.html"
     assert f"report: {report}" in result.stdout

@@ -15,19 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import TINY
 
 JAXTL = [sys.executable, "-m", "jaxtl.cli"]
 CONFIGS = Path(__file__).parents[2] / "configs"
-TINY = [
-    "data.synthetic.num_classes=3",
-    "data.synthetic.train_per_class=6",
-    "data.synthetic.val_per_class=3",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "data.num_workers=2",
-    "model.weights=null",
-    "data.crop_size=64",  # resize 73 (the weights' 256/224 ratio): the pipeline at a 12th of the pixels
-]
 
 
 def run(*args, env=None, check=True, timeout=900):

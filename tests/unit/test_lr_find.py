@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import optax
 import pytest
+from tiny import TINY
 
 from jaxtl.config import ConfigError, load_config, parse_overrides
 from jaxtl.train.lr_curve import (
@@ -38,16 +39,6 @@ from jaxtl.train.lr_find import LRFindResult, collect_lr_settings, lr_find, scal
 from jaxtl.train.run_dir import RunError
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
-TINY = [  # as tests/e2e/test_train.py shrinks the quickstart: 18 train images of 3 classes at 64 pixels
-    "data.synthetic.num_classes=3",
-    "data.synthetic.train_per_class=6",
-    "data.synthetic.val_per_class=3",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "data.num_workers=2",
-    "model.weights=null",
-    "data.crop_size=64",
-]
 
 
 # -- fastai, transcribed ---------------------------------------------------------------------------------------

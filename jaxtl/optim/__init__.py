@@ -10,7 +10,9 @@ _NAMES = {
     "jaxtl.optim.rules": ("BN_POLICIES", "BNPolicy", "Group", "ParamGroupError", "Rule"),
     "jaxtl.optim.settings": ("Freezing", "Labels", "OptimizerConfig", "Phase"),
     "jaxtl.optim.groups": ("ParamGroups", "assign", "assign_labels", "parameters"),
-    "jaxtl.optim.optimizer": ("build_optimizer", "group_lr", "group_state_leaves", "plateau_peaks", "schedule"),
+    "jaxtl.optim.optimizer": (
+        "build_optimizer", "group_lr", "group_state_leaves", "learning_rates", "plateau_peaks", "schedule",
+    ),
     "jaxtl.optim.plateau": ("Plateau", "get_plateau_scales", "scale_by_plateau", "set_plateau_scales"),
     "jaxtl.optim.phases": ("carry_optimizer_state", "progressive_unfreezing"),
     "jaxtl.optim.literature": (
@@ -18,7 +20,7 @@ _NAMES = {
     ),
     "jaxtl.optim.policies": (
         "POLICIES", "bitfit", "discriminative", "full", "get_policy", "head_only", "last_n_blocks",
-        "layerwise_lr_decay", "norm_only",
+        "layerwise_lr_decay", "norm_only", "surgical",
     ),
 }  # fmt: skip
 _MODULES = {name: module for module, names in _NAMES.items() for name in names}

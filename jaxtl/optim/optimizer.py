@@ -42,6 +42,19 @@ def group_lr(groups: ParamGroups, name: str, config: OptimizerConfig) -> float:
     return group.lr if group.lr is not None else config.lr * group.lr_mult
 
 
+def learning_rates(
+    groups: ParamGroups, config: OptimizerConfig, total_steps: int, step: int,
+    scale: Callable[[str, float], float] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Each trainable group's learning rate at ``step`` of a phase of ``total_steps`` steps (groups with a transform
+    of their own have none to tell); ``scale(name, peak)``: a factor on it, such as reduce-on-plateau's."""
+    rates = {}
+    for name, peak in plateau_peaks(groups, config).items():
+        lr = schedule(config, peak, total_steps)
+        rates[name] = float(lr(step) if callable(lr) else lr) * (scale(name, peak) if scale is not None else 1.0)
+    return rates
+
+
 def plateau_peaks(groups: ParamGroups, config: OptimizerConfig) -> dict[str, float]:
     """The configured lr of each group that ``schedule: plateau`` scales: the trainable ones without a transform."""
     return {

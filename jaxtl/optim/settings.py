@@ -166,6 +166,16 @@ class Phase:
         bn: every BatchNorm layer's mode in this phase, whatever the policy's groups say: ``"frozen"``
             (running statistics used and kept, the recipe's ``model.apply(set_batchnorm_eval)`` for
             fine-tuning on little data) or ``"train"``; None keeps each group's.
+        solver: ``"optimizer"`` (steps of the phase's optimizer) or ``"linear_probe"``: the head is set to
+            the converged L2-penalised logistic regression of the frozen backbone's features
+            (:func:`jaxtl.train.probe.linear_probe`, ``C=probe_C``), the first half of LP-FT (Kumar et al.,
+            "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022,
+            arXiv:2202.10054), whose next phase fine-tunes from that head. One epoch, head-only groups, no
+            augmentation: the features are computed once.
+        probe_C: the linear probe's inverse L2 strength (scikit-learn's ``C``).
+        until: ``"epochs"`` (all of them) or ``"plateau"``: the phase ends early once ``until_metric`` has not
+            improved by more than ``min_delta`` for ``patience`` epochs, and the next phase (the next layers
+            unfrozen) starts: gradual unfreezing driven by validation. ``epochs`` is then the most it runs.
     """
 
     name: str
@@ -177,6 +187,12 @@ class Phase:
     lrs: Mapping[str, float] = bounded(dataclasses.MISSING, low=0, default_factory=dict)
     carry_state: bool = True
     bn: BNPolicy | None = None
+    solver: Literal["optimizer", "linear_probe"] = "optimizer"
+    probe_C: float = bounded(1.0, low=0)  # noqa: N815 (scikit-learn's name)
+    until: Literal["epochs", "plateau"] = "epochs"
+    until_metric: PlateauMetric = "val_loss"
+    patience: int = bounded(2, low=1)
+    min_delta: float = bounded(0.0, low=0)
 
     def __post_init__(self):
         if self.bn is not None and self.bn not in BN_POLICIES:
@@ -203,6 +219,14 @@ class Phase:
         problem = out_of_bounds(self)
         if problem:
             raise ParamGroupError(f"phase {self.name!r}: {problem}")
+        if self.solver == "linear_probe" and (self.epochs != 1 or self.until != "epochs"):
+            raise ParamGroupError(
+                f"phase {self.name!r}: a linear_probe phase solves its head once: set epochs: 1 (and no until)"
+            )
+        if self.probe_C == 0:
+            raise ParamGroupError(f"phase {self.name!r}: probe_C must be > 0 (the probe's inverse L2 strength)")
+        if self.until == "plateau" and self.epochs is None:
+            raise ParamGroupError(f"phase {self.name!r}: until: plateau counts epochs: give epochs, not steps")
 
     @property
     def freezing(self) -> Freezing:

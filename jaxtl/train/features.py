@@ -28,11 +28,16 @@ class CachedFeatures(NamedTuple):
 
 
 def is_cacheable(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> bool:
-    """Whether a phase trains on cached features: only the head trains and the input is never augmented (nor mixed)."""
+    """Whether a phase trains on cached features (``train.feature_cache`` and :func:`head_sees_fixed_features`)."""
+    return config.train.feature_cache and head_sees_fixed_features(config, model, groups)
+
+
+def head_sees_fixed_features(config: RunConfig, model: nnx.Module, groups: ParamGroups) -> bool:
+    """Whether the head's input is the same every epoch: only the head trains, every BatchNorm is frozen, and the
+    input is never augmented (nor mixed)."""
     d = config.data
     augmented = d.random_resized_crop or d.flip_p > 0 or d.augment != "none" or d.color_jitter or d.random_erasing > 0
-    augmented = augmented or d.mixup_alpha > 0 or d.cutmix_alpha > 0
-    if not config.train.feature_cache or augmented:
+    if augmented or d.mixup_alpha > 0 or d.cutmix_alpha > 0:
         return False
     head = f"{model.head_name}."
     return all(name.startswith(head) for name in groups.trainable_names) and all(

@@ -17,27 +17,24 @@ import contextlib
 import dataclasses
 import functools
 import io
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxtl.config import RunConfig
 from jaxtl.data import data_sharding
 from jaxtl.data.augment.mixing import Mixing
-from jaxtl.models.names import key_path_name
 from jaxtl.optim import (
     ParamGroups,
     Phase,
     Plateau,
     carry_optimizer_state,
-    group_lr,
+    learning_rates,
     plateau_peaks,
-    schedule,
     set_plateau_scales,
 )
 from jaxtl.optim.plateau import reductions
@@ -47,12 +44,20 @@ from jaxtl.train.callbacks import Callback
 from jaxtl.train.drain import Drain
 from jaxtl.train.evaluate import compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
-from jaxtl.train.features import CachedFeatures, cached_batches, compute_features, is_cacheable
+from jaxtl.train.features import (
+    CachedFeatures,
+    cached_batches,
+    compute_features,
+    head_sees_fixed_features,
+    is_cacheable,
+)
 from jaxtl.train.inputs import RunData, RunLoaders
 from jaxtl.train.losses import run_loss
+from jaxtl.train.probe_head import probe_head
 from jaxtl.train.progress import Progress
-from jaxtl.train.resume import load_model_arrays, model_arrays, tree_leaves, unflatten_like
+from jaxtl.train.resume import load_model_arrays, model_arrays, unflatten_like
 from jaxtl.train.run_dir import RunDirectory, RunError
+from jaxtl.train.saving import RunCheckpoints, checkpoint_arrays
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState, Watch
 from jaxtl.train.step import (
     ModelState,
@@ -64,6 +69,7 @@ from jaxtl.train.step import (
     merge_model,
     split_model,
 )
+from jaxtl.train.stopping import stopping_of, watch_epoch
 from jaxtl.weights import Preprocessing
 from jaxtl.xla import program_options
 
@@ -124,6 +130,7 @@ class Trainer:
         self.loss_fn = run_loss(run.config.train, run.data, log)
         self.events: Any = None
         self.ema_arrays: dict | None = None  # the average between phases, as checkpoints hold it
+        self.checkpoints = RunCheckpoints(run.directory)
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -201,14 +208,19 @@ class Trainer:
             callback.on_phase_start(phase, groups, state)
         while state.phase == index:  # the phase's epochs, or fewer when early stopping ends it
             state, model_state, opt_state = self._run_epoch(context, state, model_state, opt_state)
-        if context.ema is not None:
-            self.ema_arrays = self._ema_arrays(context)
         self.run.directory.figures.flush()
         return state, (groups, opt_state)
 
     def _phase_context(self, index: int, groups: ParamGroups, graphdef, optimizer, model_state) -> PhaseContext:
         phase, model, p = self.phases[index], self.run.model, self.run.preprocessing
         cached = is_cacheable(self.config, model, groups)
+        if phase.solver == "linear_probe" and not head_sees_fixed_features(self.config, model, groups):
+            raise RunError(
+                f"phase {phase.name!r} (solver: linear_probe) fits the head to features computed once: give it the "
+                "head_only policy and no augmentation or mixing (data.random_resized_crop, flip_p, augment, "
+                "color_jitter, random_erasing, mixup_alpha, cutmix_alpha)"
+            )
+        cached = cached or phase.solver == "linear_probe"
         forward = head_of if cached else full_model
         t = self.config.train
         train_options, eval_options = (
@@ -267,10 +279,12 @@ class Trainer:
         key = config.train.checkpoint_metric
         improved = state.best.improved_by(val_metrics, key)
         best = Best(val_metrics[key], loader_epoch + 1, val_metrics) if improved else state.best
-        watch, stop = self._watch(state.watch, val_metrics, loader_epoch + 1, context)
+        watch, stop = watch_epoch(
+            state.watch, val_metrics, loader_epoch + 1, phase, config.train.early_stopping, self.log
+        )
         done = stop is not None or state.epoch_in_phase + 1 == phase.epochs
         next_phase = len(self.phases) if stop == "run" else context.index + done
-        early = config.train.early_stopping
+        early = stopping_of(phase, config.train.early_stopping)
         if done and early is not None and early.ends == "phase":
             watch = Watch()  # patience counts within a phase
         plateau = Plateau()  # optim.schedule plateau: a phase starts at its configured lrs with a fresh scheduler
@@ -281,32 +295,18 @@ class Trainer:
             watch=watch, plateau=plateau,
         )  # fmt: skip
         arrays = self._arrays(self.run.model, opt_state, context)
+        if context.ema is not None:
+            self.ema_arrays = arrays["ema"]  # the next phase's average starts from the last epoch's
         self._check_finite(arrays, val_metrics["val_loss"], context, loader_epoch)
         meta = self.run.meta(state, record)
         # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
         if improved:
-            self._save("best", arrays, meta, keep_previous=False)
+            self.checkpoints.save("best", arrays, meta, keep_previous=False)
             self.run.directory.write_confusion(evaluation.confusion, self.run.data.classes, loader_epoch + 1)
-        self._save("latest", arrays, meta, like="best" if improved else None)
+        self.checkpoints.save("latest", arrays, meta, like="best" if improved else None)
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state
-
-    def _watch(self, watch: Watch, metrics: dict, epoch: int, context: PhaseContext) -> tuple[Watch, str | None]:
-        """Early stopping after an epoch: the new record, and "phase" or "run" when it ends one (logged)."""
-        early = self.config.train.early_stopping
-        if early is None:
-            return watch, None
-        watch = watch.update(metrics[early.metric], epoch, lower_is_better=early.metric.endswith("loss"),
-                             min_delta=early.min_delta)  # fmt: skip
-        if watch.stale < early.patience:
-            return watch, None
-        what = f"phase {context.phase.name!r}" if early.ends == "phase" else "the run"
-        self.log(
-            f"  early stopping: {early.metric} has not improved by more than {early.min_delta:g} for {watch.stale} "
-            f"epoch(s) (best {watch.best:.4f} at epoch {watch.epoch}); ending {what}"
-        )
-        return watch, early.ends
 
     def _plateau(self, plateau: Plateau, metrics: dict, context: PhaseContext, opt_state) -> tuple[Plateau, Any]:
         """optim.schedule plateau after an epoch's validation: torch's step, and the optimizer state with the new
@@ -327,6 +327,8 @@ class Trainer:
 
     def _train_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
         """The epoch's batches from ``state.batch`` on; ``state.totals`` are the sums of the batches before it."""
+        if context.phase.solver == "linear_probe":
+            return self._probe_epoch(context, state, model_state, opt_state)
         loader = self.loaders.train
         loader_epoch = context.first_loader_epoch + state.epoch_in_phase
         every = self.config.train.checkpoint_every_steps
@@ -384,65 +386,39 @@ class Trainer:
                    "train_images_per_s": images_seen / max(seconds, 1e-9)}  # fmt: skip
         return dataclasses.replace(state, batch=0, step=step, totals=EpochTotals()), model_state, opt_state, metrics
 
+    def _probe_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
+        """A linear_probe phase's epoch: the head set to the probe of the cached train features (no optimizer step)."""
+        started, train = time.perf_counter(), context.features["train"]
+        model = merge_model(context.graphdef, jax.device_get(model_state))
+        probe, metrics = probe_head(model, train, len(self.run.data.classes), context.phase.probe_C)
+        model_state = jax.device_put(split_model(model, context.groups)[1], self.replicated)
+        if context.ema is not None:  # the average starts at the solved head: a solve is no sequence of steps
+            context.ema = jax.tree.map(jnp.copy, model_state)
+        self.log(
+            f"  linear probe (C={context.phase.probe_C:g}): L-BFGS converged in {probe.iterations} iterations, "
+            f"objective {probe.objective:.4f}; the head set to it"
+        )
+        metrics["train_images_per_s"] = int(train.valid.sum()) / max(time.perf_counter() - started, 1e-9)
+        return dataclasses.replace(state, batch=0, totals=EpochTotals()), model_state, opt_state, metrics
+
     def _save_mid_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state) -> None:
         """checkpoints/latest before batch ``state.batch`` of the epoch (train.checkpoint_every_steps)."""
         model = merge_model(context.graphdef, jax.device_get(model_state))
         arrays = self._arrays(model, opt_state, context)
         self._check_finite(arrays, 0.0, context, context.first_loader_epoch + state.epoch_in_phase)
-        self._save("latest", arrays, self.run.meta(state, {}))
+        self.checkpoints.save("latest", arrays, self.run.meta(state, {}))
 
     def _arrays(self, model: nnx.Module, opt_state, context: PhaseContext) -> dict:
-        """What a checkpoint holds: the model's arrays, the optimizer state and (train.ema) the average's arrays."""
-        arrays = {"model": model_arrays(model), "opt_state": tree_leaves(opt_state)}
-        if context.ema is not None:
-            arrays["ema"] = self._ema_arrays(context)
-        return arrays
-
-    def _ema_arrays(self, context: PhaseContext) -> dict:
-        return model_arrays(merge_model(context.graphdef, jax.device_get(context.ema)))
-
-    # -- checks and records -----------------------------------------------------------------------
+        average = merge_model(context.graphdef, jax.device_get(context.ema)) if context.ema is not None else None
+        return checkpoint_arrays(model, opt_state, average)
 
     def _check_finite(self, arrays: dict, val_loss: float, context: PhaseContext, loader_epoch: int) -> None:
-        """Stops the run before a checkpoint with a non-finite parameter, statistic or optimizer state is written."""
-        bad = [
-            key_path_name(path)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
-            if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.isfinite(leaf).all()
-        ]
-        if bad or not math.isfinite(val_loss):
-            what = f"non-finite values in {', '.join(bad[:3])}" if bad else f"a non-finite validation loss ({val_loss})"
-            raise RunError(
-                f"{what} (phase {context.phase.name!r}, epoch {loader_epoch + 1}); stopped without writing a "
-                f"checkpoint of it. {self.last_good()} Lower the learning rate (optim.lr, phases.N.lrs) or set "
-                "optim.clip_grad_norm"
-            )
-
-    def _save(
-        self, name: str, arrays: dict, meta: CheckpointMeta, *, keep_previous: bool = True, like: str | None = None
-    ) -> None:
-        """Writes checkpoint ``name``; ``like``: the checkpoint just written with the same arrays and meta, whose
-        files the new one links to instead of writing them again."""
-        directory = self.run.directory
-        if not directory.primary:
-            return
-        checkpoints = directory.path / "checkpoints"
-        try:
-            if like is not None:
-                ckpt.link_checkpoint(checkpoints / like, checkpoints / name, keep_previous=keep_previous)
-            else:
-                ckpt.save_checkpoint(checkpoints / name, arrays, meta.to_json(), keep_previous=keep_previous)
-        except ckpt.CheckpointError as error:
-            raise RunError(f"{error}, then continue the run: jaxtl train --resume {directory.path}") from None
+        self.checkpoints.check_finite(arrays, val_loss, f"phase {context.phase.name!r}, epoch {loader_epoch + 1}")
 
     def last_good(self) -> str:
-        latest = self.run.directory.latest
-        if not latest.exists():
-            return "No checkpoint was written before."
-        try:
-            return f"The last good checkpoint is {latest} (step {ckpt.load_meta(latest)['step']})."
-        except ckpt.CheckpointError as error:
-            return f"The last checkpoint is damaged: {error}."
+        return self.checkpoints.last_good()
+
+    # -- records ----------------------------------------------------------------------------------
 
     def _report_epoch(self, context: PhaseContext, record: dict, epochs_done: int, plateau: Plateau) -> None:
         """TensorBoard scalars of the epoch (metrics; each group's learning rate at its last step, with ``plateau``'s
@@ -453,11 +429,8 @@ class Trainer:
             if k.startswith(("train_", "val_")) and isinstance(v, (int, float))
         }
         optimizer = context.phase.optimizer or self.config.optim
-        for name, group in context.groups.groups.items():
-            if not group.frozen and group.transform is None:
-                peak = group_lr(context.groups, name, optimizer)
-                lr = schedule(optimizer, peak, context.total_steps)
-                phase_steps = epochs_done * len(self.loaders.train)
-                scalars[f"lr/{name}"] = float(lr(phase_steps - 1) if callable(lr) else lr) * plateau.scale(name, peak)
+        last = epochs_done * len(self.loaders.train) - 1
+        for name, lr in learning_rates(context.groups, optimizer, context.total_steps, last, plateau.scale).items():
+            scalars[f"lr/{name}"] = lr
         self.events.scalars(scalars, record["step"])
         self.run.directory.draw_curves(f"{self.config.model.arch}, {self.run.directory.path.name}")

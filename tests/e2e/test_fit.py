@@ -307,3 +307,89 @@ def test_reduce_on_plateau_lowers_each_groups_lr_per_phase_and_resumes_bitwise(e
     for key in expected:
         assert np.array_equal(final[key], expected[key]), key  # bitwise
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+
+def probe_config(run_dir, phases):
+    return {
+        "run_dir": str(run_dir), "model": {"arch": "resnet18", "weights": None},
+        "data": {"source": "synthetic", "batch_size": 8, "crop_size": 64,
+                 "synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 4}},
+        "phases": phases,
+    }  # fmt: skip
+
+
+def test_a_linear_probe_phase_sets_the_head_scikit_learn_fits_and_the_next_phase_fine_tunes_from_it(tmp_path):
+    """LP-FT: the head after the probe phase is LogisticRegression(C) of the frozen backbone's features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from jaxtl.config import config_from_dict
+    from jaxtl.data.transforms import normalize
+    from jaxtl.train.inputs import build_loaders, load_data
+
+    probe = {"name": "probe", "policy": "head_only", "epochs": 1, "solver": "linear_probe", "probe_C": 0.5}
+    lines: list[str] = []
+    result = fit(probe_config(tmp_path / "lp", [probe]), log=lines.append)
+    assert any("linear probe (C=0.5): L-BFGS converged in" in line for line in lines)
+    # The reference: the same images through the run's eval pipeline, the backbone's features in eval mode.
+    _, meta = load_checkpoint(result.latest_checkpoint)
+    config = config_from_dict(probe_config(tmp_path / "x", [probe]))
+    data = load_data(config.data)
+    loaders = build_loaders(config, data, meta.preprocessing, 1)
+    model = result.model
+    model.eval()
+    features, labels = [], []
+    for batch in loaders.both.epoch(0):
+        x = normalize(batch.images[batch.mask], meta.preprocessing.mean, meta.preprocessing.std)
+        features.append(np.asarray(model.forward_features(x)))
+        labels.append(batch.labels[batch.mask])
+    loaders.close()
+    x, y = np.concatenate(features)[: len(data.train)], np.concatenate(labels)[: len(data.train)]
+    reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(x.astype(np.float64), y)
+    head = state_dict(result.model)
+    np.testing.assert_allclose(head["fc.weight"].T, reference.coef_, rtol=2e-3, atol=2e-4)  # (in, out) in jaxtl
+    np.testing.assert_allclose(head["fc.bias"], reference.intercept_, rtol=2e-3, atol=2e-4)
+    assert result.history[0]["train_acc1"] == pytest.approx(reference.score(x, y), abs=1e-12)
+    # The backbone did not move; the fine-tuning phase starts from the probe's head.
+    both = fit(probe_config(tmp_path / "lpft", [probe, {"name": "finetune", "policy": "full", "epochs": 1}]),
+               log=lambda line: None)  # fmt: skip
+    assert [r["phase"] for r in both.history] == ["probe", "finetune"]
+    assert both.history[0]["val_acc1"] == result.history[0]["val_acc1"]
+    assert both.history[1]["step"] == len(data.train) // 8 + (len(data.train) % 8 > 0)  # the probe takes no step
+
+
+def test_a_linear_probe_phase_needs_a_head_only_unaugmented_phase_of_one_epoch(tmp_path):
+    with pytest.raises(ConfigError, match="phases.0: phase 'p': a linear_probe phase solves its head once: set epochs"):
+        fit(probe_config(tmp_path / "a", [{"name": "p", "policy": "head_only", "epochs": 2, "solver": "linear_probe"}]))
+    with pytest.raises(RunError, match="give it the head_only policy and no augmentation"):
+        fit(probe_config(tmp_path / "b", [{"name": "p", "policy": "full", "epochs": 1, "solver": "linear_probe"}]),
+            log=lambda line: None)  # fmt: skip
+
+
+def test_gradual_unfreezing_until_plateau_moves_on_when_validation_stalls_and_resumes_bitwise(tmp_path):
+    """phases.N.until: plateau: each phase ends once val_acc1 stalls (here: never improves by more than 1, so after
+    its second epoch), the next layers unfreeze, and a run killed inside the second phase resumes bitwise."""
+    until = {"until": "plateau", "until_metric": "val_acc1", "patience": 1, "min_delta": 1.0}
+    phases = [
+        {"name": "head", "policy": "head_only", "epochs": 4, **until},
+        {"name": "last", "policy": "last_n_blocks:1", "epochs": 3, **until},
+        {"name": "all", "policy": "full", "epochs": 1},
+    ]
+    lines: list[str] = []
+    whole = fit(probe_config(tmp_path / "whole", phases), log=lines.append)
+    assert [(r["phase"], r["epoch"]) for r in whole.history] == [
+        ("head", 1), ("head", 2), ("last", 5), ("last", 6), ("all", 8)
+    ]  # fmt: skip
+    stops = [line.strip() for line in lines if "until plateau" in line]
+    assert len(stops) == 2 and stops[1].endswith("ending phase 'last'")
+    assert stops[0].startswith("until plateau: val_acc1 has not improved by more than 1 for 1 epoch(s) (best ")
+
+    interrupted = probe_config(tmp_path / "interrupted", phases)
+    with pytest.raises(Interrupt):  # 3 steps an epoch: step 8 is inside phase 'last''s second epoch
+        fit({**interrupted, "train": {"checkpoint_every_steps": 1}}, callbacks=[StopAtStep(8)], log=lambda line: None)
+    resumed = fit({**interrupted, "train": {"checkpoint_every_steps": 1}}, resume=True, log=lambda line: None)
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    for key in expected:
+        assert np.array_equal(final[key], expected[key]), key  # bitwise
+    assert [(r["phase"], r["epoch"], r["train_loss"]) for r in resumed.history] == [
+        (r["phase"], r["epoch"], r["train_loss"]) for r in whole.history
+    ]

@@ -31,3 +31,28 @@ def test_the_early_stopping_config_parses_and_names_a_wrong_value():
     assert config.train.early_stopping == EarlyStoppingConfig(metric="val_loss", patience=2, min_delta=0.0, ends="run")
     with pytest.raises(ConfigError, match="run.yaml: train.early_stopping.patience = 0 is out of range"):
         config_from_dict({"train": {"early_stopping": {"patience": 0}}}, (), "run.yaml")
+
+
+def test_until_plateau_is_a_phases_own_early_stopping_and_does_not_mix_with_the_runs():
+    from jaxtl.config import EarlyStoppingConfig, config_from_dict
+    from jaxtl.optim import Phase
+    from jaxtl.train.state import Watch
+    from jaxtl.train.stopping import stopping_of, watch_epoch
+
+    phases = [{"name": "head", "policy": "head_only", "epochs": 5, "until": "plateau", "patience": 2, "min_delta": 0.1}]
+    config = config_from_dict({"phases": phases}, (), "run.yaml")
+    phase = config.phases[0]
+    assert stopping_of(phase, None) == EarlyStoppingConfig("val_loss", patience=2, min_delta=0.1, ends="phase")
+    lines: list[str] = []
+    watch, ends = Watch(), []
+    for epoch, loss in enumerate([1.0, 0.85, 0.8, 0.79], start=1):  # 0.8 and 0.79 improve by less than 0.1
+        watch, stop = watch_epoch(watch, {"val_loss": loss}, epoch, phase, None, lines.append)
+        ends.append(stop)
+    assert ends == [None, None, None, "phase"] and watch == Watch(0.85, 2, 2)
+    assert lines == ["  until plateau: val_loss has not improved by more than 0.1 for 2 epoch(s) (best 0.8500 at "
+                     "epoch 2); ending phase 'head'"]  # fmt: skip
+    assert stopping_of(Phase("p", "full", epochs=1), None) is None
+    with pytest.raises(ConfigError, match=r"run.yaml: phases.0 end\(s\) on a plateau and train.early_stopping is set"):
+        config_from_dict({"phases": phases, "train": {"early_stopping": {"patience": 1}}}, (), "run.yaml")
+    with pytest.raises(ConfigError, match="until: plateau counts epochs: give epochs, not steps"):
+        config_from_dict({"phases": [{"name": "p", "policy": "full", "steps": 3, "until": "plateau"}]}, (), "run.yaml")

@@ -129,6 +129,8 @@ class ParamGroups:
             bn = group.bn_policy if norms else "-"
             modules = collapse_names(names, universe)
             shown = ", ".join(modules[:6]) + (f", ... ({len(modules) - 6} more)" if len(modules) > 6 else "")
+            if group.start_step:
+                shown = f"(from step {group.start_step}) {shown}"
             lines.append(f"  {group.name:<16} {len(names):>7} {count:>12,}  {lr:<10} {wd:<8} {bn:<7} {shown}")
         return "\n".join(lines)
 

@@ -32,6 +32,7 @@ from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
 from jaxtl.optim.literature import l2sp
 from jaxtl.optim.plateau import scale_by_plateau
+from jaxtl.optim.scheduled_mask import start_at
 from jaxtl.optim.settings import OptimizerConfig
 
 HEAD_GROUP = "head"  # the classifier's group in every built-in policy: L2-SP (l2sp_alpha) leaves it out
@@ -156,7 +157,7 @@ def build_optimizer(
             transforms[name] = optax.set_to_zero()
             continue
         if group.transform is not None:
-            transforms[name] = group.transform
+            transforms[name] = start_at(group.start_step, group.transform) if group.start_step else group.transform
             continue
         lr = schedule(config, group_lr(groups, name, config), total_steps)
         anchored = config.l2sp_alpha is not None and name != HEAD_GROUP
@@ -168,7 +169,7 @@ def build_optimizer(
             tx = optax.chain(l2sp(config.l2sp_alpha), tx)
         if config.schedule == "plateau":  # the update of AdamW (decay included) or SGD is linear in the lr
             tx = optax.chain(tx, scale_by_plateau())
-        transforms[name] = tx
+        transforms[name] = start_at(group.start_step, tx) if group.start_step else tx
     labels = groups.labels
     return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))
 

@@ -37,6 +37,9 @@ class Group:
             group, ``"train"`` otherwise.
         transform: an optax GradientTransformation to use for this group instead of the optimizer
             built from the settings above (a researcher's own update rule).
+        start_step: the phase's optimizer step from which the group trains; before it, its updates are zero
+            and its optimizer state waits (:func:`jaxtl.optim.scheduled_mask.start_at`): unfreezing on a
+            schedule inside one compiled step. 0: from the start.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Group:
     weight_decay: float | None = None
     bn: BNPolicy | None = None
     transform: Any = None
+    start_step: int = 0
 
     def __post_init__(self):
         if self.bn is not None and self.bn not in BN_POLICIES:
@@ -56,6 +60,10 @@ class Group:
                 raise ParamGroupError(f"group {self.name!r}: {field}={value} must be a finite number >= 0")
         if not (math.isfinite(self.lr_mult) and self.lr_mult >= 0):
             raise ParamGroupError(f"group {self.name!r}: lr_mult={self.lr_mult} must be a finite number >= 0")
+        if self.start_step < 0 or (self.start_step and self.frozen):
+            raise ParamGroupError(
+                f"group {self.name!r}: start_step={self.start_step} must be >= 0, on a group that is not frozen"
+            )
 
     @property
     def bn_policy(self) -> BNPolicy:

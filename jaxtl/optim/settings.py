@@ -173,6 +173,10 @@ class Phase:
             arXiv:2202.10054), whose next phase fine-tunes from that head. One epoch, head-only groups, no
             augmentation: the features are computed once.
         probe_C: the linear probe's inverse L2 strength (scikit-learn's ``C``).
+        unfreeze_at: per group name, the phase's optimizer step from which that group trains (its updates
+            held at zero before): progressive unfreezing in one optimizer and one compiled step, gradients
+            computed throughout (:mod:`jaxtl.optim.scheduled_mask`), where phases recompile and skip the
+            backward pass through frozen layers.
         until: ``"epochs"`` (all of them) or ``"plateau"``: the phase ends early once ``until_metric`` has not
             improved by more than ``min_delta`` for ``patience`` epochs, and the next phase (the next layers
             unfrozen) starts: gradual unfreezing driven by validation. ``epochs`` is then the most it runs.
@@ -189,6 +193,7 @@ class Phase:
     bn: BNPolicy | None = None
     solver: Literal["optimizer", "linear_probe"] = "optimizer"
     probe_C: float = bounded(1.0, low=0)  # noqa: N815 (scikit-learn's name)
+    unfreeze_at: Mapping[str, int] = bounded(dataclasses.MISSING, low=0, default_factory=dict)
     until: Literal["epochs", "plateau"] = "epochs"
     until_metric: PlateauMetric = "val_loss"
     patience: int = bounded(2, low=1)
@@ -251,10 +256,18 @@ class Phase:
         frozen = [name for name in self.lrs if groups.groups[name].frozen]
         if frozen:
             raise ParamGroupError(f"phase {self.name!r} sets lrs for frozen group(s) {', '.join(frozen)}")
-        updated = {
-            name: dataclasses.replace(group, lr=self.lrs[name]) if name in self.lrs else group
-            for name, group in groups.groups.items()
-        }
+        for key in [name for name in self.unfreeze_at if name not in groups.groups or groups.groups[name].frozen]:
+            raise ParamGroupError(
+                f"phase {self.name!r} sets unfreeze_at for {key!r}, which is no trainable group; its trainable groups "
+                f"are {', '.join(n for n, g in groups.groups.items() if not g.frozen)}"
+            )
+        updated = {}
+        for name, group in groups.groups.items():
+            if name in self.lrs:
+                group = dataclasses.replace(group, lr=self.lrs[name])
+            if name in self.unfreeze_at:
+                group = dataclasses.replace(group, start_step=self.unfreeze_at[name])
+            updated[name] = group
         if self.bn is None:
             return dataclasses.replace(groups, groups=updated)
         # Every BatchNorm in the phase's mode; groups that hold BatchNorm weights say so in the summary.

@@ -30,7 +30,7 @@ import optax
 
 from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
-from jaxtl.optim.literature import l2sp
+from jaxtl.optim.literature import l2sp, scale_by_relative_gradient_norm
 from jaxtl.optim.plateau import scale_by_plateau
 from jaxtl.optim.scheduled_mask import start_at
 from jaxtl.optim.settings import OptimizerConfig
@@ -169,6 +169,8 @@ def build_optimizer(
             tx = optax.chain(l2sp(config.l2sp_alpha), tx)
         if config.schedule == "plateau":  # the update of AdamW (decay included) or SGD is linear in the lr
             tx = optax.chain(tx, scale_by_plateau())
+        if config.auto_rgn:
+            tx = scale_by_relative_gradient_norm(tx)
         transforms[name] = start_at(group.start_step, tx) if group.start_step else tx
     labels = groups.labels
     return optax.partition(transforms, lambda params: _map_names(lambda name, _: labels[name], params))

@@ -62,6 +62,10 @@ class OptimizerConfig:
             ``l2sp_alpha / 2 * ||w - w0||^2`` in the loss would, in place of its weight decay (w0: the group's
             weights when its optimizer state starts; ``no_weight_decay`` does not exempt a parameter from it).
             The head keeps ``weight_decay``, the paper's beta (coupled L2 with ``sgd`` and ``adam``, as the paper's).
+        auto_rgn: Auto-RGN (Lee et al. 2023, :func:`jaxtl.optim.literature.scale_by_relative_gradient_norm`): each
+            trainable group's update of each tensor times that tensor's relative gradient norm over the group's
+            largest, every step. The maximum is per group: under ``full`` the new head is normalised apart from
+            the backbone (the paper's models kept their classifier; one group for everything is its exact form).
     """
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -89,6 +93,7 @@ class OptimizerConfig:
     no_weight_decay: tuple[str, ...] = ()
     clip_grad_norm: float | None = bounded(None, low=0)
     l2sp_alpha: float | None = bounded(None, low=0)
+    auto_rgn: bool = False
 
     def __post_init__(self):
         if self.name not in ("adamw", "adam", "sgd"):

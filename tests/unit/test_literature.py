@@ -344,3 +344,20 @@ def test_the_group_table_shows_l2sp_where_it_replaces_weight_decay():
     rows = {line.split()[0]: line for line in groups.summary(1e-3, 1e-4, 0.01).splitlines()[2:]}
     assert rows["backbone"].split()[4:6] == ["l2sp", "0.01"]
     assert rows["head"].split()[4] == "0.0001"
+
+
+def test_optim_auto_rgn_scales_each_tensors_sgd_update_by_its_rgn_over_its_groups_largest():
+    """The config route (optim.auto_rgn) against the paper's formula by hand: lr * g * (RGN / max RGN in the group)."""
+    model = Small(nnx.Rngs(3))
+    grads, params = _gradient(model, seed=4)
+    groups = Phase("all", "full", epochs=1).groups(model)
+    optimizer = build_optimizer(
+        groups, OptimizerConfig(name="sgd", lr=LR, momentum=0.0, weight_decay=0.0, auto_rgn=True)
+    )
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    g, w = _flat(grads), _flat(params)
+    rgn = {n: np.linalg.norm(g[n].astype(np.float64)) / np.linalg.norm(w[n].astype(np.float64)) for n in g}
+    for names in ([n for n in g if n.startswith("fc.")], [n for n in g if not n.startswith("fc.")]):
+        largest = max(rgn[n] for n in names)
+        for n in names:
+            np.testing.assert_allclose(_flat(updates)[n], -LR * g[n] * rgn[n] / largest, rtol=2e-5, atol=1e-9)

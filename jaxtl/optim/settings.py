@@ -249,6 +249,15 @@ class Phase:
             return "rules: " + ", ".join(rule.pattern for rule in self.rules)
         return describe_freezing(self.policy)
 
+    def describe_length(self) -> str:
+        """How long the phase runs, for a log line: ``3 epochs``, ``up to 5 epochs, until val_loss plateaus ...``."""
+        if self.solver == "linear_probe":
+            return f"1 epoch: the head's linear probe, C={self.probe_C:g}"
+        if self.until == "plateau":
+            return (f"up to {self.epochs} epochs, until {self.until_metric} plateaus (patience {self.patience}, "
+                    f"min_delta {self.min_delta:g})")  # fmt: skip
+        return f"{self.epochs} epochs" if self.epochs is not None else f"{self.steps} steps"
+
     def groups(self, model: nnx.Module) -> ParamGroups:
         """The phase's groups, with ``lrs`` applied; an ``lrs`` key that is no group is an error."""
         groups = self._assign(model)

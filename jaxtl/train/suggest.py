@@ -309,7 +309,7 @@ class SuggestResult:
         lines.append(f"suggested: {a.approach}")
         for phase in self.config.phases:
             lrs = ", ".join(f"{group} {lr:g}" for group, lr in phase.lrs.items())
-            lines.append(f"  phase {phase.name!r}: {phase.describe()}, {phase.epochs} epochs, lr {lrs}")
+            lines.append(f"  phase {phase.name!r}: {phase.describe()}, {phase.describe_length()}, lr {lrs}")
         if a.class_weights:
             lines.append(
                 f"imbalance {c.imbalance:.1f} (at least {IMBALANCE_RATIO:g}): train.class_weights: balanced weights "

@@ -114,6 +114,12 @@ class TrainConfig:
     seed: int = bounded(0, low=0, high=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     feature_cache: bool = True  # head-only phases without augmentation train on features computed once
+    # Also keep those features on disk here, shared by runs with the same frozen backbone, images and preprocessing
+    # (jaxtl.train.feature_store; a jaxtl sweep's policies and seeds); None: in memory only.
+    feature_cache_dir: str | None = None
+    # Each trainable group's gradient norm and update-to-weight ratio from every step (three norms in the step:
+    # a few percent of a CPU step); the distance from the starting weights and BatchNorm drift are always kept.
+    group_diagnostics: bool = False
     log_every: int = bounded(10, low=1)
     checkpoint_metric: Literal["val_acc1", "val_loss"] = "val_acc1"
     # Also write checkpoints/latest every N steps inside an epoch (None: at epoch ends only), so that

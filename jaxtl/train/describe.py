@@ -1,9 +1,15 @@
-"""What a run config trains with beyond its phases, in words: ``jaxtl inspect CONFIG`` prints it."""
+"""What ``jaxtl inspect`` prints besides the groups: a config's training settings, a run directory's diagnostics."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from jaxtl.config import RunConfig
 from jaxtl.data.augment.mixing import Mixing
+from jaxtl.train.diagnostics import diagnostics_table
+from jaxtl.train.figures import load_metrics
+from jaxtl.train.run_dir import RunError
 
 
 def training_summary(config: RunConfig) -> list[str]:
@@ -44,3 +50,25 @@ def training_summary(config: RunConfig) -> list[str]:
             f"ends the {e.ends}"
         )
     return lines
+
+
+def run_summary(run_dir: str | os.PathLike) -> list[str]:
+    """``jaxtl inspect RUN_DIR``: the run's epochs and phases, then each epoch's per-group diagnostics
+    (:mod:`jaxtl.train.diagnostics`) from its metrics.jsonl, with what each column is."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise RunError(
+            f"{run_dir} holds no metrics.jsonl (a run writes one record per epoch there); give a run directory "
+            "with a finished epoch, a run config (.yaml) or an architecture"
+        )
+    records = load_metrics(path)
+    phases = ", ".join(dict.fromkeys(str(record.get("phase")) for record in records))
+    epochs = len({record.get("epoch") for record in records})
+    return [
+        f"{run_dir}: {epochs} epoch(s) in metrics.jsonl, phase(s) {phases}",
+        *diagnostics_table(records),
+        "grad_norm: the mean over the epoch's steps of the group's gradient L2 norm; update/weight: the mean of",
+        "||update|| / ||weights before it||; distance: ||w - w0|| / ||w0|| at the epoch's end (w0: the weights the",
+        "run started from); bn_*_drift: the same for the running mean / variance of the group's BatchNorm layers;",
+        "-: a frozen group (no steps), a group without BatchNorm, or a zero reference",
+    ]

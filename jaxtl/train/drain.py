@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,19 +10,21 @@ from typing import Any
 import jax
 
 from jaxtl.train.callbacks import Callback
+from jaxtl.train.diagnostics import add_step, group_scalars, step_means
 from jaxtl.train.progress import Progress
 from jaxtl.train.run_dir import RunError
 from jaxtl.train.state import EpochTotals
 
 
 class Drain:
-    """Pulls the pending steps' metrics off the device: checks the loss, sums the epoch, reports each step.
+    """Pulls the pending steps' metrics off the device: checks the loss, sums the epoch (per-group norms too),
+    reports each step.
 
     Args:
         phase_name, loader_epoch: where the steps are, for the message of a non-finite loss.
         totals: the epoch's sums before the first pending step (a resumed epoch's, or empty).
         callbacks: their ``on_step`` sees each step's loss, accuracy and example count.
-        events: the event writer (``train/loss_step``).
+        events: the event writer (``train/loss_step``, ``groups/NAME/grad_norm_step`` and ``update_ratio_step``).
         last_good: the sentence naming the last good checkpoint, for the message of a non-finite loss.
     """
 
@@ -35,7 +38,7 @@ class Drain:
     def __call__(self) -> None:
         if not self.pending:
             return
-        loss_sum, count = 0.0, 0.0
+        loss_sum, count, drained = 0.0, 0.0, {}
         steps, values = zip(*self.pending)
         self.pending.clear()
         for number, m in zip(steps, jax.device_get(values)):
@@ -49,6 +52,9 @@ class Drain:
             n, correct = float(m["count"]), float(m["correct"])
             loss_sum, count = loss_sum + loss * n, count + n
             self.totals = self.totals.add(loss * n, correct, n)
+            if "groups" in m:  # the step's per-group norms (make_train_step's groups=)
+                drained = add_step(drained, m["groups"])
+                self.totals = dataclasses.replace(self.totals, groups=add_step(self.totals.groups, m["groups"]))
             step_metrics = {"loss": loss, "acc1": correct / max(n, 1.0), "count": n}
             for callback in self.callbacks:
                 callback.on_step(number, step_metrics)
@@ -56,3 +62,5 @@ class Drain:
             self.events.scalar("train/loss_step", loss_sum / count, steps[-1])
             if self.progress is not None:
                 self.progress.update(0, loss=self.totals.mean_loss)
+        if drained:  # each group's means over the drained steps: every train.log_every steps
+            self.events.scalars(group_scalars(step_means(drained), suffix="_step"), steps[-1])

@@ -24,6 +24,7 @@ from jaxtl.optim import Freezing
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
 from jaxtl.train.callbacks import Callback
+from jaxtl.train.diagnostics import starting_weights
 from jaxtl.train.figures import load_metrics
 from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
 from jaxtl.train.loop import Run, Trainer
@@ -138,6 +139,9 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     model, weights, preprocessing = run_model(config, given.model, len(run_data.classes), meta, log)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=weights["arch"]))
     directory.write_config(config)
+    # run_model builds a resumed run's own model at random init: its starting weights are loaded again.
+    resumed_weights = meta.weights if meta is not None and given.model is None else None
+    start = starting_weights(model, config, len(run_data.classes), resumed_weights, log)
     if resumed is not None:
         load_model_arrays(model, resumed.arrays["model"], source=str(resumed.path))
     preprocessing = with_size(preprocessing, config.data.crop_size, config.data.resize_size)
@@ -151,7 +155,8 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
         + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
         + f", {len(config.phases)} phase(s)"
     )
-    run = Run(config, model, run_data, {k: v for k, v in weights.items() if k != "arch"}, preprocessing, directory)
+    run = Run(config, model, run_data, {k: v for k, v in weights.items() if k != "arch"}, preprocessing, directory,
+              start)  # fmt: skip
     with contextlib.closing(loaders):  # worker processes and their shared memory
         state, model = Trainer(run, loaders, callbacks, log=log).train(resumed)
     skipped = loaders.skipped

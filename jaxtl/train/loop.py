@@ -41,9 +41,11 @@ from jaxtl.optim.plateau import reductions
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
+from jaxtl.train.diagnostics import epoch_diagnostics, group_scalars
 from jaxtl.train.drain import Drain
 from jaxtl.train.evaluate import compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
+from jaxtl.train.feature_store import feature_key, load_or_compute
 from jaxtl.train.features import (
     CachedFeatures,
     cached_batches,
@@ -76,7 +78,8 @@ from jaxtl.xla import program_options
 
 @dataclasses.dataclass
 class Run:
-    """What a run trains: its config, model, data, the weights it starts from, its preprocessing, its directory."""
+    """What a run trains: its config, model, data, the weights it starts from, its preprocessing, its directory,
+    and the arrays it started from (:func:`jaxtl.train.diagnostics.starting_weights`; None: no distances)."""
 
     config: RunConfig
     model: nnx.Module
@@ -84,6 +87,7 @@ class Run:
     weights: dict[str, Any]
     preprocessing: Preprocessing
     directory: RunDirectory
+    start: dict[str, Any] | None = None
 
     def meta(self, state: RunState, record: dict[str, Any]) -> CheckpointMeta:
         return CheckpointMeta(
@@ -182,7 +186,8 @@ class Trainer:
         phase, model = self.phases[index], self.run.model
         groups = phase.groups(model)
         optimizer_config = phase.optimizer or self.config.optim
-        self.log(f"phase {index + 1}/{len(self.phases)} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
+        where = f"phase {index + 1}/{len(self.phases)} {phase.name!r} ({phase.describe()}, {phase.describe_length()}):"
+        self.log(where)
         self.log(groups.summary(optimizer_config.lr, optimizer_config.weight_decay, optimizer_config.l2sp_alpha))
         graphdef, model_state = split_model(model, groups)
         model_state = jax.device_put(model_state, self.replicated)
@@ -231,7 +236,8 @@ class Trainer:
                                      loss_fn=self.loss_fn, compiler_options=train_options, mixing=self.mixing,
                                      num_classes=len(self.run.data.classes),
                                      accumulate_steps=t.accumulate_steps,
-                                     bn_groups=1 if t.bn_sync else jax.device_count())  # fmt: skip
+                                     bn_groups=1 if t.bn_sync else jax.device_count(),
+                                     groups=groups if t.group_diagnostics else None)  # fmt: skip
         eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
                                    compiler_options=eval_options)  # fmt: skip
         features = None
@@ -240,7 +246,17 @@ class Trainer:
             step = make_features_step(graphdef, mean=p.mean, std=p.std, compute_dtype=self.compute_dtype,
                                       compiler_options=eval_options)  # fmt: skip
             sharding = data_sharding(self.loaders.both.batch_size)
-            features = compute_features(step, model_state, self.loaders.both, sharding, len(self.run.data.train))
+            train_size = len(self.run.data.train)
+
+            def compute():
+                return compute_features(step, model_state, self.loaders.both, sharding, train_size)
+
+            store = self.config.train.feature_cache_dir
+            if store is not None and jax.process_count() == 1:
+                key = feature_key(model_state, self.loaders.both.source, p, self.compute_dtype, train_size)
+                features = load_or_compute(store, key, compute, self.log)
+            else:
+                features = compute()
             self.loaders.both.close()  # frees its workers; a later cached phase starts new ones
             self.log(
                 f"  head-only phase on cached features: backbone run once over {len(self.run.data.train)} + "
@@ -259,12 +275,15 @@ class Trainer:
         config, phase = self.config, context.phase
         loader_epoch = context.first_loader_epoch + state.epoch_in_phase
         state, model_state, opt_state, train_metrics = self._train_epoch(context, state, model_state, opt_state)
+        sums = train_metrics.pop("group_sums", {})
+        self.run.model = merge_model(context.graphdef, jax.device_get(model_state))
         val_features = context.features["val"] if context.features is not None else None
         evaluated = context.ema if context.ema is not None else model_state  # train.ema: the average's metrics
         evaluation = evaluate(context.eval_step, evaluated, self.loaders.val, len(self.run.data.classes), val_features)
         val_metrics = evaluation.metrics()
         record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics,
-                  "val_per_class": evaluation.per_class(self.run.data.classes)}  # fmt: skip
+                  "val_per_class": evaluation.per_class(self.run.data.classes),
+                  "groups": epoch_diagnostics(context.groups, sums, self.run.start, self.run.model)}  # fmt: skip
         self.run.directory.append_metrics(record)
         self._report_epoch(context, record, state.epoch_in_phase + 1, state.plateau)
         self.log(
@@ -275,7 +294,6 @@ class Trainer:
             + (f" acc@5 {val_metrics['val_acc5']:.3f}" if "val_acc5" in val_metrics else "")
             + f" | {train_metrics['train_images_per_s']:.1f} img/s"
         )
-        self.run.model = merge_model(context.graphdef, jax.device_get(model_state))
         key = config.train.checkpoint_metric
         improved = state.best.improved_by(val_metrics, key)
         best = Best(val_metrics[key], loader_epoch + 1, val_metrics) if improved else state.best
@@ -383,7 +401,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         totals = drain.totals
         metrics = {"train_loss": totals.mean_loss, "train_acc1": totals.accuracy,
-                   "train_images_per_s": images_seen / max(seconds, 1e-9)}  # fmt: skip
+                   "train_images_per_s": images_seen / max(seconds, 1e-9), "group_sums": totals.groups}  # fmt: skip
         return dataclasses.replace(state, batch=0, step=step, totals=EpochTotals()), model_state, opt_state, metrics
 
     def _probe_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
@@ -432,5 +450,5 @@ class Trainer:
         last = epochs_done * len(self.loaders.train) - 1
         for name, lr in learning_rates(context.groups, optimizer, context.total_steps, last, plateau.scale).items():
             scalars[f"lr/{name}"] = lr
-        self.events.scalars(scalars, record["step"])
+        self.events.scalars({**scalars, **group_scalars(record["groups"])}, record["step"])
         self.run.directory.draw_curves(f"{self.config.model.arch}, {self.run.directory.path.name}")

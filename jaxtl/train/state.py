@@ -1,7 +1,7 @@
 """A run's position (``RunState``) and what a checkpoint records about it (``CheckpointMeta``), as typed values.
 
 A checkpoint's ``meta.json`` is :meth:`CheckpointMeta.to_json`: the position (phase, epoch in the
-phase, next batch, step, the epoch's loss and accuracy sums so far), the best validation result,
+phase, next batch, step, the epoch's loss, accuracy and per-group norm sums so far), the best validation result,
 early stopping's and reduce-on-plateau's records, the epoch's metrics, and what the model is:
 architecture, classes, class_to_idx, the weights it started from, the preprocessing, and the
 resolved run config.
@@ -20,14 +20,16 @@ from jaxtl.weights import Preprocessing
 
 @dataclasses.dataclass(frozen=True)
 class EpochTotals:
-    """Sums over the batches of an epoch run so far: loss times examples, correct predictions, examples."""
+    """Sums over the batches of an epoch run so far: loss times examples, correct predictions, examples, and the
+    per-group norms of the steps (:func:`jaxtl.train.diagnostics.add_step`)."""
 
     loss: float = 0.0
     correct: float = 0.0
     count: float = 0.0
+    groups: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def add(self, loss_sum: float, correct: float, count: float) -> EpochTotals:
-        return EpochTotals(self.loss + loss_sum, self.correct + correct, self.count + count)
+        return EpochTotals(self.loss + loss_sum, self.correct + correct, self.count + count, self.groups)
 
     @property
     def mean_loss(self) -> float:

@@ -23,6 +23,7 @@ from jaxtl.data.augment.mixing import Mixing
 from jaxtl.data.transforms import normalize
 from jaxtl.models.batch_norm_ops import batch_mask, batch_norm_groups
 from jaxtl.optim.groups import ParamGroups
+from jaxtl.train.diagnostics import step_norms
 
 
 class ModelState(NamedTuple):
@@ -123,7 +124,8 @@ def make_train_step(
     num_classes: int | None = None,
     accumulate_steps: int = 1,
     bn_groups: int = 1,
-) -> Callable[..., tuple[ModelState, Any, dict[str, jax.Array]]]:
+    groups: ParamGroups | None = None,
+) -> Callable[..., tuple[ModelState, Any, dict[str, Any]]]:
     """``step(state, opt_state, images, labels, mask, step_index) -> (state, opt_state, metrics)``, jitted.
 
     The gradient is taken with respect to ``state.trainable`` only; ``state.frozen`` is passed
@@ -146,6 +148,11 @@ def make_train_step(
     ``bn_groups=D``: train-mode BatchNorm takes the statistics of each of D blocks of the (micro-)batch, one
     per device with the batch sharded over D devices (:func:`jaxtl.models.batch_norm_ops.batch_norm_groups`:
     PyTorch DDP's per-replica statistics); 1: of the whole batch (SyncBatchNorm's).
+
+    ``groups``: the phase's parameter groups; given, ``metrics["groups"]`` holds, per trainable group, the L2
+    norms of its gradient (the step's, summed over the micro-batches), of the optimizer's update and of its
+    weights before the update (:func:`jaxtl.train.diagnostics.step_norms`): three reductions over the trainable
+    parameters.
     """
     if mixing is not None and mixing.enabled and num_classes is None:
         raise ValueError("mixing needs num_classes: the targets become class probabilities")
@@ -225,6 +232,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask)}
+        if groups is not None:
+            metrics["groups"] = step_norms(groups.labels, grads, updates, state.trainable)
         return ModelState(trainable, state.frozen, rest), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else (), compiler_options=compiler_options or None)

@@ -318,6 +318,7 @@ def probe_config(run_dir, phases):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_linear_probe_phase_sets_the_head_scikit_learn_fits_and_the_next_phase_fine_tunes_from_it(tmp_path):
     """LP-FT: the head after the probe phase is LogisticRegression(C) of the frozen backbone's features."""
     from sklearn.linear_model import LogisticRegression
@@ -365,6 +366,7 @@ def test_a_linear_probe_phase_needs_a_head_only_unaugmented_phase_of_one_epoch(t
             log=lambda line: None)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_until_plateau_moves_on_when_validation_stalls_and_resumes_bitwise(tmp_path):
     """phases.N.until: plateau: each phase ends once val_acc1 stalls (here: never improves by more than 1, so after
     its second epoch), the next layers unfreeze, and a run killed inside the second phase resumes bitwise."""
@@ -393,3 +395,32 @@ def test_gradual_unfreezing_until_plateau_moves_on_when_validation_stalls_and_re
     assert [(r["phase"], r["epoch"], r["train_loss"]) for r in resumed.history] == [
         (r["phase"], r["epoch"], r["train_loss"]) for r in whole.history
     ]
+
+
+@pytest.mark.slow
+def test_runs_with_the_same_frozen_backbone_share_the_features_on_disk_and_train_as_without(tmp_path):
+    """train.feature_cache_dir: the second run reads the first one's features and ends bitwise as it would have."""
+    store = tmp_path / "features"
+    head = {"name": "head", "policy": "head_only", "epochs": 2, "lrs": {"head": 1e-2}}
+    shared = {**probe_config(tmp_path / "first", [head]), "train": {"feature_cache_dir": str(store)}}
+    first: list[str] = []
+    fit(shared, log=first.append)
+    assert not any("features read from" in line for line in first) and len(list(store.glob("*.npz"))) == 1
+    other_lr = [{**head, "lrs": {"head": 3e-3}}]  # another head, the same backbone: the same features
+    second: list[str] = []
+    cached = fit({**shared, "run_dir": str(tmp_path / "second"), "phases": other_lr}, log=second.append)
+    assert any("features read from" in line for line in second)
+    plain = fit({**probe_config(tmp_path / "plain", other_lr)}, log=lambda line: None)
+    final, expected = state_dict(cached.model), state_dict(plain.model)
+    assert all(np.array_equal(final[key], expected[key]) for key in expected)  # bitwise
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in plain.history]
+    # Other images or another preprocessing are other features; a damaged file is computed again.
+    data = {**shared["data"], "crop_size": 96}
+    third: list[str] = []
+    fit({**shared, "run_dir": str(tmp_path / "third"), "data": data}, log=third.append)
+    assert not any("features read from" in line for line in third) and len(list(store.glob("*.npz"))) == 2
+    for path in store.glob("*.npz"):
+        path.write_bytes(b"damaged")
+    fourth: list[str] = []
+    fit({**shared, "run_dir": str(tmp_path / "fourth")}, log=fourth.append)
+    assert any("cannot be read" in line and "computing them again" in line for line in fourth)

@@ -27,7 +27,6 @@ from flax import nnx
 
 from jaxtl.config import RunConfig
 from jaxtl.data import data_sharding
-from jaxtl.data.augment.mixing import Mixing
 from jaxtl.optim import (
     ParamGroups,
     Phase,
@@ -59,21 +58,16 @@ from jaxtl.train.probe_head import probe_head
 from jaxtl.train.progress import Progress
 from jaxtl.train.resume import load_model_arrays, model_arrays, unflatten_like
 from jaxtl.train.run_dir import RunDirectory, RunError
+from jaxtl.train.run_steps import run_eval_step, run_features_step, run_mixing, run_train_step
 from jaxtl.train.saving import RunCheckpoints, checkpoint_arrays
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState, Watch
 from jaxtl.train.step import (
     ModelState,
-    full_model,
-    head_of,
-    make_eval_step,
-    make_features_step,
-    make_train_step,
     merge_model,
     split_model,
 )
 from jaxtl.train.stopping import stopping_of, watch_epoch
 from jaxtl.weights import Preprocessing
-from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass
@@ -125,10 +119,9 @@ class Trainer:
         self.log = log
         self.progress_every_s = progress_every_s
         self.sharding = data_sharding(self.loaders.train.batch_size)  # accumulate_steps micro-batches in one
-        d = run.config.data
-        self.mixing = Mixing(d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob)
-        if self.mixing.enabled:
-            log(f"mixing: {self.mixing.describe()}; the loss on the mixed class probabilities")
+        mixing = run_mixing(run.config.data)
+        if mixing.enabled:
+            log(f"mixing: {mixing.describe()}; the loss on the mixed class probabilities")
         self.replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
         self.compute_dtype = compute_dtype_of(run.config.train.precision)
         self.loss_fn = run_loss(run.config.train, run.data, log)
@@ -226,25 +219,14 @@ class Trainer:
                 "color_jitter, random_erasing, mixup_alpha, cutmix_alpha)"
             )
         cached = cached or phase.solver == "linear_probe"
-        forward = head_of if cached else full_model
-        t = self.config.train
-        train_options, eval_options = (
-            program_options(t.ynnpack, program, t.precision) for program in ("train", "eval")
-        )
-        train_step = make_train_step(graphdef, optimizer, mean=p.mean, std=p.std, forward=forward,
-                                     compute_dtype=self.compute_dtype, seed=self.config.train.seed,
-                                     loss_fn=self.loss_fn, compiler_options=train_options, mixing=self.mixing,
-                                     num_classes=len(self.run.data.classes),
-                                     accumulate_steps=t.accumulate_steps,
-                                     bn_groups=1 if t.bn_sync else jax.device_count(),
-                                     groups=groups if t.group_diagnostics else None)  # fmt: skip
-        eval_step = make_eval_step(graphdef, mean=p.mean, std=p.std, forward=forward, compute_dtype=self.compute_dtype,
-                                   compiler_options=eval_options)  # fmt: skip
+        num_classes = len(self.run.data.classes)
+        train_step = run_train_step(self.config, graphdef, optimizer, p, num_classes=num_classes, cached=cached,
+                                    loss_fn=self.loss_fn, groups=groups)  # fmt: skip
+        eval_step = run_eval_step(self.config, graphdef, p, cached=cached)
         features = None
         if cached:
             started = time.perf_counter()
-            step = make_features_step(graphdef, mean=p.mean, std=p.std, compute_dtype=self.compute_dtype,
-                                      compiler_options=eval_options)  # fmt: skip
+            step = run_features_step(self.config, graphdef, p)
             sharding = data_sharding(self.loaders.both.batch_size)
             train_size = len(self.run.data.train)
 

@@ -41,10 +41,8 @@ from flax import nnx
 
 from jaxtl.config import ConfigError, RunConfig
 from jaxtl.data import Batch, data_sharding
-from jaxtl.data.augment.mixing import Mixing
 from jaxtl.optim import ParamGroups, build_optimizer, group_lr
 from jaxtl.train import distributed
-from jaxtl.train.evaluate import compute_dtype_of
 from jaxtl.train.features import cached_batches, compute_features, is_cacheable
 from jaxtl.train.fit import resolve_config, run_model
 from jaxtl.train.inputs import RunData, RunLoaders, build_loaders, load_data, with_size
@@ -65,8 +63,8 @@ from jaxtl.train.lr_curve import (
 )
 from jaxtl.train.progress import Progress
 from jaxtl.train.run_dir import RunError
-from jaxtl.train.step import ModelState, full_model, head_of, make_features_step, make_train_step, split_model
-from jaxtl.xla import program_options
+from jaxtl.train.run_steps import run_features_step, run_train_step
+from jaxtl.train.step import ModelState, split_model
 
 # -- the result --------------------------------------------------------------------------------------------------
 
@@ -392,15 +390,9 @@ class _RangeTest:
 
     def _train_step(self, optimizer: optax.GradientTransformation) -> Callable:
         """The run's train step (its loss, Mixup/CutMix and accumulation), as the trainer builds it."""
-        p, t, d = self.preprocessing, self.config.train, self.config.data
-        return make_train_step(
-            self.graphdef, optimizer, mean=p.mean, std=p.std, forward=head_of if self.cached else full_model,
-            compute_dtype=compute_dtype_of(t.precision), seed=t.seed, loss_fn=run_loss(t, self.data, self.log),
-            compiler_options=program_options(t.ynnpack, "train", t.precision),
-            mixing=Mixing(d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob),
-            num_classes=len(self.data.classes), accumulate_steps=t.accumulate_steps,
-            bn_groups=1 if t.bn_sync else jax.device_count(),
-        )  # fmt: skip
+        loss_fn = run_loss(self.config.train, self.data, self.log)
+        return run_train_step(self.config, self.graphdef, optimizer, self.preprocessing, cached=self.cached,
+                              num_classes=len(self.data.classes), loss_fn=loss_fn)  # fmt: skip
 
     def _batches(self, state: ModelState) -> Iterator[Batch]:
         """The train loader's batches, epoch after epoch; cached features for a head-only phase."""
@@ -416,12 +408,8 @@ class _RangeTest:
 
     def _features(self, state: ModelState):
         """The frozen backbone's features of the train split, computed once (the trainer's feature pass)."""
-        p, t = self.preprocessing, self.config.train
         started = time.perf_counter()
-        step = make_features_step(
-            self.graphdef, mean=p.mean, std=p.std, compute_dtype=compute_dtype_of(t.precision),
-            compiler_options=program_options(t.ynnpack, "eval", t.precision),
-        )  # fmt: skip
+        step = run_features_step(self.config, self.graphdef, self.preprocessing)
         both = self.loaders.both
         features = compute_features(step, state, both, data_sharding(both.batch_size), len(self.data.train))
         self.log(f"  head-only phase on cached features: backbone run once in {time.perf_counter() - started:.1f}s")

@@ -38,13 +38,12 @@ from jaxtl.config import RunConfig, config_from_dict
 from jaxtl.data import data_sharding, labels_of
 from jaxtl.errors import DataError
 from jaxtl.optim import Phase
-from jaxtl.train.evaluate import compute_dtype_of
 from jaxtl.train.features import compute_features
 from jaxtl.train.fit import run_model
 from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
 from jaxtl.train.probe import linear_probe
-from jaxtl.train.step import make_features_step, split_model
-from jaxtl.xla import program_options
+from jaxtl.train.run_steps import run_features_step
+from jaxtl.train.step import split_model
 
 # Size: the median number of train images per class.
 VERY_SMALL_PER_CLASS = 10  # below: too few to adapt any pretrained layer without overfitting
@@ -214,11 +213,7 @@ def measure_probe(config: RunConfig, data: RunData, log: Callable[[str], None] =
         both = loaders.both
         sharding = data_sharding(both.batch_size)
         state = jax.device_put(state, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-        t = config.train
-        step = make_features_step(
-            graphdef, mean=preprocessing.mean, std=preprocessing.std, compute_dtype=compute_dtype_of(t.precision),
-            compiler_options=program_options(t.ynnpack, "eval", t.precision),
-        )  # fmt: skip
+        step = run_features_step(config, graphdef, preprocessing)
         count = len(data.train) + len(data.val)
         log(f"computing the frozen {config.model.arch}'s features of {count} images ({weights.get('source')})")
         features = compute_features(step, state, both, sharding, len(data.train))

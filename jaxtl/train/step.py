@@ -24,6 +24,7 @@ from jaxtl.data.transforms import normalize
 from jaxtl.models.batch_norm_ops import batch_mask, batch_norm_groups
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train.diagnostics import step_norms
+from jaxtl.train.losses import CrossEntropy
 
 
 class ModelState(NamedTuple):
@@ -50,14 +51,6 @@ def _inputs(images: jax.Array, mean, std) -> jax.Array:
 
 def _at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the rows where ``mask`` is True (torch's ``F.cross_entropy`` on those rows)."""
-    logits = _at_least_float32(logits)  # bf16 logits: the loss in float32; float64 runs stay float64
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    weights = mask.astype(logits.dtype)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _cast(tree, dtype):
@@ -114,7 +107,7 @@ def make_train_step(
     *,
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
-    loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] = masked_cross_entropy,
+    loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
     compute_dtype=None,
     seed: int = 0,
@@ -133,8 +126,9 @@ def make_train_step(
     Dropout and stochastic depth draw from a key that is a function of (seed, step_index), so a
     resumed run draws what an uninterrupted one does. With ``compute_dtype=jnp.bfloat16`` the
     forward and backward run in bf16 on float32 parameters (BatchNorm statistics stay float32).
-    Metrics (loss, correct count, example count) stay on the device. ``compiler_options`` go to XLA
-    (:func:`jaxtl.xla.program_options`).
+    ``loss_fn(logits, targets, mask)``: the loss (None: :class:`jaxtl.train.losses.CrossEntropy`, torch's
+    plain cross-entropy over the unmasked rows). Metrics (loss, correct count, example count) stay on the
+    device. ``compiler_options`` go to XLA (:func:`jaxtl.xla.program_options`).
 
     ``mixing``: Mixup/CutMix of each (micro-)batch (:mod:`jaxtl.data.augment.mixing`), the loss then on
     class probabilities (``num_classes`` of them); the accuracy counts each row's own label.
@@ -161,6 +155,7 @@ def make_train_step(
     mixing = mixing if mixing is not None and mixing.enabled else None
     k = accumulate_steps
     base_key = jax.random.key(seed)
+    loss_fn = loss_fn or CrossEntropy()
     numerator, denominator = _loss_terms(loss_fn)
 
     def mix(key, x, labels, mask):
@@ -300,7 +295,7 @@ def make_eval_step(
         if tta == "flip":  # NHWC: axis 2 is the width
             mirrored = _at_least_float32(forward(model, x[:, :, ::-1]))
             logits = jnp.log((jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored, -1)) / 2)
-        loss = masked_cross_entropy(logits, labels, mask)
+        loss = CrossEntropy()(logits, labels, mask)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
         k = min(5, logits.shape[-1])
         top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)

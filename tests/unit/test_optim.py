@@ -267,10 +267,11 @@ def run_steps(model, groups, config, n=3):
 
 
 def _loss(graphdef, trainable, state, images, labels, mask):
-    from jaxtl.train.step import _inputs, masked_cross_entropy
+    from jaxtl.train.losses import CrossEntropy
+    from jaxtl.train.step import _inputs
 
     model = nnx.merge(graphdef, trainable, state.frozen, state.rest, copy=True)
-    return masked_cross_entropy(model(_inputs(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))), labels, mask)
+    return CrossEntropy()(model(_inputs(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))), labels, mask)
 
 
 def _flat(state):

@@ -45,7 +45,7 @@ def _enable_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "predict", "lr-find", "suggest"):
+    if args.command in ("train", "eval", "predict", "lr-find", "suggest", "sweep"):
         _enable_compilation_cache()
     try:
         return args.run(args)

@@ -294,6 +294,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from jaxtl import models, optim
 
     target = Path(args.target)
+    if target.is_dir():
+        from jaxtl.train.describe import run_summary
+
+        print("\n".join(run_summary(target)))
+        return 0
     if target.suffix in (".yaml", ".yml") or target.is_file():
         from jaxtl.config import load_config
         from jaxtl.train import load_data
@@ -307,7 +312,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for line in training_summary(config):
             print(f"  {line}")
         for index, phase in enumerate(config.phases, start=1):
-            print(f"phase {index} {phase.name!r} ({phase.describe()}, {phase.epochs} epochs):")
+            print(f"phase {index} {phase.name!r} ({phase.describe()}, {phase.describe_length()}):")
             groups = phase.groups(model)
             optimizer = phase.optimizer or config.optim
             print(groups.summary(optimizer.lr, optimizer.weight_decay, optimizer.l2sp_alpha))
@@ -358,6 +363,18 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         return 0
     path = result.write_config(args.out)
     print(f"config: {path}; start with: jaxtl train {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxtl.config import load_config
+
+    config = load_config(args.config, args.set)
+    from jaxtl.train.sweep import sweep  # after the config's checks: a bad config fails before jax loads
+
+    result = sweep(config, args.policies.split(","), args.seeds, args.out, epochs=args.epochs)
+    print(result.table())
+    print(f"runs in {result.out_dir}; the table: {result.csv_path}, {result.json_path}; the plot: {result.plot_path}")
     return 0
 
 

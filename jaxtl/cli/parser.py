@@ -17,6 +17,7 @@ from jaxtl.cli.commands import (
     cmd_parity,
     cmd_predict,
     cmd_suggest,
+    cmd_sweep,
     cmd_train,
 )
 
@@ -155,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show which parameters a freezing policy trains, with LRs, weight decay and BN policy",
         description="Print, per parameter group, the parameters (whole modules collapsed), counts, learning rate, "
         "weight decay and BatchNorm policy: for every phase of a run config, or for ARCH under --policy. Needs no "
-        "weights.",
+        "weights. For a run directory: each epoch's per-group diagnostics (gradient norm, update-to-weight ratio, "
+        "distance from the starting weights, BatchNorm statistics drift) from its metrics.jsonl.",
     )
-    inspect.add_argument("target", help="a run config (configs/quickstart.yaml) or an architecture (resnet50)")
+    inspect.add_argument(
+        "target", help="a run config (configs/quickstart.yaml), a run directory (runs/x) or an architecture (resnet50)"
+    )
     inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
     inspect.add_argument(
         "--policy",
@@ -221,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a config value for the measurement and the suggested config, e.g. --set "
                          "data.eval_batch_size=32 or --set model.allow_random_init_fallback=true")  # fmt: skip
     suggest.set_defaults(run=cmd_suggest)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="compare freezing strategies: a run per policy and seed, then their table, CSV, JSON and plot",
+        description="Train CONFIG once per policy and seed, each in a normal run directory (OUT/<policy>/seed<k>), "
+        "every policy with the same budget of epochs (--epochs, or the sum of the config's phases' epochs) and the "
+        "same base learning rate (optim.lr; no phase's lrs), then print a table of their best validation accuracy "
+        "(mean and standard deviation over the seeds), trainable parameters, compiled FLOPs per train step, step "
+        "time and wall time, and write it to OUT/sweep.csv, OUT/sweep.json and OUT/sweep.png. Started again, a "
+        "sweep reads its finished runs back and resumes an interrupted one.",
+    )
+    sweep.add_argument("config", help="a YAML config, e.g. configs/quickstart.yaml")
+    sweep.add_argument(
+        "--policies", required=True, metavar="LIST",
+        help="comma-separated: built-in policies (head_only, last_n_blocks:N, full[:MULT], discriminative[:F], "
+        "layerwise_lr_decay[:D], bitfit, norm_only, surgical:first|middle|last) and l2sp[:ALPHA] (full with "
+        "optim.l2sp_alpha, default 0.01), lp_ft (a linear probe, then full), gradual (the head, then the last "
+        "block, then all, in thirds of the budget), config (the config's own phases)",
+    )  # fmt: skip
+    sweep.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0 to N-1 for each policy (default 1)")
+    sweep.add_argument("--epochs", type=int, metavar="E", help="epochs of every policy (default: the config's total)")
+    sweep.add_argument("--out", metavar="DIR", help="the sweep's directory (default: the config's run_dir + -sweep)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, as jaxtl train takes them")  # fmt: skip
+    sweep.set_defaults(run=cmd_sweep)
 
     data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

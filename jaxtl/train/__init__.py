@@ -10,7 +10,9 @@ feature cache), :mod:`~jaxtl.train.evaluate`, :mod:`~jaxtl.train.run_dir`, :mod:
 :mod:`~jaxtl.train.figures`, :mod:`~jaxtl.train.progress`, :mod:`~jaxtl.train.distributed`,
 :mod:`~jaxtl.train.losses`, :mod:`~jaxtl.train.ema` (the weight average), :mod:`~jaxtl.train.report`
 (``report.html``), :mod:`~jaxtl.train.lr_find` (the learning-rate range test), :mod:`~jaxtl.train.probe` and
-:mod:`~jaxtl.train.suggest` (a linear probe on the frozen backbone's features; which layers to fine-tune).
+:mod:`~jaxtl.train.suggest` (a linear probe on the frozen backbone's features; which layers to fine-tune),
+:mod:`~jaxtl.train.diagnostics` (per-group quantities of each epoch), :mod:`~jaxtl.train.sweep` (freezing
+strategies compared).
 """
 
 from jaxtl.train.callbacks import Callback
@@ -24,6 +26,7 @@ from jaxtl.train.resume import load_checkpoint
 from jaxtl.train.run_dir import RunError
 from jaxtl.train.state import Best, CheckpointMeta, EpochTotals, RunState
 from jaxtl.train.suggest import SuggestResult, suggest
+from jaxtl.train.sweep import SweepResult, sweep
 
 __all__ = [
     "Best",
@@ -39,6 +42,7 @@ __all__ = [
     "RunError",
     "RunState",
     "SuggestResult",
+    "SweepResult",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
@@ -48,5 +52,6 @@ __all__ = [
     "lr_find",
     "resolve_config",
     "suggest",
+    "sweep",
     "write_report",
 ]

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtl import models
+from jaxtl.config import ConfigError, config_from_dict
 from jaxtl.models.state_dict import load_state_dict, state_dict
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train.run_dir import RunError
@@ -35,6 +36,8 @@ CHANGEABLE = (
     "data.skip_bad_files",
     "train.log_every",
     "train.checkpoint_every_steps",
+    "train.feature_cache_dir",  # where features are kept, not what they are (jaxtl.train.feature_store)
+    "train.group_diagnostics",  # what is recorded, not what is trained
 )
 
 
@@ -111,7 +114,11 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], met
         saved: the checkpoint's resolved config (plain values).
         config: the resumed run's (plain values).
         meta: the checkpoint's meta, whose position says which phases have run.
+
+    The saved config is read with today's defaults first, so that a key added to jaxtl since the checkpoint was
+    written counts as its default, not as a change.
     """
+    saved = _with_defaults(saved)
     for key, old, new in _differences(saved, config):
         if key in CHANGEABLE or key == "phases" or key.startswith("phases."):
             continue
@@ -139,6 +146,13 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], met
                 f"cannot change it to {new!r}. Change only later phases (or the current one's epochs), or start a "
                 "new run"
             )
+
+
+def _with_defaults(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        return config_from_dict(saved, source="the checkpoint's config").to_dict()
+    except ConfigError:  # a key since removed or renamed: compared as it was saved
+        return saved
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -109,6 +109,19 @@ def test_resume_refuses_a_change_of_what_the_checkpoint_holds(example):
         fit(config, freezing={**namespace["freezing"], "last_stage": "head_only"}, resume=True)
 
 
+def test_resume_reads_a_checkpoints_config_with_todays_defaults(example):
+    """A key added to jaxtl after a checkpoint was written is its default there, not a change of the run."""
+    from jaxtl.train.resume import check_resume_config
+
+    directory, namespace = example
+    _, meta = load_checkpoint(directory / namespace["config"]["run_dir"] / "checkpoints" / "latest")
+    older = {**meta.config, "train": {k: v for k, v in meta.config["train"].items() if k != "label_smoothing"}}
+    check_resume_config(older, meta.config, meta)  # no error: label_smoothing 0.0 is the default
+    changed = {**meta.config, "train": {**meta.config["train"], "label_smoothing": 0.1}}
+    with pytest.raises(RunError, match="train.label_smoothing: the run was trained with train.label_smoothing=0.0"):
+        check_resume_config(older, changed, meta)
+
+
 def test_freezing_names_unknown_phases_and_python_policies_need_python(example, tmp_path):
     directory, namespace = example
     with pytest.raises(ConfigError, match="freezing= names phase\\(s\\) nope; the config's phases: last_stage, norms"):

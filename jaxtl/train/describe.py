@@ -70,5 +70,6 @@ def run_summary(run_dir: str | os.PathLike) -> list[str]:
         "grad_norm: the mean over the epoch's steps of the group's gradient L2 norm; update/weight: the mean of",
         "||update|| / ||weights before it||; distance: ||w - w0|| / ||w0|| at the epoch's end (w0: the weights the",
         "run started from); bn_*_drift: the same for the running mean / variance of the group's BatchNorm layers;",
-        "-: a frozen group (no steps), a group without BatchNorm, or a zero reference",
+        "-: not recorded (grad_norm and update/weight need train.group_diagnostics: true; a frozen group takes no",
+        "steps), a group without BatchNorm, or a zero reference",
     ]

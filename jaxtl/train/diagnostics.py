@@ -157,34 +157,63 @@ def starting_weights(
     return weight_snapshot(start)
 
 
-def relative_change(current: Sequence[np.ndarray], start: Sequence[np.ndarray]) -> float | None:
-    """``||current - start|| / ||start||`` over the arrays taken together, in float64; None where ``start`` is 0."""
-    change = sum(float(np.sum(np.square(np.asarray(a, np.float64) - b))) for a, b in zip(current, start, strict=True))
-    reference = sum(float(np.sum(np.square(np.asarray(b, np.float64)))) for b in start)
+def relative_change(
+    current: Sequence[np.ndarray], start: Sequence[np.ndarray], reference: float | None = None
+) -> float | None:
+    """``||current - start|| / ||start||`` over the arrays taken together, in float64; None where ``start`` is 0.
+
+    ``reference``: ``||start||**2`` where the caller has it (:func:`drift` keeps it across epochs). An array equal
+    to its start adds nothing to the change and is not converted (a frozen group costs one comparison).
+    """
+    change = sum(
+        float(np.sum(np.square(np.asarray(a, np.float64) - b)))
+        for a, b in zip(current, start, strict=True)
+        if not np.array_equal(a, b)
+    )
+    if reference is None:
+        reference = squared_norm(start)
     return math.sqrt(change / reference) if reference > 0 else None
 
 
-def drift(groups: ParamGroups, start: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> dict:
+def squared_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The arrays' squared Euclidean norm taken together, in float64."""
+    return sum(float(np.sum(np.square(np.asarray(b, np.float64)))) for b in arrays)
+
+
+def drift(
+    groups: ParamGroups,
+    start: Mapping[str, np.ndarray],
+    current: Mapping[str, np.ndarray],
+    references: dict[tuple[str, ...], float] | None = None,
+) -> dict:
     """Per group: ``distance``, and for a group holding BatchNorm weights ``bn_mean_drift`` and ``bn_var_drift``.
 
     Args:
         groups: the phase's groups: every group, frozen ones included (a frozen group whose BatchNorm runs in
             train mode changes its statistics; one trained in an earlier phase has moved).
         start, current: the model's arrays by dotted name (:func:`weight_snapshot`): at the run's start, now.
+        references: the squared norms of ``start``'s arrays by tuple of names, computed here on first use and
+            kept by a caller that passes the same dict every epoch.
 
     Returns:
         ``{group: {"distance": float | None, ...}}``: :func:`relative_change` of the group's parameters, and of
         the ``running_mean`` and ``running_var`` of the BatchNorm layers whose ``weight`` is in the group.
     """
+    references = {} if references is None else references
+
+    def change(names: Sequence[str]) -> float | None:
+        key = tuple(names)
+        if key not in references:
+            references[key] = squared_norm([start[n] for n in names])
+        return relative_change([current[n] for n in names], [start[n] for n in names], references[key])
+
     result = {}
     for name in groups.groups:
-        params = groups.names(name)
-        entry = {"distance": relative_change([current[p] for p in params], [start[p] for p in params])}
+        entry = {"distance": change(groups.names(name))}
         norms = [module for module in groups.batch_norms if groups.labels[f"{module}.weight"] == name]
         if norms:
             for key, statistic in (("bn_mean_drift", "running_mean"), ("bn_var_drift", "running_var")):
-                names = [f"{module}.{statistic}" for module in norms]
-                entry[key] = relative_change([current[n] for n in names], [start[n] for n in names])
+                entry[key] = change([f"{module}.{statistic}" for module in norms])
         result[name] = entry
     return result
 
@@ -194,6 +223,7 @@ def epoch_diagnostics(
     sums: Mapping[str, Mapping[str, float]],
     start: Mapping[str, np.ndarray] | None,
     model: nnx.Module,
+    references: dict[tuple[str, ...], float] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """An epoch's ``record["groups"]``, for every group of the phase, keys in :data:`KEYS`' order.
 
@@ -202,9 +232,10 @@ def epoch_diagnostics(
         sums: :func:`add_step`'s sums of the epoch's steps (none for a frozen group, nor a phase without steps).
         start: the arrays the run started from (:func:`starting_weights`); None: no :func:`drift` entries.
         model: the model at the epoch's end, on the host.
+        references: :func:`drift`'s cache of the starting norms, the same dict every epoch.
     """
     means = step_means(sums)
-    drifts = drift(groups, start, state_dict(model)) if start is not None else {}
+    drifts = drift(groups, start, state_dict(model), references) if start is not None else {}
     result = {}
     for name in groups.groups:
         entry = {**means.get(name, {}), **drifts.get(name, {})}

@@ -33,14 +33,31 @@ from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Each example's output, in the order evaluated (padding and skipped files left out).
+
+    Attributes:
+        log_probabilities: ``(N, C)`` float32 log-softmax of the logits.
+        labels: ``(N,)`` int64 true classes.
+        indices: ``(N,)`` int64 each example's index in its source.
+    """
+
+    log_probabilities: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """Metrics over the examples evaluated, and the confusion matrix (rows: true class, columns: predicted)."""
+    """Metrics over the examples evaluated, and the confusion matrix (rows: true class, columns: predicted);
+    ``outputs``: each example's, where :func:`evaluate` was asked to keep them."""
 
     loss: float
     acc1: float
     acc5: float
     count: int
     confusion: np.ndarray
+    outputs: Outputs | None = None
 
     def metrics(self, prefix: str = "val_") -> dict[str, float]:
         """``val_loss``, ``val_acc1``, ``val_balanced_acc`` and, with more than five classes, ``val_acc5``."""
@@ -81,16 +98,24 @@ def balanced_accuracy(confusion: np.ndarray) -> float:
 
 
 def evaluate(
-    eval_step, state: ModelState, loader: Loader, num_classes: int, features: CachedFeatures | None = None
+    eval_step,
+    state: ModelState,
+    loader: Loader,
+    num_classes: int,
+    features: CachedFeatures | None = None,
+    *,
+    keep_outputs: bool = False,
 ) -> Evaluation:
     """Runs ``eval_step`` (:func:`jaxtl.train.step.make_eval_step`) over one pass of ``loader``.
 
     Batches are sharded over the devices as in training; with ``features`` (the feature cache of a
-    head-only phase) the cached features of the loader's examples stand in for their images.
+    head-only phase) the cached features of the loader's examples stand in for their images. With
+    ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`Outputs`).
     """
     sharding, size = data_sharding(loader.batch_size), loader.batch_size
     loss = correct = correct5 = count = 0.0
     confusion = np.zeros((num_classes, num_classes), np.int64)
+    kept: list[tuple[np.ndarray, ...]] = []
     batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
     for index, batch in enumerate(batches):
         labels = distributed.put(batch.labels, sharding, size)
@@ -101,14 +126,22 @@ def evaluate(
         predictions = distributed.gather(jnp.argmax(logits, -1))  # every process's rows
         m = jax.device_get(m)
         rows = distributed.whole(batch.mask, sharding, size)
-        confusion += confusion_matrix(distributed.whole(batch.labels, sharding, size)[rows], predictions[rows],
-                                      num_classes)  # fmt: skip
+        whole_labels = distributed.whole(batch.labels, sharding, size)
+        confusion += confusion_matrix(whole_labels[rows], predictions[rows], num_classes)
+        if keep_outputs:
+            log_probabilities = distributed.gather(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+            indices = distributed.whole(batch.indices, sharding, size)
+            kept.append((log_probabilities[rows], whole_labels[rows].astype(np.int64), indices[rows].astype(np.int64)))
         loss += float(m["loss"]) * float(m["count"])
         correct += float(m["correct"])
         correct5 += float(m["correct5"])
         count += float(m["count"])
     n = max(count, 1.0)
-    return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion)
+    outputs = None
+    if keep_outputs:
+        empty = (np.zeros((0, num_classes), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.int64))
+        outputs = Outputs(*(np.concatenate(arrays) for arrays in zip(*kept))) if kept else Outputs(*empty)
+    return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion, outputs)
 
 
 def eval_model_state(model: nnx.Module) -> tuple[nnx.GraphDef, ModelState]:

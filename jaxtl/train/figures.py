@@ -13,7 +13,6 @@ functions, so importing jaxtl does not import it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -130,8 +129,9 @@ class Figures:
 
     Drawing and saving a figure takes 0.2-0.4 s on a CPU core, which is as long as a whole epoch of a
     head-only phase on cached features: redrawn every epoch, the figures were a quarter of such a run.
-    :meth:`update` draws at once when ``every_s`` has passed since the last drawing (so the first epoch's
-    figures appear at once), and otherwise keeps the newest drawing function of each name for later;
+    :meth:`update` draws at once when ``every_s`` has passed since the last drawing or, for the first, since
+    the figures were created (a run's first epoch of minutes is drawn at once; a run shorter than ``every_s``
+    is drawn once, at its end), and otherwise keeps the newest drawing function of each name for later;
     :meth:`flush` draws what is pending (the trainer calls it at the end of every phase and on the way out
     of a run, so the figures a run leaves are its last epoch's). ``every_s=0`` draws on every update.
 
@@ -146,7 +146,7 @@ class Figures:
         self.every_s = every_s
         self.clock = clock
         self._pending: dict[str, Callable[[], object]] = {}
-        self._drawn = -math.inf
+        self._drawn = clock()
 
     def update(self, name: str, draw: Callable[[], object]) -> None:
         """Registers ``draw`` as the newest drawing of ``name``, and draws everything pending if it is time."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxtl import models
@@ -25,10 +26,11 @@ from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.diagnostics import starting_weights
+from jaxtl.train.evaluate import Outputs
 from jaxtl.train.figures import load_metrics
 from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
 from jaxtl.train.loop import Run, Trainer
-from jaxtl.train.report import write_report
+from jaxtl.train.report import SplitPredictions, write_report
 from jaxtl.train.resume import check_resume_config, load_model_arrays, load_resume_point
 from jaxtl.train.run_dir import RunDirectory, RunError, RunLock
 from jaxtl.train.state import Best, CheckpointMeta
@@ -158,14 +160,15 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     run = Run(config, model, run_data, {k: v for k, v in weights.items() if k != "arch"}, preprocessing, directory,
               start)  # fmt: skip
     with contextlib.closing(loaders):  # worker processes and their shared memory
-        state, model = Trainer(run, loaders, callbacks, log=log).train(resumed)
+        trainer = Trainer(run, loaders, callbacks, log=log)
+        state, model = trainer.train(resumed)
     skipped = loaders.skipped
     count = round(distributed.total(len(skipped)))  # each process skips the files of its rows
     if count:
         log(f"skipped {count} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
     if directory.primary and directory.best.exists():
         if jax.process_count() == 1:
-            _write_report(directory, run_data, log)
+            _write_report(directory, run_data, log, trainer.best_outputs)
         else:  # one process evaluating alone would keep the others waiting at their shutdown barrier
             log(f"report.html: write it with `jaxtl eval {directory.best} --report` (not in a multi-process run)")
     result = FitResult(
@@ -178,10 +181,21 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     return result
 
 
-def _write_report(directory: RunDirectory, data: RunData, log: Callable[[str], None]) -> None:
-    """RUN_DIR/report.html from the best checkpoint, on the images the run validated on."""
+def _write_report(directory: RunDirectory, data: RunData, log: Callable[[str], None], outputs: Outputs | None) -> None:
+    """RUN_DIR/report.html from the best checkpoint, on the images the run validated on; ``outputs``: the val
+    outputs of the epoch that saved ``best`` where the loop kept them (else the report evaluates it again)."""
+    predictions = figures = None
+    if outputs is not None:
+        missing = np.setdiff1d(np.arange(len(data.val)), outputs.indices)  # files skipped as unreadable
+        predictions = SplitPredictions(outputs.log_probabilities, outputs.labels, outputs.indices,
+                                       tuple(data.val.describe(int(i)) for i in missing))  # fmt: skip
+        # The run's figures, drawn at its end from the final metrics and the best epoch's confusion matrix.
+        drawn = {name: directory.path / f"{name}.png" for name in ("curves", "confusion")}
+        if all(path.is_file() for path in drawn.values()):
+            figures = {name: path.read_bytes() for name, path in drawn.items()}
     try:
-        report = write_report(directory.best, directory.path / "report.html", source=data.val)
+        report = write_report(directory.best, directory.path / "report.html", source=data.val,
+                              predictions=predictions, figures=figures)  # fmt: skip
     except Exception as error:  # the run's checkpoints and metrics are written: its report is not worth failing it
         log(
             f"report.html was not written: {type(error).__name__}: {error}; write it with "

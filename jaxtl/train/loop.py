@@ -7,8 +7,9 @@ parameters an uninterrupted run ends with.
 
 Crashes: at the end of an epoch ``best`` (when improved) is saved before ``latest``, so the epoch a
 resume starts from always has its ``best`` on disk; with ``train.checkpoint_every_steps`` ``latest``
-is also saved inside epochs, with the position of the next batch and the epoch's sums so far. A
-non-finite loss or parameter stops the run before any checkpoint of it is written.
+is also saved inside epochs, with the position of the next batch and the epoch's sums so far. In a
+phase on cached features ``latest`` is saved only with a new ``best`` (as links to its files) and at
+the phase's end. A non-finite loss or parameter stops the run before any checkpoint of it is written.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.diagnostics import epoch_diagnostics, group_scalars
 from jaxtl.train.drain import Drain
-from jaxtl.train.evaluate import compute_dtype_of, evaluate
+from jaxtl.train.evaluate import Outputs, compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
 from jaxtl.train.feature_store import feature_key, load_or_compute
 from jaxtl.train.features import (
@@ -128,6 +129,13 @@ class Trainer:
         self.events: Any = None
         self.ema_arrays: dict | None = None  # the average between phases, as checkpoints hold it
         self.checkpoints = RunCheckpoints(run.directory)
+        # The val outputs of the epoch that saved ``best``, for report.html: kept where the report is written
+        # (the primary of a one-process run) and they are small (at most 2**24 values, 64 MiB).
+        self.keep_outputs = (
+            run.directory.primary and jax.process_count() == 1 and len(run.data.val) * len(run.data.classes) <= 1 << 24
+        )
+        self.best_outputs: Outputs | None = None
+        self.drift_references: dict[tuple[str, ...], float] = {}  # the starting weights' norms, once per run
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -261,11 +269,13 @@ class Trainer:
         self.run.model = merge_model(context.graphdef, jax.device_get(model_state))
         val_features = context.features["val"] if context.features is not None else None
         evaluated = context.ema if context.ema is not None else model_state  # train.ema: the average's metrics
-        evaluation = evaluate(context.eval_step, evaluated, self.loaders.val, len(self.run.data.classes), val_features)
+        evaluation = evaluate(context.eval_step, evaluated, self.loaders.val, len(self.run.data.classes), val_features,
+                              keep_outputs=self.keep_outputs)  # fmt: skip
         val_metrics = evaluation.metrics()
         record = {"phase": phase.name, "epoch": loader_epoch + 1, "step": state.step, **train_metrics, **val_metrics,
                   "val_per_class": evaluation.per_class(self.run.data.classes),
-                  "groups": epoch_diagnostics(context.groups, sums, self.run.start, self.run.model)}  # fmt: skip
+                  "groups": epoch_diagnostics(context.groups, sums, self.run.start, self.run.model,
+                                              self.drift_references)}  # fmt: skip
         self.run.directory.append_metrics(record)
         self._report_epoch(context, record, state.epoch_in_phase + 1, state.plateau)
         self.log(
@@ -302,8 +312,13 @@ class Trainer:
         # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
         if improved:
             self.checkpoints.save("best", arrays, meta, keep_previous=False)
+            self.best_outputs = evaluation.outputs
             self.run.directory.write_confusion(evaluation.confusion, self.run.data.classes, loader_epoch + 1)
-        self.checkpoints.save("latest", arrays, meta, like="best" if improved else None)
+        if improved or done or context.features is None:
+            # On cached features an epoch of the head costs little beside the feature pass that any resume of the
+            # phase runs again: there ``latest`` is written where it costs no write (the files of a new ``best``)
+            # and at the phase's end, and a resume replays the head's epochs since, to the same bits.
+            self.checkpoints.save("latest", arrays, meta, like="best" if improved else None)
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state

@@ -17,7 +17,7 @@ import dataclasses
 import io
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -235,6 +235,8 @@ def write_report(
     overrides: Sequence[str] = (),
     tta: str = "none",
     top_losses: int = 16,
+    predictions: SplitPredictions | None = None,
+    figures: Mapping[str, bytes] | None = None,
 ) -> Report:
     """Evaluates a checkpoint image by image and writes its self-contained HTML report.
 
@@ -247,6 +249,11 @@ def write_report(
         overrides: dotted ``key=value`` settings for the run's config (``data.root=...``).
         tta: ``"none"`` or ``"flip"`` (:func:`jaxtl.train.step.make_eval_step`).
         top_losses: how many images the gallery shows (>= 1).
+        predictions: the checkpoint's outputs on ``source`` where the caller has them (the training loop keeps
+            the val outputs of the epoch that saved ``best``); default: evaluated here.
+        figures: PNG bytes of the ``"curves"`` and ``"confusion"`` figures where the caller has them drawn as this
+            function would draw them (a run's final curves.png and its best epoch's confusion.png, with
+            ``predictions`` from that epoch); default: drawn here.
 
     Returns:
         The :class:`Report`, written to ``path``.
@@ -264,16 +271,19 @@ def write_report(
     config = config_from_dict(meta.config, overrides, f"{checkpoint}/meta.json")
     source = source if source is not None else _split_source(config, split, meta.classes)
     d = config.data
-    predictions = predict_split(predictor, source, batch_size=d.eval_batch_size, num_workers=d.num_workers,
-                                skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)  # fmt: skip
+    if predictions is None:
+        predictions = predict_split(predictor, source, batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                                    skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)  # fmt: skip
     evaluation = predictions.evaluation()
     run_dir = run_dir_of(checkpoint)
     report = Report(
         path=path, checkpoint=Path(checkpoint), run_dir=run_dir, meta=meta, split=split, tta=tta,
         predictions=predictions, evaluation=evaluation,
         top_losses=gather_top_losses(predictions, source, predictor, top_losses),
-        curves_png=_curves_png(run_dir, meta.arch),
-        confusion_png=figure_png(lambda png: plot_confusion(evaluation.confusion, meta.classes, png)),
+        curves_png=figures["curves"] if figures else _curves_png(run_dir, meta.arch),
+        confusion_png=figures["confusion"] if figures else figure_png(
+            lambda png: plot_confusion(evaluation.confusion, meta.classes, png)
+        ),
     )  # fmt: skip
     _write_text(path, render_report(report))
     return report

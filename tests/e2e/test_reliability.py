@@ -170,6 +170,30 @@ def test_a_kill_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, env, re
     assert [[r[k] for k in keys] for r in records(run_dir)] == [[r[k] for k in keys] for r in records(reference)]
 
 
+@pytest.mark.slow
+def test_on_cached_features_latest_waits_for_a_new_best_and_a_resume_replays_the_head_to_the_same_bits(
+    tmp_path, env, reference
+):
+    # The reference's epochs 1 and 2 improve best and epoch 3 does not; run for 4 epochs, the first three are the
+    # reference's. Killed during epoch 4's validation: epoch 3 wrote no latest (the head trains on cached
+    # features), so the resume starts after epoch 2, the last new best, and replays epoch 3.
+    run_dir = tmp_path / "run"
+    phases = "phases=[{name: head, policy: head_only, epochs: 4, lrs: {head: 3.0e-3}}]"
+    run(command(run_dir, phases), env, expect=-signal.SIGKILL, fault="kill:train.eval:4")
+    meta = load_meta(run_dir / "checkpoints" / "latest")
+    assert (meta["step"], meta["epoch_in_phase"], meta["batch"]) == (10, 2, 0)
+    resumed = resume(run_dir, env)
+    assert "epoch 3, batch 0, step 10" in resumed.stdout
+    records = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    keys = ("epoch", "step", "train_loss", "train_acc1", "val_loss", "val_acc1")
+    replayed = {r["epoch"]: [r[k] for k in keys] for r in records(run_dir)}  # the last record of each epoch
+    assert [replayed[epoch] for epoch in (1, 2, 3)] == [[r[k] for k in keys] for r in records(reference)]
+    assert sorted(replayed) == [1, 2, 3, 4]
+    best_epoch = min(replayed, key=lambda epoch: replayed[epoch][keys.index("val_loss")])
+    assert load_meta(run_dir / "checkpoints" / "best")["metrics"]["epoch"] == best_epoch
+    assert load_meta(run_dir / "checkpoints" / "latest")["step"] == 20
+
+
 # --- damaged checkpoints ------------------------------------------------------------------------------
 
 

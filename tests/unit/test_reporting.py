@@ -325,10 +325,14 @@ def test_progress_without_images_reports_batches_per_second_and_rejects_device_a
 # -- figures of a running job ------------------------------------------------------------------------
 
 
-def test_figures_draw_at_once_then_at_most_every_every_s_and_the_newest_on_flush():
+def test_figures_draw_at_most_every_every_s_and_the_newest_on_flush():
     clock, drawn = FakeClock(), []
     figures = Figures(30.0, clock=clock)
-    figures.update("curves", lambda: drawn.append(("curves", 1)))  # the first epoch: drawn at once
+    clock.now += 10.0
+    figures.update("curves", lambda: drawn.append(("curves", 0)))  # 10 s after the start: kept for later
+    assert drawn == [] and figures.pending == ["curves"]
+    clock.now += 20.0
+    figures.update("curves", lambda: drawn.append(("curves", 1)))  # 30 s after the start: drawn at once
     assert drawn == [("curves", 1)] and figures.pending == []
     for epoch in (2, 3):  # 10 s apart: kept for later, the newer replacing the older
         clock.now += 10.0

@@ -112,6 +112,56 @@ def test_product_rounding_is_float32s_under_jit():
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b, c: C._multiply(a, b) + c)(a, b, c)), a * b + c)
 
 
+def test_integer_product_rounding_is_float32s_under_jit():
+    # _multiply_integer: an integer below 2**12 times any normal float32, correctly rounded even where its
+    # result feeds an add that XLA could contract.
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.arange(-4095, 4096), rng.integers(-4095, 4096, 91_809)]).astype(np.float32)
+    b = np.concatenate([rng.standard_normal(50_000), rng.uniform(-1e4, 1e4, 50_000)]).astype(np.float32)
+    b[:4] = [1.0 / 255.0, 0.2989, -0.99, 2.5]
+    c = rng.standard_normal(x.size).astype(np.float32)
+    ours = jax.jit(lambda x, b, c: C._multiply_integer(x, b) + c)(x, b, c)
+    np.testing.assert_array_equal(np.asarray(ours), x * b + c)
+
+
+def histogram_edge_cases(rng, height, width):
+    """(N, H, W, 3) uint8 images whose channels are the cases of equalize's and autocontrast's tables: every
+    value present, constant at 0, 255 or in between, exactly 254, 255 and 256 pixels below the maximum (the
+    step of 0 and 1), two levels, a narrow range, a histogram skewed to one end."""
+    size = height * width
+
+    def channel(kind):
+        if kind == "every value":
+            return rng.permutation(np.arange(size) % 256)
+        if kind in ("constant 0", "constant 255", "constant 77"):
+            return np.full(size, int(kind.split()[1]))
+        if kind.startswith("below max "):
+            below = min(int(kind.split()[-1]), size - 1)
+            values = np.full(size, 250)
+            values[:below] = rng.integers(0, 250, below)
+            return rng.permutation(values)
+        if kind == "two levels":
+            return rng.choice([3, 254], size)
+        if kind == "narrow":
+            return rng.integers(100, 104, size)
+        return np.minimum(rng.geometric(0.05, size) - 1, 255)  # skewed
+
+    kinds = ["every value", "constant 0", "constant 255", "constant 77", "below max 254", "below max 255"]
+    kinds += ["below max 256", "two levels", "narrow", "skewed"]
+    images = [np.stack([channel(kinds[(i + c * 3) % len(kinds)]) for c in range(3)], -1) for i in range(len(kinds))]
+    images += [rng.integers(0, 256, (size, 3)), rng.integers(0, 256, (size, 3)) // 64 * 64]
+    return np.stack(images).reshape(-1, height, width, 3).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["autocontrast", "equalize"])
+@pytest.mark.parametrize("height, width", [(32, 32), (1, 300), (300, 1), (17, 23)])
+def test_per_channel_tables_equal_torchvision_on_edge_cases(name, height, width):
+    images = histogram_edge_cases(np.random.default_rng(height * 1000 + width), height, width)
+    ours = np.asarray(jax.jit(jax.vmap(getattr(C, name)))(images))
+    expected = getattr(F, name)(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(ours, expected)
+
+
 @pytest.mark.parametrize("bits", range(9))
 def test_posterize_equals_torchvision(bits):
     for image in all_images():

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.config import RunConfig, config_from_dict
-from jaxtl.data import Loader
+from jaxtl.data import EvalTransform, Loader
 from jaxtl.errors import JaxtlError
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train.evaluate import Evaluation, Predictor
@@ -140,9 +140,11 @@ class TopLoss:
     thumbnail: bytes
 
 
-def gather_top_losses(predictions: SplitPredictions, source, predictor: Predictor, k: int = 16) -> tuple[TopLoss, ...]:
-    """The ``k`` images of ``source`` with the highest loss, highest first, each loaded again for its thumbnail."""
-    classes = predictor.classes
+def gather_top_losses(
+    predictions: SplitPredictions, source, classes: Sequence[str], transform, k: int = 16
+) -> tuple[TopLoss, ...]:
+    """The ``k`` images of ``source`` with the highest loss, highest first, each loaded again for its thumbnail:
+    ``transform`` (the checkpoint's :class:`jaxtl.data.EvalTransform`) gives the crop the model saw."""
     gallery = []
     for rank, row in enumerate(predictions.top_losses(k), start=1):
         log_probabilities, label = predictions.log_probabilities[row], int(predictions.labels[row])
@@ -154,7 +156,7 @@ def gather_top_losses(predictions: SplitPredictions, source, predictor: Predicto
             predicted_class=classes[predicted], loss=float(-log_probabilities[label]),
             probability_predicted=float(np.exp(log_probabilities[predicted])),
             probability_true=float(np.exp(log_probabilities[label])),
-            thumbnail=thumbnail_png(predictor.transform(image)),
+            thumbnail=thumbnail_png(transform(image)),
         ))  # fmt: skip
     return tuple(gallery)
 
@@ -266,12 +268,16 @@ def write_report(
     if split not in ("val", "train"):
         raise JaxtlError(f"split={split!r} is not one of 'val', 'train'")
     path = report_path_of(checkpoint, path)
-    predictor = Predictor.from_checkpoint(checkpoint, tta=tta)
-    meta = predictor.meta
+    # Given the predictions, the model is not needed: the checkpoint's meta gives the classes and the crops.
+    predictor = Predictor.from_checkpoint(checkpoint, tta=tta) if predictions is None else None
+    if predictor is not None:
+        meta = predictor.meta
+    else:
+        meta = CheckpointMeta.from_json(ckpt.load_meta(checkpoint), str(checkpoint))
     config = config_from_dict(meta.config, overrides, f"{checkpoint}/meta.json")
     source = source if source is not None else _split_source(config, split, meta.classes)
     d = config.data
-    if predictions is None:
+    if predictor is not None:
         predictions = predict_split(predictor, source, batch_size=d.eval_batch_size, num_workers=d.num_workers,
                                     skip_bad_files=d.skip_bad_files, worker_type=d.worker_type)  # fmt: skip
     evaluation = predictions.evaluation()
@@ -279,7 +285,7 @@ def write_report(
     report = Report(
         path=path, checkpoint=Path(checkpoint), run_dir=run_dir, meta=meta, split=split, tta=tta,
         predictions=predictions, evaluation=evaluation,
-        top_losses=gather_top_losses(predictions, source, predictor, top_losses),
+        top_losses=gather_top_losses(predictions, source, meta.classes, EvalTransform(meta.preprocessing), top_losses),
         curves_png=figures["curves"] if figures else _curves_png(run_dir, meta.arch),
         confusion_png=figures["confusion"] if figures else figure_png(
             lambda png: plot_confusion(evaluation.confusion, meta.classes, png)

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +174,6 @@ def made_up_report(tmp_path: Path, logits: np.ndarray, labels: np.ndarray, top: 
     log_probabilities = log_softmax64(logits).astype(np.float32)
     predictions = SplitPredictions(log_probabilities, labels, np.arange(len(labels)))
     source = Pictures(labels)
-    predictor = types.SimpleNamespace(classes=CLASSES, transform=lambda image: np.asarray(image))
     records = [
         {"phase": phase, "epoch": epoch, "train_loss": 1.5 / epoch, "val_loss": 1.6 / epoch, "val_acc1": 0.2 * epoch}
         for phase, epoch in [("head", 1), ("head", 2), ("last_block", 3), ("last_block", 4)]
@@ -190,7 +188,7 @@ def made_up_report(tmp_path: Path, logits: np.ndarray, labels: np.ndarray, top: 
     return Report(
         path=tmp_path / "report.html", checkpoint=tmp_path / 'r&d "runs"' / "checkpoints" / "best",
         run_dir=tmp_path / 'r&d "runs"', meta=meta, split="val", tta="none", predictions=predictions,
-        evaluation=evaluation, top_losses=gather_top_losses(predictions, source, predictor, top),
+        evaluation=evaluation, top_losses=gather_top_losses(predictions, source, CLASSES, np.asarray, top),
         curves_png=figure_png(lambda png: plot_curves(records, png, title="resnet18, run")),
         confusion_png=figure_png(lambda png: plot_confusion(evaluation.confusion, CLASSES, png)),
     )  # fmt: skip

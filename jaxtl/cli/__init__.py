@@ -3,6 +3,7 @@ convert/ (lazily, for torch work) besides the weights resolver."""
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from jaxtl.cli.parser import build_parser
@@ -41,6 +42,19 @@ def _enable_compilation_cache() -> None:
 
         for name, value in unset.items():
             jax.config.update(name, value)
+
+
+def run() -> None:
+    """The ``jaxtl`` command's process: :func:`main`, then an exit that skips the collection of what is left.
+
+    A run leaves millions of Python objects (jax, flax, matplotlib), and the interpreter's final garbage
+    collection walks them all on the way out: 0.4-0.5 s of a 13 s ``jaxtl train``. Every file is written
+    and closed by then; ``gc.freeze()`` moves the objects out of the collector's sight, and they are freed by
+    their reference counts (or with the process) as before.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,5 @@
 """``python -m jaxtl.cli``: the ``jaxtl`` command."""
 
-import sys
+from jaxtl.cli import run
 
-from jaxtl.cli import main
-
-sys.exit(main())
+run()

@@ -126,7 +126,11 @@ class _Given:
 def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> FitResult:
     log, callbacks, data = given.log, given.callbacks, given.data
     resumed = meta = None
-    if given.resume:
+    restart = given.resume and not ckpt.has_checkpoint(directory.latest) and directory.config_path.is_file()
+    if restart:
+        # Stopped before its first checkpoint (on cached features the first is written at the phase's end).
+        log(f"{directory.path} has no checkpoint yet: the run starts again from its beginning")
+    elif given.resume:
         resumed = load_resume_point(directory.path, log)
         meta = CheckpointMeta.from_json(resumed.meta, str(resumed.path))
         check_resume_config(meta.config, config.to_dict(), meta)
@@ -161,7 +165,7 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
               start)  # fmt: skip
     with contextlib.closing(loaders):  # worker processes and their shared memory
         trainer = Trainer(run, loaders, callbacks, log=log)
-        state, model = trainer.train(resumed)
+        state, model = trainer.train(resumed, restart=restart)
     skipped = loaders.skipped
     count = round(distributed.total(len(skipped)))  # each process skips the files of its rows
     if count:

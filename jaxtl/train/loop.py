@@ -8,8 +8,9 @@ parameters an uninterrupted run ends with.
 Crashes: at the end of an epoch ``best`` (when improved) is saved before ``latest``, so the epoch a
 resume starts from always has its ``best`` on disk; with ``train.checkpoint_every_steps`` ``latest``
 is also saved inside epochs, with the position of the next batch and the epoch's sums so far. In a
-phase on cached features ``latest`` is saved only with a new ``best`` (as links to its files) and at
-the phase's end. A non-finite loss or parameter stops the run before any checkpoint of it is written.
+phase on cached features both are saved at the phase's end (a ``best`` of an earlier epoch as soon as
+the run stops inside the phase). A non-finite loss or parameter stops the run before any checkpoint
+of it is written.
 """
 
 from __future__ import annotations
@@ -135,14 +136,19 @@ class Trainer:
             run.directory.primary and jax.process_count() == 1 and len(run.data.val) * len(run.data.classes) <= 1 << 24
         )
         self.best_outputs: Outputs | None = None
+        self.pending_best: tuple[dict, Any] | None = None  # best's arrays and meta, not written yet (cached features)
         self.drift_references: dict[tuple[str, ...], float] = {}  # the starting weights' norms, once per run
 
     @property
     def phases(self) -> tuple[Phase, ...]:
         return self.config.phases
 
-    def train(self, resumed: ckpt.GoodCheckpoint | None) -> tuple[RunState, nnx.Module]:
-        """Every phase from the resume point (or the start); returns the final state and the trained model."""
+    def train(self, resumed: ckpt.GoodCheckpoint | None, *, restart: bool = False) -> tuple[RunState, nnx.Module]:
+        """Every phase from the resume point (or the start); returns the final state and the trained model.
+
+        ``restart``: the run starts again from the beginning in a directory where it stopped before its first
+        checkpoint (what that attempt logged to TensorBoard is hidden, as a resume hides its interrupted tail).
+        """
         state, opt_leaves, previous = RunState(), None, None
         if self.config.train.ema is not None:
             self.ema_arrays = model_arrays(self.run.model)  # the first update copies the model anyway
@@ -159,15 +165,17 @@ class Trainer:
             self.log(f"resumed from {resumed.path}: phase {where}, epoch {state.epoch_in_phase + 1}, "
                      f"batch {state.batch}, step {state.step}")  # fmt: skip
         directory = self.run.directory
-        purge_step = state.step + 1 if resumed is not None else None  # TensorBoard hides the interrupted tail
+        purge_step = state.step + 1 if resumed is not None or restart else None  # hides the interrupted tail
         with directory.events(purge_step) as self.events:
             try:
                 while state.phase < len(self.phases):  # early stopping may end the run before its last phase
                     state, previous = self._run_phase(state.phase, state, opt_leaves, previous)
                     opt_leaves = None
             except BaseException:
-                # A run that stops (a non-finite loss, Ctrl-C) leaves the figures of its last epoch too, but a
-                # figure that cannot be drawn must not hide why it stopped.
+                # A run that stops (a non-finite loss, Ctrl-C) leaves its best epoch's checkpoint and the figures of
+                # its last epoch too, but a checkpoint or figure that cannot be written must not hide why it stopped.
+                with contextlib.suppress(Exception):
+                    self.write_pending_best()
                 with contextlib.suppress(Exception):
                     directory.figures.flush()
                 raise
@@ -309,19 +317,28 @@ class Trainer:
             self.ema_arrays = arrays["ema"]  # the next phase's average starts from the last epoch's
         self._check_finite(arrays, val_metrics["val_loss"], context, loader_epoch)
         meta = self.run.meta(state, record)
+        # On cached features an epoch of the head costs little beside the feature pass that any resume of the
+        # phase runs again: there the checkpoints are written at the phase's end (a new best is kept until then,
+        # or until the run stops inside the phase), and a resume replays the head's epochs, to the same bits.
+        held = context.features is not None and not done
         # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
         if improved:
-            self.checkpoints.save("best", arrays, meta, keep_previous=False)
+            self.pending_best = (jax.device_get(arrays), meta)
             self.best_outputs = evaluation.outputs
             self.run.directory.write_confusion(evaluation.confusion, self.run.data.classes, loader_epoch + 1)
-        if improved or done or context.features is None:
-            # On cached features an epoch of the head costs little beside the feature pass that any resume of the
-            # phase runs again: there ``latest`` is written where it costs no write (the files of a new ``best``)
-            # and at the phase's end, and a resume replays the head's epochs since, to the same bits.
+        if not held:
+            self.write_pending_best()
             self.checkpoints.save("latest", arrays, meta, like="best" if improved else None)
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state
+
+    def write_pending_best(self) -> None:
+        """Writes ``best`` where an epoch improved it since it was last written."""
+        if self.pending_best is not None:
+            arrays, meta = self.pending_best
+            self.checkpoints.save("best", arrays, meta, keep_previous=False)
+            self.pending_best = None
 
     def _plateau(self, plateau: Plateau, metrics: dict, context: PhaseContext, opt_state) -> tuple[Plateau, Any]:
         """optim.schedule plateau after an epoch's validation: torch's step, and the optimizer state with the new
@@ -418,6 +435,7 @@ class Trainer:
 
     def _save_mid_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state) -> None:
         """checkpoints/latest before batch ``state.batch`` of the epoch (train.checkpoint_every_steps)."""
+        self.write_pending_best()  # the best that latest's position knows of is on disk before it
         model = merge_model(context.graphdef, jax.device_get(model_state))
         arrays = self._arrays(model, opt_state, context)
         self._check_finite(arrays, 0.0, context, context.first_loader_epoch + state.epoch_in_phase)

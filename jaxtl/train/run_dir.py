@@ -82,6 +82,7 @@ class RunDirectory:
         self.path = Path(path)
         self.primary = primary
         self.metrics_path = self.path / "metrics.jsonl"
+        self.config_path = self.path / "config.yaml"
         self.latest = self.path / "checkpoints" / "latest"
         self.best = self.path / "checkpoints" / "best"
         self.figures = Figures(figures_every_s) if primary else _Discard()
@@ -94,10 +95,10 @@ class RunDirectory:
         if not self.primary:
             return
         try:
-            save_config(config, self.path / "config.yaml")
+            save_config(config, self.config_path)
         except OSError as error:
             raise RunError(
-                f"cannot write {self.path / 'config.yaml'}: {error.strerror or error}; free disk space or make "
+                f"cannot write {self.config_path}: {error.strerror or error}; free disk space or make "
                 f"{self.path} writable"
             ) from None
 

@@ -437,3 +437,28 @@ def test_runs_with_the_same_frozen_backbone_share_the_features_on_disk_and_train
     fourth: list[str] = []
     fit({**shared, "run_dir": str(tmp_path / "fourth")}, log=fourth.append)
     assert any("cannot be read" in line and "computing them again" in line for line in fourth)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_a_phase_on_cached_features_writes_its_best_and_starts_again_on_resume(tmp_path):
+    """On cached features the checkpoints wait for the phase's end; a run that stops inside the phase writes the best
+    epoch it has, and --resume, finding no latest, starts the run again and ends bitwise as an uninterrupted one."""
+    from jaxtl.train.checkpoint import has_checkpoint, load_meta
+
+    head = [{"name": "head", "policy": "head_only", "epochs": 4, "lrs": {"head": 1e-2}}]
+    whole = fit(probe_config(tmp_path / "whole", head), log=lambda line: None)
+    interrupted = probe_config(tmp_path / "interrupted", head)
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    with pytest.raises(Interrupt):  # 3 steps an epoch: step 8 is inside the third epoch
+        fit(interrupted, callbacks=[StopAtStep(8)], log=lambda line: None)
+    assert not has_checkpoint(checkpoints / "latest")
+    first_two = whole.history[:2]
+    best_epoch = max(first_two, key=lambda r: r["val_acc1"])["epoch"]  # the first of equals: improvement is strict
+    assert load_meta(checkpoints / "best")["metrics"]["epoch"] == best_epoch
+    lines: list[str] = []
+    resumed = fit(interrupted, resume=True, log=lines.append)
+    assert f"{tmp_path / 'interrupted'} has no checkpoint yet: the run starts again from its beginning" in lines
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    assert all(np.array_equal(final[key], expected[key]) for key in expected)  # bitwise
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
+    assert load_meta(checkpoints / "best")["metrics"]["epoch"] == whole.best.epoch

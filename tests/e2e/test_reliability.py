@@ -26,6 +26,9 @@ SMALL = [
     "data.crop_size=32",
     "phases=[{name: head, policy: head_only, epochs: 3, lrs: {head: 3.0e-3}}]",
     "train.checkpoint_metric=val_loss",
+    # The backbone runs every epoch, so that every epoch writes its checkpoints: on cached features they are
+    # written at the phase's end (tested below).
+    "train.feature_cache=false",
 ]
 
 
@@ -171,27 +174,26 @@ def test_a_kill_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, env, re
 
 
 @pytest.mark.slow
-def test_on_cached_features_latest_waits_for_a_new_best_and_a_resume_replays_the_head_to_the_same_bits(
-    tmp_path, env, reference
+def test_on_cached_features_checkpoints_wait_for_the_phase_end_and_a_run_killed_before_starts_again_bitwise(
+    tmp_path, env
 ):
-    # The reference's epochs 1 and 2 improve best and epoch 3 does not; run for 4 epochs, the first three are the
-    # reference's. Killed during epoch 4's validation: epoch 3 wrote no latest (the head trains on cached
-    # features), so the resume starts after epoch 2, the last new best, and replays epoch 3.
-    run_dir = tmp_path / "run"
-    phases = "phases=[{name: head, policy: head_only, epochs: 4, lrs: {head: 3.0e-3}}]"
-    run(command(run_dir, phases), env, expect=-signal.SIGKILL, fault="kill:train.eval:4")
-    meta = load_meta(run_dir / "checkpoints" / "latest")
-    assert (meta["step"], meta["epoch_in_phase"], meta["batch"]) == (10, 2, 0)
-    resumed = resume(run_dir, env)
-    assert "epoch 3, batch 0, step 10" in resumed.stdout
+    # The head trains on cached features: best and latest are written at the phase's end. Killed during the third
+    # epoch's validation, the run has none yet (best improved at epochs 1 and 2, kept for the phase's end);
+    # --resume starts it again, and it ends with the checkpoints and records of an uninterrupted run.
+    cached = "train.feature_cache=true"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(command(whole, cached), env)
+    run(command(cut, cached), env, expect=-signal.SIGKILL, fault="kill:train.eval:3")
+    assert not (cut / "checkpoints" / "latest").exists() and not (cut / "checkpoints" / "best").exists()
+    resumed = resume(cut, env)
+    assert f"{cut} has no checkpoint yet: the run starts again from its beginning" in resumed.stdout
+    assert_same_checkpoint(whole / "checkpoints" / "latest", cut / "checkpoints" / "latest")
+    assert_same_checkpoint(whole / "checkpoints" / "best", cut / "checkpoints" / "best")
+    assert load_meta(cut / "checkpoints" / "best")["best"]["epoch"] == 2
     records = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     keys = ("epoch", "step", "train_loss", "train_acc1", "val_loss", "val_acc1")
-    replayed = {r["epoch"]: [r[k] for k in keys] for r in records(run_dir)}  # the last record of each epoch
-    assert [replayed[epoch] for epoch in (1, 2, 3)] == [[r[k] for k in keys] for r in records(reference)]
-    assert sorted(replayed) == [1, 2, 3, 4]
-    best_epoch = min(replayed, key=lambda epoch: replayed[epoch][keys.index("val_loss")])
-    assert load_meta(run_dir / "checkpoints" / "best")["metrics"]["epoch"] == best_epoch
-    assert load_meta(run_dir / "checkpoints" / "latest")["step"] == 20
+    last = {r["epoch"]: [r[k] for k in keys] for r in records(cut)}  # the killed attempt's epochs, then the run's
+    assert [last[epoch] for epoch in sorted(last)] == [[r[k] for k in keys] for r in records(whole)]
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ def test_a_hostile_folder_stops_at_the_first_bad_file_or_is_skipped_and_counted(
     val_bad = root / "val" / Path(bad[0]).parent.name / "bad-val.jpg"
     val_bad.write_bytes(b"")
     skip = [*folder, "data.skip_bad_files=true"]
-    skipping = run(command(tmp_path / "skipping", *skip), env)
+    skipping = run(command(tmp_path / "skipping", *skip, "train.feature_cache=true"), env)
     assert f"skipped {len(bad) + 1} unreadable file(s) (data.skip_bad_files)" in skipping.stdout
     # The head trained on cached features (the default here) sees exactly the examples the head trained
     # through the frozen backbone sees: a skipped file is left out of both, in train and in val.

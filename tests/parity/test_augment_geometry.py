@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from jaxtl.data.augment import geometry, policies
+from jaxtl.data.augment import crop, geometry, policies
 
 SIZES = [(37, 53), (97, 131), (224, 224)]
 # Pixels whose nearest source may land on the other side of a float32 tie than torch's. Measured: none,
@@ -255,13 +255,13 @@ def test_resized_crop_equals_torchvision(image, name):
     # The image at the top-left of a larger zero canvas, as the data pipeline ships it.
     canvas = np.zeros((height + 11, width + 6, 3), np.uint8)
     canvas[:height, :width] = image
-    crop = jax.jit(geometry.resized_crop, static_argnums=7)
+    resized_crop = jax.jit(crop.resized_crop, static_argnums=7)
     differing, worst = 0.0, 0
     for top, left, crop_h, crop_w, size in CROPS:
         crop_h, crop_w = crop_h or height, crop_w or width
         crop_h, crop_w = min(crop_h, height - top), min(crop_w, width - left)
         theirs = to_numpy(F.resized_crop(to_torch(image), top, left, crop_h, crop_w, [size, size], antialias=True))
-        ours = np.asarray(crop(jnp.asarray(canvas), height, width, top, left, crop_h, crop_w, size))
+        ours = np.asarray(resized_crop(jnp.asarray(canvas), height, width, top, left, crop_h, crop_w, size))
         diff = np.abs(ours.astype(int) - theirs)
         differing, worst = max(differing, float((diff > 0).mean())), max(worst, int(diff.max()))
     # Measured: identical (ATen's fixed-point weights reproduced; float32 weights could round an int16
@@ -274,7 +274,7 @@ def test_resized_crop_224_from_a_large_box_equals_torchvision():
     image = noise(300, 260, 9)
     for top, left, crop_h, crop_w in [(10, 20, 250, 200), (100, 100, 60, 90), (0, 0, 300, 260)]:
         theirs = to_numpy(F.resized_crop(to_torch(image), top, left, crop_h, crop_w, [224, 224], antialias=True))
-        ours = np.asarray(geometry.resized_crop(jnp.asarray(image), 300, 260, top, left, crop_h, crop_w, 224))
+        ours = np.asarray(crop.resized_crop(jnp.asarray(image), 300, 260, top, left, crop_h, crop_w, 224))
         diff = np.abs(ours.astype(int) - theirs)
         assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
 
@@ -282,16 +282,16 @@ def test_resized_crop_224_from_a_large_box_equals_torchvision():
 def test_resized_crop_batches_with_per_sample_boxes():
     canvases = jnp.stack([jnp.asarray(noise(40, 50, s)) for s in range(3)])
     boxes = jnp.array([[0, 0, 40, 50], [5, 6, 20, 33], [10, 1, 9, 12]])
-    fn = jax.jit(jax.vmap(lambda c, b: geometry.resized_crop(c, 40, 50, b[0], b[1], b[2], b[3], 16)))
+    fn = jax.jit(jax.vmap(lambda c, b: crop.resized_crop(c, 40, 50, b[0], b[1], b[2], b[3], 16)))
     batched = fn(canvases, boxes)
     for k in range(3):
-        one = geometry.resized_crop(canvases[k], 40, 50, *boxes[k], 16)
+        one = crop.resized_crop(canvases[k], 40, 50, *boxes[k], 16)
         assert np.array_equal(batched[k], one)
 
 
 def sample_boxes(height, width, count=4000, **kwargs):
     keys = jax.random.split(jax.random.key(0), count)
-    fn = jax.jit(jax.vmap(lambda k: geometry.sample_random_resized_crop(k, height, width, **kwargs)))
+    fn = jax.jit(jax.vmap(lambda k: crop.sample_random_resized_crop(k, height, width, **kwargs)))
     return [np.asarray(v) for v in fn(keys)]
 
 
@@ -342,7 +342,7 @@ def test_random_resized_crop_matches_torchvision_distribution():
 def test_random_resized_crop_falls_back_to_torchvisions_center_crop(height, width, expected):
     # A scale no box can meet (more than the whole image) makes every attempt fail, as in torchvision.
     key = jax.random.key(1)
-    ours = tuple(int(v) for v in geometry.sample_random_resized_crop(key, height, width, scale=(1.5, 2.0)))
+    ours = tuple(int(v) for v in crop.sample_random_resized_crop(key, height, width, scale=(1.5, 2.0)))
     from torchvision.transforms.v2 import RandomResizedCrop
 
     theirs = RandomResizedCrop(8, scale=(1.5, 2.0)).make_params([torch.zeros(3, height, width)])
@@ -352,10 +352,10 @@ def test_random_resized_crop_falls_back_to_torchvisions_center_crop(height, widt
 def test_random_resized_crop_with_traced_image_sizes():
     sizes = jnp.array([[224, 224], [97, 131], [10, 200]])
     keys = jax.random.split(jax.random.key(3), 3)
-    fn = jax.jit(jax.vmap(lambda k, s: geometry.sample_random_resized_crop(k, s[0], s[1])))
+    fn = jax.jit(jax.vmap(lambda k, s: crop.sample_random_resized_crop(k, s[0], s[1])))
     batched = fn(keys, sizes)
     for k in range(3):
-        one = geometry.sample_random_resized_crop(keys[k], int(sizes[k, 0]), int(sizes[k, 1]))
+        one = crop.sample_random_resized_crop(keys[k], int(sizes[k, 0]), int(sizes[k, 1]))
         assert tuple(int(b[k]) for b in batched) == tuple(int(v) for v in one)
 
 

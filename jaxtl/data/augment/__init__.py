@@ -13,16 +13,9 @@ from jaxtl.data.augment.color import (
     rgb_to_grayscale,
     solarize,
 )
+from jaxtl.data.augment.crop import resized_crop, sample_random_resized_crop
 from jaxtl.data.augment.erasing import erase, sample_erasing
-from jaxtl.data.augment.geometry import (
-    affine,
-    hflip,
-    resized_crop,
-    rotate,
-    sample_random_resized_crop,
-    shear_x,
-    shear_y,
-)
+from jaxtl.data.augment.geometry import affine, hflip, rotate, shear_x, shear_y, translate
 from jaxtl.data.augment.jitter import ColorJitterParams, apply_color_jitter, sample_color_jitter
 from jaxtl.data.augment.policies import (
     OPS,
@@ -49,6 +42,7 @@ __all__ = [
     "sample_trivial_augment",
     "shear_x",
     "shear_y",
+    "translate",
     "ColorJitterParams",
     "adjust_brightness",
     "adjust_contrast",

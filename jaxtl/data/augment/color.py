@@ -25,20 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxtl.data.augment.exact import computed_once, split, two_sum
+
 # torchvision.transforms.v2.functional._color._rgb_to_grayscale_image: ITU-R 601-2 luma, as float32 scalars.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Knuth's TwoSum: s = fl(a + b) and the rounding error e, with s + e == a + b exactly."""
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
-
-
 def _round_to_odd_sum(a: jax.Array, b: jax.Array) -> jax.Array:
     """a + b rounded to odd: the nearest float32 with an odd significand unless the sum is exact."""
-    s, e = _two_sum(a, b)
+    s, e = two_sum(a, b)
     bits = lax.bitcast_convert_type(s, jnp.int32)
     inexact_even = (e != 0) & ((bits & 1) == 0)
     # One ulp toward the exact sum: away from zero when the error has the sum's sign.
@@ -49,21 +44,14 @@ def _round_to_odd_sum(a: jax.Array, b: jax.Array) -> jax.Array:
 def _round_sum3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     """a + b + c with a single rounding to nearest-even (Boldo and Melquiond, "Emulation of FMA and
     correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008, algorithm 5.3)."""
-    uh, ul = _two_sum(b, c)
-    th, tl = _two_sum(a, uh)
+    uh, ul = two_sum(b, c)
+    th, tl = two_sum(a, uh)
     return th + _round_to_odd_sum(tl, ul)
-
-
-def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x == hi + lo exactly, each with at most 12 significant bits: the product of either with an integer
-    below 2**12 is exact in float32. Bit masking, not Veltkamp's multiply, so no contraction can alter it."""
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
-    return hi, x - hi
 
 
 def _fma_integer(x: jax.Array, alpha: jax.Array, c: jax.Array) -> jax.Array:
     """fma(x, alpha, c) in float32, for x holding integers of magnitude below 2**12."""
-    hi, lo = _split(alpha)
+    hi, lo = split(alpha)
     return _round_sum3(c, x * hi, x * lo)
 
 
@@ -75,10 +63,10 @@ def _multiply(a: jax.Array, b: jax.Array) -> jax.Array:
     changes nothing, so the rounded product is assembled from the four exact products of the 12-bit halves:
     the sum of the three small ones is kept to within 2**-60 of the product, far below the 2**-48 spacing
     of the exact 48-bit products, and :func:`_round_sum3` rounds the rest once."""
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    u, u_error = _two_sum(ah * bl, al * bh)
-    w, w_error = _two_sum(u, al * bl)
+    ah, al = split(a)
+    bh, bl = split(b)
+    u, u_error = two_sum(ah * bl, al * bh)
+    w, w_error = two_sum(u, al * bl)
     return _round_sum3(ah * bh, w, u_error + w_error)
 
 
@@ -89,14 +77,14 @@ def _multiply_integer(x: jax.Array, b: jax.Array) -> jax.Array:
     rounded once, is the rounded product. A contraction of either product with the add into one fused
     multiply-add rounds the same exact sum once, so no fusion XLA applies changes it, and the sum is an add,
     never contracted with what it feeds. Three operations where :func:`_multiply` takes some forty."""
-    hi, lo = _split(b)
+    hi, lo = split(b)
     return x * hi + x * lo
 
 
 def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Dekker's TwoProduct: p = fl(a * b) and the error e, with p + e == a * b exactly."""
-    ah, al = _split(a)
-    bh, bl = _split(b)
+    ah, al = split(a)
+    bh, bl = split(b)
     p = _multiply(a, b)
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
@@ -385,16 +373,6 @@ def autocontrast(image: jax.Array) -> jax.Array:
     return _to_uint8((x - minimum) / divisor)
 
 
-def _table(values: jax.Array) -> jax.Array:
-    """``values``, a 1-D lookup table, written into a new array: the same values, computed once.
-
-    XLA:CPU fuses the elementwise computation of a table into the gather that reads it, which then recomputes
-    the entry of every pixel it looks up (a division per pixel for :func:`equalize`'s table). A scatter is
-    never fused into its users, so the table it writes is computed once, and each lookup is a load."""
-    index = jnp.arange(values.shape[0])
-    return jnp.zeros_like(values).at[index].set(values, indices_are_sorted=True, unique_indices=True)
-
-
 def equalize(image: jax.Array) -> jax.Array:
     """torchvision's ``equalize``: per-channel histogram equalization with PIL's lookup table.
 
@@ -428,4 +406,4 @@ def equalize(image: jax.Array) -> jax.Array:
     lut = jnp.where(step != 0, lut, jnp.arange(256, dtype=jnp.int32)).astype(jnp.uint8)
     # Channel c's table at 256 * c of the flattened tables.
     index = image.astype(jnp.int32) + 256 * jnp.arange(channels, dtype=jnp.int32)
-    return _table(lut.reshape(-1))[index]
+    return computed_once(lut.reshape(-1))[index]

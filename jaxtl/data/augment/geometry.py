@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxtl.data.augment.exact import computed_once, split, two_sum
 
 
 def hflip(image: jax.Array, flag) -> jax.Array:
@@ -62,26 +62,13 @@ def _inverse_affine_matrix(center, angle, translate, shear) -> list[jax.Array]:
     return [m0, m1, m2, m3, m4, m5]
 
 
-def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x == hi + lo exactly, each with at most 12 significant bits (bit masking: no multiply to contract)."""
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
-    return hi, x - hi
-
-
 def _multiply(x: jax.Array, small: jax.Array) -> jax.Array:
     """fl(x * small) in float32 for ``small`` with at most 12 significant bits, whatever XLA fuses.
 
     Both partial products are exact, so their one rounded sum is the rounded product, with or without a
     fused multiply-add (XLA contracts x * a + b on CPU and GPU; it cannot change an exact product)."""
-    hi, lo = _split(x)
+    hi, lo = split(x)
     return hi * small + lo * small
-
-
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Knuth's TwoSum: s = fl(a + b) and the error e, s + e == a + b exactly."""
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
 
 
 def _exact_product(x: jax.Array, small: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,8 +76,8 @@ def _exact_product(x: jax.Array, small: jax.Array) -> tuple[jax.Array, jax.Array
 
     hi * small and lo * small are exact (at most 24 significant bits each); TwoSum of the two is the
     rounded product and its exact error."""
-    hi, lo = _split(x)
-    return _two_sum(hi * small, lo * small)
+    hi, lo = split(x)
+    return two_sum(hi * small, lo * small)
 
 
 def _round_sum3(c: jax.Array, product: jax.Array, product_error: jax.Array) -> jax.Array:
@@ -99,23 +86,13 @@ def _round_sum3(c: jax.Array, product: jax.Array, product_error: jax.Array) -> j
     With the pair an exact product, this is fma(x, small, c). The sum is rounded once by rounding its low
     part to odd first (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums", IEEE TC 2008,
     algorithm 5.3); no multiply is left for XLA to contract."""
-    total, total_error = _two_sum(c, product)
-    low, low_error = _two_sum(total_error, product_error)
+    total, total_error = two_sum(c, product)
+    low, low_error = two_sum(total_error, product_error)
     bits = lax.bitcast_convert_type(low, jnp.int32)
     # Round to odd: an inexact low part with an even significand moves one ulp toward the exact value.
     step = jnp.where((low_error > 0) == (low > 0), 1, -1).astype(jnp.int32)
     bits = jnp.where((low_error != 0) & ((bits & 1) == 0), bits + step, bits)
     return total + lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _computed_once(values: jax.Array) -> jax.Array:
-    """``values``, a 1-D array, written into a new array: the same values, computed once.
-
-    XLA:CPU fuses elementwise producers into every consumer, so a term of x alone that feeds an (H, W)
-    computation is recomputed for each of its H * W uses. A scatter is never fused into its users, so
-    the array it writes is computed once and each use is a load."""
-    index = jnp.arange(values.shape[0])
-    return jnp.zeros_like(values).at[index].set(values, indices_are_sorted=True, unique_indices=True)
 
 
 def _computed_once_2d(index: jax.Array) -> jax.Array:
@@ -187,10 +164,10 @@ def _warp_nearest(image: jax.Array, matrix: list[jax.Array], fill) -> jax.Array:
     # exact product y * t1 on y alone: both are computed once per column and per row, and only the
     # rounding of their sum and what follows is per pixel (the same operations on the same values).
     x, y = _centred(width), _centred(height)
-    x_term_x = _computed_once(_multiply(m[0] / half_w, x))
-    x_term_y = _computed_once(_multiply(m[3] / half_h, x))
-    y_term_x = [_computed_once(v) for v in _exact_product(m[1] / half_w, y)]
-    y_term_y = [_computed_once(v) for v in _exact_product(m[4] / half_h, y)]
+    x_term_x = computed_once(_multiply(m[0] / half_w, x))
+    x_term_y = computed_once(_multiply(m[3] / half_h, x))
+    y_term_x = [computed_once(v) for v in _exact_product(m[1] / half_w, y)]
+    y_term_y = [computed_once(v) for v in _exact_product(m[4] / half_h, y)]
     grid_x = _round_sum3(x_term_x[None, :], y_term_x[0][:, None], y_term_x[1][:, None]) + m[2] / half_w
     grid_y = _round_sum3(x_term_y[None, :], y_term_y[0][:, None], y_term_y[1][:, None]) + m[5] / half_h
     column = _source_index(grid_x, half_w, width)
@@ -288,8 +265,8 @@ def translate(image: jax.Array, translate_x, translate_y, fill=0) -> jax.Array:
     # _inverse_affine_matrix: m2 = -tx, m5 = -ty; grid = x * (1 / (W / 2)) + m2 / (W / 2).
     grid_x = _multiply(1.0 / half_w, _centred(width)) + (-translate_x) / half_w
     grid_y = _multiply(1.0 / half_h, _centred(height)) + (-translate_y) / half_h
-    column = _computed_once(_source_index(grid_x, half_w, width))
-    row = _computed_once(_source_index(grid_y, half_h, height))
+    column = computed_once(_source_index(grid_x, half_w, width))
+    row = computed_once(_source_index(grid_y, half_h, height))
     # A row take, then a column take: each copies whole rows or pixels, with no per-pixel index arithmetic.
     sampled = jnp.take(
         jnp.take(image, jnp.maximum(row, 0), axis=0, mode="clip"), jnp.maximum(column, 0), axis=1, mode="clip"
@@ -323,14 +300,14 @@ def shear_x(image: jax.Array, magnitude, fill=0) -> jax.Array:
     m = jnp.asarray(magnitude, jnp.float32)
     x, y = _centred(width), _centred(height)
     # _get_inverse_affine_matrix with center_f = (-W/2, -H/2): matrix[2] = cx - cx - tan * cy.
-    x_term = _computed_once(_multiply(1.0 / half_w, x))
-    y_term, y_term_error = (_computed_once(v) for v in _exact_product(m / half_w, y))
+    x_term = computed_once(_multiply(1.0 / half_w, x))
+    y_term, y_term_error = (computed_once(v) for v in _exact_product(m / half_w, y))
     grid_x = (
         _round_sum3(x_term[None, :], y_term[:, None], y_term_error[:, None]) + (m * jnp.float32(height * 0.5)) / half_w
     )
     column = _source_index(grid_x, half_w, width)
     row = _source_index(_multiply(1.0 / half_h, y), half_h, height)
-    row_start = _computed_once(jnp.where(row >= 0, row * width, -1))[:, None]
+    row_start = computed_once(jnp.where(row >= 0, row * width, -1))[:, None]
     return _gather(image, jnp.where((row_start >= 0) & (column >= 0), row_start + column, height * width), fill)
 
 
@@ -354,130 +331,11 @@ def shear_y(image: jax.Array, magnitude, fill=0) -> jax.Array:
     half_w, half_h = _half_sizes(height, width)
     m = jnp.asarray(magnitude, jnp.float32)
     x, y = _centred(width), _centred(height)
-    x_term = _computed_once(_multiply(m / half_h, x))
-    y_term, y_term_error = (_computed_once(v) for v in _exact_product(1.0 / half_h, y))
+    x_term = computed_once(_multiply(m / half_h, x))
+    y_term, y_term_error = (computed_once(v) for v in _exact_product(1.0 / half_h, y))
     grid_y = (
         _round_sum3(x_term[None, :], y_term[:, None], y_term_error[:, None]) + (m * jnp.float32(width * 0.5)) / half_h
     )
     row = _source_index(grid_y, half_h, height)
-    column = _computed_once(_source_index(_multiply(1.0 / half_w, x), half_w, width))
+    column = computed_once(_source_index(_multiply(1.0 / half_w, x), half_w, width))
     return _gather(image, _flat_index(row, column[None, :], height, width), fill)
-
-
-def _resize_weights(offset, length, out_size: int, canvas_size: int) -> tuple[jax.Array, jax.Array]:
-    """Fixed-point antialiased bilinear weights of ATen's uint8 resize along one axis.
-
-    Returns (out_size, canvas_size) int32 weights reading the ``length`` pixels from ``offset`` of a
-    canvas axis, and their precision (bits).
-    """
-    # ATen's _compute_indices_min_size_weights_aa (UpSampleKernel.cpp), bilinear filter (interp_size 2):
-    # scale = in / out, support = scale (downscale) or 1, weights filter((j - center + 0.5) * invscale)
-    # over the input pixels of the box, normalised to sum to 1.
-    length_f = jnp.asarray(length, jnp.float32)
-    scale = length_f / out_size
-    support = jnp.maximum(scale, 1.0)
-    invscale = 1.0 / support
-    center = scale * (jnp.arange(out_size, dtype=jnp.float32) + 0.5)
-    position = jnp.arange(canvas_size, dtype=jnp.int32) - jnp.asarray(offset, jnp.int32)
-    inside = (position >= 0) & (position < jnp.asarray(length, jnp.int32))
-    distance = (position.astype(jnp.float32)[None, :] - center[:, None] + 0.5) * invscale
-    weights = jnp.where(inside[None, :], jnp.maximum(1.0 - jnp.abs(distance), 0.0), 0.0)
-    weights = weights / jnp.sum(weights, axis=1, keepdims=True)
-    # compute_index_ranges_int16_weights: the largest precision whose largest weight still fits int16
-    # ((int)(0.5 + wt_max * 2^(precision + 1)) < 2^15, at most 22), weights rounded half away from zero.
-    wt_max = jnp.max(weights)
-    candidates = jnp.arange(22, dtype=jnp.int32)
-    fits = (0.5 + wt_max * jnp.exp2((candidates + 1).astype(jnp.float32))).astype(jnp.int32) < 2**15
-    precision = jnp.sum(jnp.cumprod(fits.astype(jnp.int32)))
-    fixed = jnp.floor(0.5 + weights * jnp.exp2(precision.astype(jnp.float32))).astype(jnp.int32)
-    return fixed, precision
-
-
-def _resample(image: jax.Array, weights: jax.Array, precision: jax.Array, axis: int) -> jax.Array:
-    # ImagingResampleHorizontal/Vertical (UpSampleKernelAVX): integer sum from half a unit, shifted
-    # right by the precision, saturated to uint8.
-    subscripts = "oh,hwc->owc" if axis == 0 else "ow,hwc->hoc"
-    total = jnp.einsum(subscripts, weights, image.astype(jnp.int32), preferred_element_type=jnp.int32)
-    total = (total + jnp.left_shift(1, precision - 1)) >> precision
-    return jnp.clip(total, 0, 255).astype(jnp.uint8)
-
-
-def resized_crop(canvas: jax.Array, height, width, top, left, crop_h, crop_w, size: int) -> jax.Array:
-    """torchvision's ``F.resized_crop(image, top, left, crop_h, crop_w, [size, size], BILINEAR, antialias=True)``.
-
-    The image occupies the top-left ``height`` x ``width`` of ``canvas``; the box must lie inside it
-    (as :func:`sample_random_resized_crop`'s do). The arithmetic is ATen's uint8 CPU kernel (PIL's
-    fixed-point separable resampling: width first, rounded to uint8, then height), which is what
-    torchvision's data-loader workers run.
-
-    Args:
-        canvas: (H, W, 3) uint8, fixed shape.
-        height: image height on the canvas, int scalar (kept for the caller's bookkeeping; the box bounds the read).
-        width: image width on the canvas, int scalar.
-        top: box top row, int scalar (possibly traced).
-        left: box left column, int scalar.
-        crop_h: box height, int scalar >= 1.
-        crop_w: box width, int scalar >= 1.
-        size: output side, static int.
-
-    Returns:
-        (size, size, 3) uint8.
-    """
-    del height, width  # the box lies inside the image, so its bounds are the only ones the weights need
-    canvas_h, canvas_w = canvas.shape[:2]
-    weights_x, precision_x = _resize_weights(left, crop_w, size, canvas_w)
-    weights_y, precision_y = _resize_weights(top, crop_h, size, canvas_h)
-    rows = _resample(canvas, weights_x, precision_x, axis=1)  # (canvas_h, size, 3)
-    return _resample(rows, weights_y, precision_y, axis=0)
-
-
-def sample_random_resized_crop(
-    key: jax.Array,
-    height,
-    width,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """A box of torchvision's ``RandomResizedCrop.make_params`` for an image of ``height`` x ``width``.
-
-    Ten attempts at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
-    the first box that fits wins, at a uniform position; when none fits, the centred box of the
-    clamped ratio. Same algorithm and distribution, not torch's random stream.
-
-    Args:
-        key: a jax PRNG key.
-        height: image height, int scalar (possibly traced).
-        width: image width, int scalar.
-        scale: (min, max) fraction of the image area.
-        ratio: (min, max) width / height.
-
-    Returns:
-        (top, left, crop_h, crop_w), int32 scalars.
-    """
-    k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
-    height = jnp.asarray(height, jnp.int32)
-    width = jnp.asarray(width, jnp.int32)
-    area = (height * width).astype(jnp.float32)
-    target_area = area * jax.random.uniform(k_area, (10,), minval=scale[0], maxval=scale[1])
-    log_ratio = jax.random.uniform(k_ratio, (10,), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
-    aspect = jnp.exp(log_ratio)
-    # int(round(...)): Python's round is half to even, as jnp.round.
-    w = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
-    h = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = jnp.argmax(fits)
-    found = jnp.any(fits)
-    # Fallback to a central crop of the ratio clamped to the bounds.
-    in_ratio = width.astype(jnp.float32) / height.astype(jnp.float32)
-    narrow = in_ratio < min(ratio)
-    wide = in_ratio > max(ratio)
-    fallback_w = jnp.where(wide, jnp.round(height * max(ratio)).astype(jnp.int32), width)
-    fallback_h = jnp.where(narrow, jnp.round(width / min(ratio)).astype(jnp.int32), height)
-    crop_w = jnp.where(found, w[first], fallback_w)
-    crop_h = jnp.where(found, h[first], fallback_h)
-    # torch.randint(0, n - size + 1): uniform over the n - size + 1 positions.
-    random_top = jax.random.randint(k_top, (), 0, height - crop_h + 1)
-    random_left = jax.random.randint(k_left, (), 0, width - crop_w + 1)
-    top = jnp.where(found, random_top, (height - crop_h) // 2)
-    left = jnp.where(found, random_left, (width - crop_w) // 2)
-    return top, left, crop_h, crop_w

@@ -7,7 +7,7 @@ index) alone, so a sample is augmented the same way whatever batch, device count
 in.
 
 Resampling stays on the host because there it is PIL's C code over one box; on the device a resize whose
-box size varies per sample must resample over the whole canvas (``geometry.resized_crop``, 13 ms per
+box size varies per sample must resample over the whole canvas (``crop.resized_crop``, 13 ms per
 image on a CPU core). A policy picks one of 15 ops per sample: under ``vmap`` ``lax.switch`` becomes a
 select that computes every branch, so on the CPU the samples go through ``lax.map``, one branch each.
 """

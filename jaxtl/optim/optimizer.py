@@ -31,7 +31,7 @@ import optax
 from jaxtl.models.names import key_path_name
 from jaxtl.optim.groups import ParamGroupError, ParamGroups
 from jaxtl.optim.literature import l2sp, scale_by_relative_gradient_norm
-from jaxtl.optim.plateau import scale_by_plateau
+from jaxtl.optim.plateau import Plateau, reductions, scale_by_plateau
 from jaxtl.optim.scheduled_mask import start_at
 from jaxtl.optim.settings import OptimizerConfig
 
@@ -63,6 +63,30 @@ def plateau_peaks(groups: ParamGroups, config: OptimizerConfig) -> dict[str, flo
         for name, group in groups.groups.items()
         if not group.frozen and group.transform is None
     }
+
+
+def step_plateau(
+    plateau: Plateau,
+    metrics: dict[str, float],
+    groups: ParamGroups,
+    config: OptimizerConfig,
+    log: Callable[[str], None],
+) -> tuple[Plateau, dict[str, float] | None]:
+    """``schedule: plateau`` after an epoch's validation: torch's ReduceLROnPlateau step of ``plateau`` on
+    ``metrics``. Returns the new plateau and, where a group's lr fell (logged), every group's new scale, which
+    :func:`jaxtl.optim.plateau.set_plateau_scales` puts into the optimizer state (arrays: no recompilation)."""
+    if config.schedule != "plateau":
+        return plateau, None
+    peaks = plateau_peaks(groups, config)
+    stepped = plateau.step(metrics, config, peaks)
+    reduced = reductions(plateau, stepped, peaks)
+    if not reduced:
+        return stepped, None
+    log(
+        f"  reduce on plateau: {config.plateau_metric} has not improved for {config.plateau_patience + 1} "
+        f"epoch(s); {', '.join(reduced)}"
+    )
+    return stepped, stepped.scales(peaks)
 
 
 def schedule(config: OptimizerConfig, peak: float, total_steps: int | None) -> optax.Schedule | float:

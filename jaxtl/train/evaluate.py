@@ -33,21 +33,6 @@ from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass(frozen=True)
-class Outputs:
-    """Each example's output, in the order evaluated (padding and skipped files left out).
-
-    Attributes:
-        log_probabilities: ``(N, C)`` float32 log-softmax of the logits.
-        labels: ``(N,)`` int64 true classes.
-        indices: ``(N,)`` int64 each example's index in its source.
-    """
-
-    log_probabilities: np.ndarray
-    labels: np.ndarray
-    indices: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Metrics over the examples evaluated, and the confusion matrix (rows: true class, columns: predicted);
     ``outputs``: each example's, where :func:`evaluate` was asked to keep them."""
@@ -57,7 +42,7 @@ class Evaluation:
     acc5: float
     count: int
     confusion: np.ndarray
-    outputs: Outputs | None = None
+    outputs: SplitPredictions | None = None
 
     def metrics(self, prefix: str = "val_") -> dict[str, float]:
         """``val_loss``, ``val_acc1``, ``val_balanced_acc`` and, with more than five classes, ``val_acc5``."""
@@ -74,6 +59,52 @@ class Evaluation:
             name: {key: float(values[i]) if key != "support" else int(values[i]) for key, values in table.items()}
             for i, name in enumerate(classes)
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPredictions:
+    """A model's outputs for every readable image of a split, in the split's order (:func:`evaluate` with
+    ``keep_outputs``, :func:`jaxtl.train.report.predict_split`).
+
+    Attributes:
+        log_probabilities: ``(N, C)`` float32 log-softmax of the logits (with TTA, of the averaged probabilities).
+        labels: ``(N,)`` int64 true classes.
+        indices: ``(N,)`` int64 each image's index in its source.
+        skipped: the files skipped as unreadable (``data.skip_bad_files``).
+    """
+
+    log_probabilities: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def losses(self) -> np.ndarray:
+        """``(N,)`` float32 cross-entropy of each image: ``-log p(true class)``."""
+        return -self.log_probabilities[np.arange(len(self.labels)), self.labels]
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """``(N,)`` int64 predicted classes (the argmax)."""
+        return np.argmax(self.log_probabilities, axis=-1).astype(np.int64)
+
+    def evaluation(self) -> Evaluation:
+        """The split's loss, top-1 and top-5 accuracy and confusion matrix, as :func:`evaluate` gives them."""
+        count, num_classes = self.log_probabilities.shape
+        if not count:
+            raise JaxtlError("no image of the split could be read, so there is nothing to report")
+        top = np.argsort(-self.log_probabilities, axis=-1, kind="stable")[:, : min(5, num_classes)]
+        return Evaluation(
+            loss=float(np.mean(self.losses, dtype=np.float64)),
+            acc1=float(np.mean(self.predictions == self.labels)),
+            acc5=float(np.mean(np.any(top == self.labels[:, None], axis=-1))),
+            count=count,
+            confusion=confusion_matrix(self.labels, self.predictions, num_classes),
+        )
+
+    def top_losses(self, k: int) -> np.ndarray:
+        """Positions (into these arrays) of the ``k`` highest losses, highest first; ties in split order."""
+        return np.argsort(-self.losses, kind="stable")[:k]
 
 
 def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,12 +141,13 @@ def evaluate(
 
     Batches are sharded over the devices as in training; with ``features`` (the feature cache of a
     head-only phase) the cached features of the loader's examples stand in for their images. With
-    ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`Outputs`).
+    ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`SplitPredictions`).
     """
     sharding, size = data_sharding(loader.batch_size), loader.batch_size
     loss = correct = correct5 = count = 0.0
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    kept: list[tuple[np.ndarray, ...]] = []
+    # Each batch's (log-probabilities, labels, indices), after an empty first entry that gives the arrays' shapes.
+    kept = [(np.zeros((0, num_classes), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.int64))]
     batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
     for index, batch in enumerate(batches):
         labels = distributed.put(batch.labels, sharding, size)
@@ -137,10 +169,7 @@ def evaluate(
         correct5 += float(m["correct5"])
         count += float(m["count"])
     n = max(count, 1.0)
-    outputs = None
-    if keep_outputs:
-        empty = (np.zeros((0, num_classes), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.int64))
-        outputs = Outputs(*(np.concatenate(arrays) for arrays in zip(*kept))) if kept else Outputs(*empty)
+    outputs = SplitPredictions(*(np.concatenate(arrays) for arrays in zip(*kept))) if keep_outputs else None
     return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion, outputs)
 
 

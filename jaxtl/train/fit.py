@@ -26,11 +26,11 @@ from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.diagnostics import starting_weights
-from jaxtl.train.evaluate import Outputs
+from jaxtl.train.evaluate import SplitPredictions
 from jaxtl.train.figures import load_metrics
 from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
 from jaxtl.train.loop import Run, Trainer
-from jaxtl.train.report import SplitPredictions, write_report
+from jaxtl.train.report import write_report
 from jaxtl.train.resume import check_resume_config, load_model_arrays, load_resume_point
 from jaxtl.train.run_dir import RunDirectory, RunError, RunLock
 from jaxtl.train.state import Best, CheckpointMeta
@@ -185,14 +185,15 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     return result
 
 
-def _write_report(directory: RunDirectory, data: RunData, log: Callable[[str], None], outputs: Outputs | None) -> None:
+def _write_report(
+    directory: RunDirectory, data: RunData, log: Callable[[str], None], outputs: SplitPredictions | None
+) -> None:
     """RUN_DIR/report.html from the best checkpoint, on the images the run validated on; ``outputs``: the val
     outputs of the epoch that saved ``best`` where the loop kept them (else the report evaluates it again)."""
     predictions = figures = None
     if outputs is not None:
         missing = np.setdiff1d(np.arange(len(data.val)), outputs.indices)  # files skipped as unreadable
-        predictions = SplitPredictions(outputs.log_probabilities, outputs.labels, outputs.indices,
-                                       tuple(data.val.describe(int(i)) for i in missing))  # fmt: skip
+        predictions = dataclasses.replace(outputs, skipped=tuple(data.val.describe(int(i)) for i in missing))
         # The run's figures, drawn at its end from the final metrics and the best epoch's confusion matrix.
         drawn = {name: directory.path / f"{name}.png" for name in ("curves", "confusion")}
         if all(path.is_file() for path in drawn.values()):

@@ -38,13 +38,13 @@ from jaxtl.optim import (
     plateau_peaks,
     set_plateau_scales,
 )
-from jaxtl.optim.plateau import reductions
+from jaxtl.optim.optimizer import step_plateau
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed, ema
 from jaxtl.train.callbacks import Callback
 from jaxtl.train.diagnostics import epoch_diagnostics, group_scalars
 from jaxtl.train.drain import Drain
-from jaxtl.train.evaluate import Outputs, compute_dtype_of, evaluate
+from jaxtl.train.evaluate import SplitPredictions, compute_dtype_of, evaluate
 from jaxtl.train.faults import fault_point
 from jaxtl.train.feature_store import feature_key, load_or_compute
 from jaxtl.train.features import (
@@ -108,6 +108,10 @@ class PhaseContext:
     first_loader_epoch: int  # the loader epoch of the phase's first epoch (epochs count across phases)
     ema: ModelState | None = None  # the moving average of the weights (train.ema), split as the model is
 
+    def where(self, loader_epoch: int) -> str:
+        """The phase and epoch, for a message."""
+        return f"phase {self.phase.name!r}, epoch {loader_epoch + 1}"
+
 
 class Trainer:
     """Runs the phases of ``run`` from a checkpoint's position (or the start), calling ``callbacks``."""
@@ -135,8 +139,7 @@ class Trainer:
         self.keep_outputs = (
             run.directory.primary and jax.process_count() == 1 and len(run.data.val) * len(run.data.classes) <= 1 << 24
         )
-        self.best_outputs: Outputs | None = None
-        self.pending_best: tuple[dict, Any] | None = None  # best's arrays and meta, not written yet (cached features)
+        self.best_outputs: SplitPredictions | None = None
         self.drift_references: dict[tuple[str, ...], float] = {}  # the starting weights' norms, once per run
 
     @property
@@ -175,7 +178,7 @@ class Trainer:
                 # A run that stops (a non-finite loss, Ctrl-C) leaves its best epoch's checkpoint and the figures of
                 # its last epoch too, but a checkpoint or figure that cannot be written must not hide why it stopped.
                 with contextlib.suppress(Exception):
-                    self.write_pending_best()
+                    self.checkpoints.write_pending_best()
                 with contextlib.suppress(Exception):
                     directory.figures.flush()
                 raise
@@ -307,7 +310,10 @@ class Trainer:
             watch = Watch()  # patience counts within a phase
         plateau = Plateau()  # optim.schedule plateau: a phase starts at its configured lrs with a fresh scheduler
         if not done:
-            plateau, opt_state = self._plateau(state.plateau, val_metrics, context, opt_state)
+            optimizer = context.phase.optimizer or config.optim
+            plateau, scales = step_plateau(state.plateau, val_metrics, context.groups, optimizer, self.log)
+            if scales is not None:
+                opt_state = jax.device_put(set_plateau_scales(opt_state, scales), self.replicated)
         state = RunState(
             phase=next_phase, epoch_in_phase=0 if done else state.epoch_in_phase + 1, step=state.step, best=best,
             watch=watch, plateau=plateau,
@@ -315,7 +321,7 @@ class Trainer:
         arrays = self._arrays(self.run.model, opt_state, context)
         if context.ema is not None:
             self.ema_arrays = arrays["ema"]  # the next phase's average starts from the last epoch's
-        self._check_finite(arrays, val_metrics["val_loss"], context, loader_epoch)
+        self.checkpoints.check_finite(arrays, val_metrics["val_loss"], context.where(loader_epoch))
         meta = self.run.meta(state, record)
         # On cached features an epoch of the head costs little beside the feature pass that any resume of the
         # phase runs again: there the checkpoints are written at the phase's end (a new best is kept until then,
@@ -323,39 +329,15 @@ class Trainer:
         held = context.features is not None and not done
         # best before latest: a crash between the two resumes from the previous latest and redoes the epoch.
         if improved:
-            self.pending_best = (jax.device_get(arrays), meta)
+            self.checkpoints.hold_best(arrays, meta)
             self.best_outputs = evaluation.outputs
             self.run.directory.write_confusion(evaluation.confusion, self.run.data.classes, loader_epoch + 1)
         if not held:
-            self.write_pending_best()
+            self.checkpoints.write_pending_best()
             self.checkpoints.save("latest", arrays, meta, like="best" if improved else None)
         for callback in self.callbacks:
             callback.on_epoch_end(record, state)
         return state, model_state, opt_state
-
-    def write_pending_best(self) -> None:
-        """Writes ``best`` where an epoch improved it since it was last written."""
-        if self.pending_best is not None:
-            arrays, meta = self.pending_best
-            self.checkpoints.save("best", arrays, meta, keep_previous=False)
-            self.pending_best = None
-
-    def _plateau(self, plateau: Plateau, metrics: dict, context: PhaseContext, opt_state) -> tuple[Plateau, Any]:
-        """optim.schedule plateau after an epoch's validation: torch's step, and the optimizer state with the new
-        scales when a group's lr falls (logged); the scales are arrays of the state, so the step is not recompiled."""
-        config = context.phase.optimizer or self.config.optim
-        if config.schedule != "plateau":
-            return plateau, opt_state
-        peaks = plateau_peaks(context.groups, config)
-        stepped = plateau.step(metrics, config, peaks)
-        reduced = reductions(plateau, stepped, peaks)
-        if not reduced:
-            return stepped, opt_state
-        self.log(
-            f"  reduce on plateau: {config.plateau_metric} has not improved for {config.plateau_patience + 1} "
-            f"epoch(s); {', '.join(reduced)}"
-        )
-        return stepped, jax.device_put(set_plateau_scales(opt_state, stepped.scales(peaks)), self.replicated)
 
     def _train_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state):
         """The epoch's batches from ``state.batch`` on; ``state.totals`` are the sums of the batches before it."""
@@ -366,7 +348,7 @@ class Trainer:
         every = self.config.train.checkpoint_every_steps
         drain = Drain(
             context.phase.name, loader_epoch, state.totals if state.batch else EpochTotals(), self.callbacks,
-            self.events, self.last_good,
+            self.events, self.checkpoints.last_good,
         )  # fmt: skip
         started, images_seen = time.perf_counter(), 0
         progress = Progress(
@@ -435,21 +417,15 @@ class Trainer:
 
     def _save_mid_epoch(self, context: PhaseContext, state: RunState, model_state: ModelState, opt_state) -> None:
         """checkpoints/latest before batch ``state.batch`` of the epoch (train.checkpoint_every_steps)."""
-        self.write_pending_best()  # the best that latest's position knows of is on disk before it
+        self.checkpoints.write_pending_best()  # the best that latest's position knows of is on disk before it
         model = merge_model(context.graphdef, jax.device_get(model_state))
         arrays = self._arrays(model, opt_state, context)
-        self._check_finite(arrays, 0.0, context, context.first_loader_epoch + state.epoch_in_phase)
+        self.checkpoints.check_finite(arrays, 0.0, context.where(context.first_loader_epoch + state.epoch_in_phase))
         self.checkpoints.save("latest", arrays, self.run.meta(state, {}))
 
     def _arrays(self, model: nnx.Module, opt_state, context: PhaseContext) -> dict:
         average = merge_model(context.graphdef, jax.device_get(context.ema)) if context.ema is not None else None
         return checkpoint_arrays(model, opt_state, average)
-
-    def _check_finite(self, arrays: dict, val_loss: float, context: PhaseContext, loader_epoch: int) -> None:
-        self.checkpoints.check_finite(arrays, val_loss, f"phase {context.phase.name!r}, epoch {loader_epoch + 1}")
-
-    def last_good(self) -> str:
-        return self.checkpoints.last_good()
 
     # -- records ----------------------------------------------------------------------------------
 

@@ -28,56 +28,11 @@ from jaxtl.config import RunConfig, config_from_dict
 from jaxtl.data import EvalTransform, Loader
 from jaxtl.errors import JaxtlError
 from jaxtl.train import checkpoint as ckpt
-from jaxtl.train.evaluate import Evaluation, Predictor
-from jaxtl.train.figures import confusion_matrix, load_metrics, plot_confusion, plot_curves
+from jaxtl.train.evaluate import Evaluation, Predictor, SplitPredictions
+from jaxtl.train.figures import load_metrics, plot_confusion, plot_curves
 from jaxtl.train.inputs import load_data
 from jaxtl.train.report_page import THUMBNAIL_SIZE, render_report
 from jaxtl.train.state import CheckpointMeta
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitPredictions:
-    """A checkpoint's predictions for every readable image of a split, in the split's order.
-
-    Attributes:
-        log_probabilities: ``(N, C)`` float32 log-softmax of the logits (with TTA, of the averaged probabilities).
-        labels: ``(N,)`` int64 true classes.
-        indices: ``(N,)`` int64 each image's index in its source.
-        skipped: the files skipped as unreadable (``data.skip_bad_files``).
-    """
-
-    log_probabilities: np.ndarray
-    labels: np.ndarray
-    indices: np.ndarray
-    skipped: tuple[str, ...] = ()
-
-    @property
-    def losses(self) -> np.ndarray:
-        """``(N,)`` float32 cross-entropy of each image: ``-log p(true class)``."""
-        return -self.log_probabilities[np.arange(len(self.labels)), self.labels]
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """``(N,)`` int64 predicted classes (the argmax)."""
-        return np.argmax(self.log_probabilities, axis=-1).astype(np.int64)
-
-    def evaluation(self) -> Evaluation:
-        """The split's loss, top-1 and top-5 accuracy and confusion matrix, as :func:`evaluate` gives them."""
-        count, num_classes = self.log_probabilities.shape
-        if not count:
-            raise JaxtlError("no image of the split could be read, so there is nothing to report")
-        top = np.argsort(-self.log_probabilities, axis=-1, kind="stable")[:, : min(5, num_classes)]
-        return Evaluation(
-            loss=float(np.mean(self.losses, dtype=np.float64)),
-            acc1=float(np.mean(self.predictions == self.labels)),
-            acc5=float(np.mean(np.any(top == self.labels[:, None], axis=-1))),
-            count=count,
-            confusion=confusion_matrix(self.labels, self.predictions, num_classes),
-        )
-
-    def top_losses(self, k: int) -> np.ndarray:
-        """Positions (into these arrays) of the ``k`` highest losses, highest first; ties in split order."""
-        return np.argsort(-self.losses, kind="stable")[:k]
 
 
 def predict_split(

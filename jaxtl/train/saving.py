@@ -28,6 +28,19 @@ class RunCheckpoints:
 
     def __init__(self, directory: RunDirectory):
         self.directory = directory
+        self.pending_best: tuple[dict, CheckpointMeta] | None = None  # held by hold_best, not written yet
+
+    def hold_best(self, arrays: dict, meta: CheckpointMeta) -> None:
+        """Keeps a new ``best`` on the host until :meth:`write_pending_best` (a phase on cached features writes its
+        checkpoints at its end); a newer one replaces it."""
+        self.pending_best = (jax.device_get(arrays), meta)
+
+    def write_pending_best(self) -> None:
+        """Writes the held ``best``, if any."""
+        if self.pending_best is not None:
+            arrays, meta = self.pending_best
+            self.save("best", arrays, meta, keep_previous=False)
+            self.pending_best = None
 
     def check_finite(self, arrays: dict, val_loss: float, where: str) -> None:
         """Stops the run before a checkpoint with a non-finite parameter, statistic or optimizer state is written;

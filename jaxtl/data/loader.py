@@ -1,7 +1,9 @@
 """The parallel loader: deterministic, resumable mid-epoch, fixed batch shapes.
 
 Order: epoch ``e`` visits the examples in ``permutation(seed, e)`` (or in order without shuffling),
-each exactly once. Batches always have ``batch_size`` rows: the last one of an epoch is padded and
+each exactly once; a ``sampler`` (``sampler.order(seed, e)``, e.g. :class:`jaxtl.data.ClassBalancedSampler`)
+or a source with its own ``epoch_order(seed, e)`` (WebDataset shards: shard by shard) gives the train order
+instead. Batches always have ``batch_size`` rows: the last one of an epoch is padded and
 its padding rows have ``mask == False``, so no example is dropped and no shape changes (no
 recompile). A position is (epoch, batch); iterating ``epoch(e, start_batch=b)`` yields exactly what
 an uninterrupted epoch yields from batch ``b`` on, so a run resumes from a saved position.
@@ -25,7 +27,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -41,6 +43,28 @@ WorkerType = Literal["auto", "thread", "process"]
 DEFAULT_WORKER_TYPE: WorkerType = "auto"
 
 Transform = Callable[..., np.ndarray]
+
+
+class Sampler(Protocol):
+    """The order of a shuffled epoch: ``len(sampler)`` source indices from ``order(seed, epoch)``, a function
+    of its arguments only (a resumed run gets the same epoch)."""
+
+    def __len__(self) -> int: ...
+
+    def order(self, seed: int, epoch: int) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _SourceOrder:
+    """A source's own epoch order (``source.epoch_order``) as a sampler."""
+
+    source: Source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        return self.source.epoch_order(seed, epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +138,9 @@ class Loader:
             script that iterates the loader needs ``if __name__ == "__main__":``, as with torch's
             DataLoader); or ``"auto"``: processes from :data:`PROCESS_WORKERS_FROM` workers on where
             they can run (the source and transform pickle, /dev/shm has room), threads otherwise.
+        sampler: the order of a shuffled epoch instead of a permutation: ``sampler.order(seed, epoch)``, source
+            indices (any number of them, repeats allowed). Without one, a shuffled loader over a source that has
+            ``epoch_order(seed, epoch)`` takes that order.
     """
 
     def __init__(
@@ -129,6 +156,7 @@ class Loader:
         skip_bad_files: bool = False,
         worker_type: WorkerType = DEFAULT_WORKER_TYPE,
         rows: slice | None = None,
+        sampler: Sampler | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -147,6 +175,11 @@ class Loader:
         if worker_type not in ("auto", "thread", "process"):
             raise ValueError(f"worker_type={worker_type!r} is not one of 'auto', 'thread', 'process'")
         self.worker_type = worker_type
+        if sampler is not None and not shuffle:
+            raise ValueError("a sampler orders a shuffled loader; this loader has shuffle=False")
+        if sampler is None and shuffle and callable(getattr(source, "epoch_order", None)):
+            sampler = _SourceOrder(source)
+        self.sampler = sampler
         self.rows = slice(None) if rows is None else rows
         self.rows_per_batch = len(range(*self.rows.indices(batch_size)))
         if self.rows_per_batch < 1 or self.rows.step not in (None, 1):
@@ -157,13 +190,27 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches per epoch (the last one padded)."""
-        return -(-len(self.source) // self.batch_size)
+        return -(-self.examples_per_epoch // self.batch_size)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.source)
 
     def order(self, epoch: int) -> np.ndarray:
         """The source indices of ``epoch`` in the order they are yielded (kept for the epoch's batches)."""
         if self._order[0] != epoch:
             n = len(self.source)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            if self.sampler is not None:
+                order = np.array(self.sampler.order(self.seed, epoch), np.int64)
+                if order.ndim != 1 or len(order) != len(self.sampler) or np.any((order < 0) | (order >= n)):
+                    raise DataError(
+                        f"{self.sampler!r} gave an order of shape {order.shape} for epoch {epoch}; expected "
+                        f"{len(self.sampler)} source indices in [0, {n})"
+                    )
+            elif self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            else:
+                order = np.arange(n)
             order.flags.writeable = False
             self._order = (epoch, order)
         return self._order[1]

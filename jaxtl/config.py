@@ -50,17 +50,67 @@ class SyntheticConfig:
     num_classes: int = bounded(5, low=2, high=8)
     train_per_class: int = bounded(60, low=1)
     val_per_class: int = bounded(20, low=1)
+    multilabel: bool = False  # one to three figures per image, labels in train.csv / val.csv (task: multilabel)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelFileConfig:
+    """``data.source: csv``: label files (CSV, TSV or JSON lines; jaxtl.data.sources.LabelFileSource), one per split
+    (``train``, ``val``) or one for all (``file``) whose ``split_column`` names each row's split (data.train_split,
+    data.val_split). Image paths are relative to data.root (default: the label file's folder). Multi-label:
+    ``label_separator`` splits the label column, or ``class_columns`` (a list, or "*": every other column) hold
+    0/1 per class. ``classes``: the class order as listed (default sorted; numerically for integer labels)."""
+
+    train: str | None = None
+    val: str | None = None
+    file: str | None = None
+    split_column: str = "split"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    class_columns: Literal["*"] | tuple[str, ...] | None = None
+    label_separator: str | None = None
+    classes: tuple[str, ...] | None = None
+    encoding: str = "utf-8"
+
+
+@dataclasses.dataclass(frozen=True)
+class HFConfig:
+    """``data.source: hf``: a Hugging Face dataset on disk (``save_to_disk``, or Parquet/Arrow files; the splits
+    data.train_split and data.val_split), read with pyarrow (jaxtl.data.sources.HFSource)."""
+
+    path: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    classes: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetConfig:
+    """``data.source: webdataset``: tar shards in the webdataset layout (``key.jpg`` + ``key.cls`` or ``key.json``),
+    each split a brace pattern (``shards/train-{000000..000031}.tar``), a folder of .tar files or a list."""
+
+    train: str | tuple[str, ...] | None = None
+    val: str | tuple[str, ...] | None = None
+    label_key: Literal["cls", "json"] = "cls"
+    json_label_field: str = "label"
+    classes: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "folder", "tfds"] = "synthetic"
-    root: str | None = None  # folder: root/<split>/<class>/<image>
+    source: Literal["synthetic", "folder", "tfds", "csv", "hf", "webdataset"] = "synthetic"
+    root: str | None = None  # folder: root/<split>/<class>/<image>; csv: the folder image paths are relative to
+    labels: LabelFileConfig = LabelFileConfig()
+    hf: HFConfig = HFConfig()
+    webdataset: WebDatasetConfig = WebDatasetConfig()
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = bounded(32, low=1)
+    # The train order: a permutation every epoch, or "class_balanced": each class (a multi-label task: each example's
+    # rarest class) drawn equally often, with replacement (jaxtl.data.ClassBalancedSampler).
+    sampler: Literal["shuffle", "class_balanced"] = "shuffle"
     eval_batch_size: int = bounded(64, low=1)
     num_workers: int | None = bounded(None, low=1)
     worker_type: WorkerType = DEFAULT_WORKER_TYPE  # jaxtl.data.Loader's default
@@ -92,7 +142,7 @@ class EarlyStoppingConfig:
     """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` epochs (Keras'
     EarlyStopping): ``ends`` the phase (the next one starts; patience counts within a phase) or the run."""
 
-    metric: Literal["val_loss", "val_acc1"] = "val_loss"
+    metric: Literal["val_loss", "val_acc1", "val_map"] = "val_loss"
     patience: int = bounded(3, low=1)
     min_delta: float = bounded(0.0, low=0)
     ends: Literal["phase", "run"] = "phase"
@@ -121,7 +171,8 @@ class TrainConfig:
     # a few percent of a CPU step); the distance from the starting weights and BatchNorm drift are always kept.
     group_diagnostics: bool = False
     log_every: int = bounded(10, low=1)
-    checkpoint_metric: Literal["val_acc1", "val_loss"] = "val_acc1"
+    # What makes a checkpoint the best: None picks val_acc1 for a single-label task and val_map for a multi-label one.
+    checkpoint_metric: Literal["val_acc1", "val_loss", "val_map"] | None = None
     # Also write checkpoints/latest every N steps inside an epoch (None: at epoch ends only), so that
     # a kill loses at most N steps of a long epoch; a resume continues from the batch after it.
     checkpoint_every_steps: int | None = bounded(None, low=1)
@@ -132,6 +183,9 @@ class TrainConfig:
     # class_weights "balanced" (scikit-learn's, from the train split's labels) or one weight per class.
     label_smoothing: float = bounded(0.0, low=0, high=1)
     class_weights: Literal["balanced"] | tuple[float, ...] | None = bounded(None, low=0)
+    # Multi-label: torch.nn.BCEWithLogitsLoss(pos_weight=): "balanced" (each class's negatives / positives in the
+    # train split) or one weight per class.
+    pos_weight: Literal["balanced"] | tuple[float, ...] | None = bounded(None, low=0)
     early_stopping: EarlyStoppingConfig | None = None
     # k micro-batches of data.batch_size per optimizer step, their gradients summed (a k-times larger batch).
     accumulate_steps: int = bounded(1, low=1)
@@ -149,6 +203,9 @@ class RunConfig:
     """
 
     run_dir: str = "runs/default"
+    # single_label: softmax, cross-entropy, accuracy; multilabel: sigmoid, binary cross-entropy, mAP / AUROC / F1 at
+    # a threshold chosen on validation (the data must give multi-hot labels: jaxtl.train.task).
+    task: Literal["single_label", "multilabel"] = "single_label"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimizerConfig = OptimizerConfig()
@@ -187,6 +244,18 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
         raise ConfigError(f"{source}: data.root is required when data.source is folder")
     if d.source == "tfds" and not d.tfds_name:
         raise ConfigError(f"{source}: data.tfds_name is required when data.source is tfds")
+    needed = {"csv": ("data.labels.train and data.labels.val, or data.labels.file", d.labels.file
+                      or (d.labels.train and d.labels.val)),
+              "hf": ("data.hf.path", d.hf.path), "webdataset": ("data.webdataset.train and data.webdataset.val",
+                                                                 d.webdataset.train and d.webdataset.val)}  # fmt: skip
+    if d.source in needed and not needed[d.source][1]:
+        raise ConfigError(f"{source}: {needed[d.source][0]} required when data.source is {d.source}")
+    metrics = [config.train.checkpoint_metric, config.optim.plateau_metric,
+               config.train.early_stopping and config.train.early_stopping.metric]  # fmt: skip
+    if config.task == "single_label" and "val_map" in metrics:
+        raise ConfigError(
+            f"{source}: val_map is the mean average precision of a multi-label task; set task: multilabel"
+        )
     device_only = [key for key, on in (("data.augment", d.augment != "none"), ("data.color_jitter", d.color_jitter),
                                        ("data.random_erasing", d.random_erasing > 0)) if on]  # fmt: skip
     if device_only and d.cache != "decoded":

@@ -172,10 +172,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed.is_primary():
         return 0
     best = result.best
-    print(
-        f"done in {time.perf_counter() - started:.0f}s. best val acc@1 {best.metrics['val_acc1']:.3f} "
-        f"(epoch {best.epoch})"
-    )
+    metrics = best.metrics
+    score = f"mAP {metrics['val_map']:.3f}" if "val_map" in metrics else f"acc@1 {metrics['val_acc1']:.3f}"
+    print(f"done in {time.perf_counter() - started:.0f}s. best val {score} (epoch {best.epoch})")
     print(f"  best checkpoint: {result.best_checkpoint}; metrics: {result.run_dir / 'metrics.jsonl'}")
     example = _example_image(config)
     print(f"  try: jaxtl predict {result.best_checkpoint} {example or 'IMAGE.jpg'}")
@@ -187,7 +186,7 @@ def _example_image(config) -> str | None:
         from jaxtl.train import load_data
 
         val = load_data(config.data).val
-        return val.describe(0) if hasattr(val, "samples") else None
+        return str(val.samples[0][0]) if hasattr(val, "samples") else None
     except JaxtlError:
         return None
 
@@ -209,8 +208,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failures += 1
             continue
         probabilities = predictor.probabilities(image)
-        top = sorted(range(len(classes)), key=lambda i: -probabilities[i])[:k]
-        ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in top)
+        top = sorted(range(len(classes)), key=lambda i: -probabilities[i])
+        if predictor.multilabel:  # every class over the run's threshold, most probable first
+            over = [i for i in top if probabilities[i] >= predictor.threshold]
+            ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in over) or "none"
+            print(f"{path}: {ranked} (threshold {predictor.threshold:g})", flush=True)
+            continue
+        ranked = ", ".join(f"{classes[i]} {probabilities[i]:.3f}" for i in top[:k])
         print(f"{path}: {ranked}", flush=True)
     total = len(paths) + unlisted
     if failures == total:
@@ -404,6 +408,23 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
     print(f"resized to {p.resize_size} ({p.interpolation}) in {time.perf_counter() - started:.1f}s; runs with "
           "data.cache: decoded read these")  # fmt: skip
     return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jaxtl.config import load_config
+
+    config = load_config(args.config, args.set)
+    from jaxtl.data.inspect import format_report, inspect_splits
+    from jaxtl.train.inputs import load_data
+
+    d = config.data
+    # Skipping on: sources that can list their bad rows (source.problems) instead of stopping at the first.
+    data = load_data(dataclasses.replace(d, skip_bad_files=True))
+    report = inspect_splits({d.train_split: data.train, d.val_split: data.val}, num_workers=d.num_workers)
+    print(format_report(report))
+    return 1 if report.num_problems else 0
 
 
 def cmd_data_synthetic(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import argparse
 from jaxtl.cli.commands import (
     cmd_convert,
     cmd_data_cache,
+    cmd_data_inspect,
     cmd_data_prepare,
     cmd_data_synthetic,
     cmd_eval,
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, as jaxtl train takes them")  # fmt: skip
     sweep.set_defaults(run=cmd_sweep)
 
-    data = commands.add_parser("data", help="prepare tfds datasets; write the synthetic dataset")
+    data = commands.add_parser("data", help="check, cache and prepare datasets; write the synthetic dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prepare = data_commands.add_parser(
         "prepare",
@@ -285,4 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("config", help="a run config, e.g. configs/quickstart.yaml")
     cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
     cache.set_defaults(run=cmd_data_cache)
+    inspect_data = data_commands.add_parser(
+        "inspect",
+        help="check a config's dataset before training: counts per class, image sizes, unreadable files, duplicates",
+        description="Read every train and val example of a config's dataset once and print its classes, the "
+        "examples (or, multi-label, positives) per class and split, the image sizes per split, the files that do "
+        "not load, the rows the source skipped as bad, and the images found in more than one split. Exit status: "
+        "0 when there is no problem, 1 when there are (counted last), 2 when the dataset cannot be read at all.",
+    )
+    inspect_data.add_argument("config", help="a run config, e.g. configs/quickstart.yaml")
+    inspect_data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
+    inspect_data.set_defaults(run=cmd_data_inspect)
     return parser

@@ -1,14 +1,19 @@
-"""Data: image sources (ImageFolder, tfds, synthetic), torchvision-exact transforms, the loader, the decoded cache."""
+"""Data: image sources (ImageFolder, tfds, label files, Hugging Face, WebDataset, synthetic), torchvision-exact
+transforms, the loader and its class-balanced sampler, the decoded cache."""
 
 from jaxtl.data.cache import DecodedCache, cache_key
 from jaxtl.data.cached_source import CachedEvalTransform, CachedSource, CachedTrainTransform
 from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
+from jaxtl.data.samplers import ClassBalancedSampler
 from jaxtl.data.sources import (
     IMG_EXTENSIONS,
     ConcatSource,
     ImageFolder,
+    LabelFileSource,
     TfdsSource,
     image_folder_splits,
+    is_multilabel,
+    label_file_splits,
     labels_of,
     load_image,
 )
@@ -21,10 +26,12 @@ __all__ = [
     "CachedEvalTransform",
     "CachedSource",
     "CachedTrainTransform",
+    "ClassBalancedSampler",
     "ConcatSource",
     "DecodedCache",
     "EvalTransform",
     "ImageFolder",
+    "LabelFileSource",
     "Loader",
     "LoaderState",
     "TfdsSource",
@@ -35,6 +42,8 @@ __all__ = [
     "even_batch_size",
     "generate_synthetic",
     "image_folder_splits",
+    "is_multilabel",
+    "label_file_splits",
     "labels_of",
     "load_image",
     "normalize",

@@ -2,7 +2,8 @@
 
 An entry ``<root>/<key>/`` holds ``images.u8`` (every valid image's uint8 (H, W, 3) pixels after the eval
 resize, back to back), ``index.npy`` (per example: int64 ``offset`` into images.u8, int32 ``height``,
-``width``, ``label``, bool ``valid``: False for a bad file skipped while building), ``names.json`` (each
+``width``, ``label``, bool ``valid``: False for a bad file skipped while building; a multi-label source's
+multi-hot labels are in ``targets.npy``, (N, C) uint8), ``names.json`` (each
 example's ``source.describe(i)``, for messages), ``meta.json`` (format, key inputs, counts, bad files'
 messages) and ``last_used`` (its mtime orders entries for eviction). The key is a sha256 over the
 source's files (an ImageFolder's relative paths, labels, sizes, mtime_ns and classes; a tfds split's
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from jaxtl.data.cached_source import FORMAT, INDEX_DTYPE, CachedSource, is_complete
 from jaxtl.data.loader import default_num_workers
-from jaxtl.data.sources import ConcatSource, ImageFolder, Source
+from jaxtl.data.sources import ConcatSource, ImageFolder, Source, is_multilabel, labels_of
 from jaxtl.data.transforms import resize
 from jaxtl.durable import sync_directory
 from jaxtl.errors import DataError
@@ -240,7 +241,7 @@ def _decode(source: Source, index: int, preprocessing: Preprocessing, skip_bad_f
     array = np.asarray(resize(image, preprocessing.resize_size, preprocessing.interpolation))
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise DataError(f"{source.describe(index)}: decoded to {array.dtype} {array.shape}, expected uint8 (H, W, 3)")
-    return array, int(label), None
+    return array, (-1 if np.ndim(label) else int(label)), None  # multi-hot labels: targets.npy, from labels()
 
 
 _worker_state: dict = {}
@@ -314,10 +315,15 @@ def _write_entry(staging, key, source, preprocessing, skip_bad_files, num_worker
         f.flush()
         os.fsync(f.fileno())
     _write_file(staging / "index.npy", lambda out: np.save(out, index, allow_pickle=False))
+    multilabel = is_multilabel(source)
+    if multilabel:  # (N, C) uint8 multi-hot, each example's, from the source's labels()
+        targets = np.ascontiguousarray(labels_of(source), np.uint8)
+        _write_file(staging / "targets.npy", lambda out: np.save(out, targets, allow_pickle=False))
     names = [source.describe(i) for i in range(n)]
     _write_file(staging / "names.json", lambda out: out.write(json.dumps(names).encode()))
     inputs = {"source": repr(source), "pillow": PIL.__version__, **resize_settings(preprocessing)}
     meta = dict(format=FORMAT, key=key, inputs=inputs, classes=list(source.classes), count=n, valid=n - len(invalid))
+    meta |= dict(multilabel=True) if multilabel else {}
     meta |= dict(bytes=offset, invalid=invalid, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _write_file(staging / "meta.json", lambda out: out.write(json.dumps(meta, indent=1).encode()))
     _touch(staging)

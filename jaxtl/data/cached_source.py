@@ -25,6 +25,7 @@ def is_complete(entry: Path, key: str | None = None) -> bool:
         if meta.get("format") != FORMAT or (key is not None and meta.get("key") != key):
             return False
         index_ok = (entry / "index.npy").stat().st_size >= meta["count"] * INDEX_DTYPE.itemsize
+        index_ok = index_ok and (not meta.get("multilabel") or (entry / "targets.npy").exists())
         return index_ok and (entry / "images.u8").stat().st_size == meta["bytes"] and (entry / "names.json").exists()
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -48,6 +49,8 @@ class CachedSource:
         meta = json.loads((self.path / "meta.json").read_text())
         self.meta = meta
         self.classes = tuple(meta["classes"])
+        self.multilabel = bool(meta.get("multilabel", False))
+        self._targets: np.ndarray | None = None
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.invalid = {int(i): message for i, message in meta["invalid"].items()}
         self._count = int(meta["count"])
@@ -86,10 +89,16 @@ class CachedSource:
             raise DataError(self.invalid[index])
         records, images = self._open()
         offset, height, width, label, _ = records[index].tolist()
+        if self.multilabel:
+            label = self.labels()[index].copy()
         return images[offset : offset + height * width * 3].reshape(height, width, 3), label
 
     def labels(self) -> np.ndarray:
-        """(N,) int64: every example's label (an invalid one's too), from the index."""
+        """Every example's label (an invalid one's too): (N,) int64 from the index, or (N, C) uint8 multi-hot."""
+        if self.multilabel:
+            if self._targets is None:
+                self._targets = np.load(self.path / "targets.npy", allow_pickle=False)
+            return self._targets
         records, _ = self._open()
         return records["label"].astype(np.int64)
 

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from jaxtl.data.sources import Source
+from jaxtl.data.sources import Source, is_multilabel
 from jaxtl.data.workers import PROCESS_WORKERS_FROM, CannotUseProcesses, ProcessWorkers, ThreadWorkers
 from jaxtl.errors import DataError
 
@@ -73,7 +73,8 @@ class Batch:
 
     Attributes:
         images: (batch_size, H, W, 3) uint8; padding rows are zero.
-        labels: (batch_size,) int32; padding rows are 0.
+        labels: (batch_size,) int32 class indices, or (batch_size, C) uint8 multi-hot from a multi-label source;
+            padding rows are 0.
         mask: (batch_size,) bool; False for padding rows and for skipped bad files.
         indices: (batch_size,) int64 source indices; -1 for padding rows.
     """
@@ -274,7 +275,11 @@ class Loader:
         height, width = self.transform.output_size
         return Batch(
             images=np.zeros((len(indices), height, width, 3), np.uint8),
-            labels=np.zeros((len(indices),), np.int32),
+            labels=(
+                np.zeros((len(indices), len(self.source.classes)), np.uint8)
+                if is_multilabel(self.source)
+                else np.zeros((len(indices),), np.int32)
+            ),
             mask=indices >= 0,
             indices=indices,
         )

@@ -66,10 +66,17 @@ def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> l
 def _draw(name: str, rng: np.random.Generator, height: int, width: int) -> Image.Image:
     background = _background(rng, height, width)
     image = Image.fromarray(background)
+    _figure(image, name, rng, background, (0.18, 0.4))
+    return image
+
+
+def _figure(image: Image.Image, name: str, rng: np.random.Generator, background: np.ndarray, size: tuple) -> None:
+    """Draws one figure of class ``name`` on ``image``, its radius ``size`` (a range) times the shorter side."""
     draw = ImageDraw.Draw(image)
     colour = _distinct_colour(rng, background)
+    width, height = image.size
     short = min(height, width)
-    radius = rng.uniform(0.18, 0.4) * short
+    radius = rng.uniform(*size) * short
     cx = rng.uniform(radius, width - radius)
     cy = rng.uniform(radius, height - radius)
     angle = rng.uniform(0, 2 * math.pi)
@@ -106,7 +113,6 @@ def _draw(name: str, rng: np.random.Generator, height: int, width: int) -> Image
         texture = texture.rotate(rotation, expand=False)
         alpha = alpha.rotate(rotation, expand=False)
         image.paste(texture, (int(cx - radius), int(cy - radius)), alpha)
-    return image
 
 
 def generate_synthetic(
@@ -118,6 +124,7 @@ def generate_synthetic(
     val_per_class: int = 20,
     min_size: int = 160,
     max_size: int = 320,
+    multilabel: bool = False,
 ) -> Path:
     """Writes (once) and returns ``root/{train,val}/<class>/<n>.jpg``.
 
@@ -130,6 +137,12 @@ def generate_synthetic(
 
     A folder that already holds a complete dataset with the same arguments is reused; otherwise the
     dataset is written to a staging folder and renamed into place, so a partial one is never used.
+
+    ``multilabel=True`` writes a multi-label set instead: ``root/images/<split>-<n>.jpg`` each with one to three
+    figures of different classes (each class in an image with probability 0.35, at least one), and
+    ``root/{train,val}.csv`` with the columns ``image`` and ``labels`` (the image's classes, space-separated,
+    in :data:`CLASSES` order): the Kaggle layout, read by :class:`jaxtl.data.sources.LabelFileSource`.
+    ``train_per_class`` and ``val_per_class`` are then ``num_classes`` times fewer than the images per split.
     """
     if not 2 <= num_classes <= len(CLASSES):
         raise DataError(f"num_classes={num_classes}: the synthetic dataset has 2 to {len(CLASSES)} classes")
@@ -146,6 +159,8 @@ def generate_synthetic(
         "min_size": min_size,
         "max_size": max_size,
     }
+    if multilabel:
+        params["multilabel"] = True
     if root is None:
         from jaxtl.weights import cache_dir
 
@@ -161,8 +176,10 @@ def generate_synthetic(
         raise DataError(f"{root} exists and is not a synthetic dataset; choose an empty or new folder")
     staging = root.parent / f".{root.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
+        if multilabel:
+            _write_multilabel(staging, params)
         for split_index, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
-            for class_index, name in enumerate(CLASSES[:num_classes]):
+            for class_index, name in enumerate(CLASSES[:num_classes] if not multilabel else ()):
                 folder = staging / split / name
                 folder.mkdir(parents=True)
                 for i in range(count):
@@ -180,3 +197,27 @@ def generate_synthetic(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _write_multilabel(staging: Path, params: dict) -> None:
+    """The multi-label set of :func:`generate_synthetic` (``multilabel=True``) under ``staging``."""
+    classes = CLASSES[: params["num_classes"]]
+    (staging / "images").mkdir(parents=True)
+    for split_index, split in enumerate(("train", "val")):
+        rows = ["image,labels"]
+        for i in range(params[f"{split}_per_class"] * len(classes)):
+            rng = np.random.default_rng([params["seed"], 100 + split_index, i])
+            present = rng.random(len(classes)) < 0.35
+            if not present.any():
+                present[rng.integers(len(classes))] = True
+            if present.sum() > 3:
+                present[rng.permutation(np.flatnonzero(present))[3:]] = False
+            height, width = (int(v) for v in rng.integers(params["min_size"], params["max_size"] + 1, 2))
+            background = _background(rng, height, width)
+            image = Image.fromarray(background)
+            for name in (c for c, here in zip(classes, present) if here):
+                _figure(image, name, rng, background, (0.12, 0.22))
+            name = f"images/{split}-{i:05d}.jpg"
+            image.save(staging / name, quality=90)
+            rows.append(f"{name},{' '.join(c for c, here in zip(classes, present) if here)}")
+        (staging / f"{split}.csv").write_text("\n".join(rows) + "\n")

@@ -24,7 +24,7 @@ ScheduleName = Literal[
     "constant", "warmup_cosine", "one_cycle", "step", "multistep", "exponential", "cosine_restarts", "plateau"
 ]
 SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
-PlateauMetric = Literal["val_loss", "val_acc1"]
+PlateauMetric = Literal["val_loss", "val_acc1", "val_map"]  # val_map: multi-label tasks
 PLATEAU_METRICS: tuple[str, ...] = typing.get_args(PlateauMetric)
 
 
@@ -45,8 +45,8 @@ class OptimizerConfig:
             ``gamma`` at each of ``milestones``), ``"exponential"`` (ExponentialLR: ``gamma`` every step),
             ``"cosine_restarts"`` (CosineAnnealingWarmRestarts: ``restart_steps`` = T_0, ``restart_mult`` =
             T_mult, eta_min = ``final_lr_fraction`` of the peak). ``"plateau"``: ReduceLROnPlateau, stepped once
-            per epoch on ``plateau_metric`` after validation (mode min for ``val_loss``, max for ``val_acc1``):
-            each group's lr times ``gamma`` (torch's factor, < 1) once the metric has not improved by
+            per epoch on ``plateau_metric`` after validation (mode min for ``val_loss``, max for ``val_acc1`` and
+            ``val_map``): each group's lr times ``gamma`` (torch's factor, < 1) once the metric has not improved by
             ``plateau_threshold`` (``plateau_threshold_mode`` rel or abs) for more than ``plateau_patience``
             epochs, then ``plateau_cooldown`` epochs without counting, never below ``min_lr`` and only by more
             than ``plateau_eps``. Each phase starts at its configured lrs with a fresh scheduler, as a new torch

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxtl.config import config_from_dict
 from jaxtl.data import EvalTransform, Loader, data_sharding
+from jaxtl.data.sources import is_multilabel
 from jaxtl.errors import JaxtlError
 from jaxtl.train import distributed
 from jaxtl.train.faults import fault_point
@@ -29,31 +30,41 @@ from jaxtl.train.inputs import load_data
 from jaxtl.train.resume import load_checkpoint
 from jaxtl.train.state import CheckpointMeta
 from jaxtl.train.step import ModelState, make_eval_step
+from jaxtl.train.task import DEFAULT_THRESHOLD, MultilabelMetrics, multilabel_metrics, probabilities
 from jaxtl.xla import program_options
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Metrics over the examples evaluated, and the confusion matrix (rows: true class, columns: predicted);
-    ``outputs``: each example's, where :func:`evaluate` was asked to keep them."""
+    ``outputs``: each example's, where :func:`evaluate` was asked to keep them. A multi-label evaluation has
+    ``multilabel`` (mAP, AUROC, F1) instead of the confusion matrix, and ``acc1`` is its subset accuracy."""
 
     loss: float
     acc1: float
     acc5: float
     count: int
-    confusion: np.ndarray
+    confusion: np.ndarray | None
     outputs: SplitPredictions | None = None
+    multilabel: MultilabelMetrics | None = None
 
     def metrics(self, prefix: str = "val_") -> dict[str, float]:
-        """``val_loss``, ``val_acc1``, ``val_balanced_acc`` and, with more than five classes, ``val_acc5``."""
+        """``val_loss``, ``val_acc1``, ``val_balanced_acc`` and, with more than five classes, ``val_acc5``; for a
+        multi-label task ``val_loss``, ``val_acc1`` (every class right), ``val_map``, ``val_auroc``, ``val_f1`` and
+        ``val_threshold`` (:class:`jaxtl.train.task.MultilabelMetrics`)."""
         out = {f"{prefix}loss": self.loss, f"{prefix}acc1": self.acc1}
+        if self.multilabel is not None:
+            return out | self.multilabel.metrics(prefix)
         if self.confusion.shape[0] > 5:
             out[f"{prefix}acc5"] = self.acc5
         out[f"{prefix}balanced_acc"] = balanced_accuracy(self.confusion)
         return out
 
     def per_class(self, classes: tuple[str, ...]) -> dict[str, dict[str, float]]:
-        """Each class's precision, recall, F1 and support (:func:`per_class_metrics`), by name."""
+        """Each class's precision, recall, F1 and support (:func:`per_class_metrics`), by name; multi-label: its
+        average precision, AUROC, F1 at the threshold and positives."""
+        if self.multilabel is not None:
+            return self.multilabel.per_class(classes)
         table = per_class_metrics(self.confusion)
         return {
             name: {key: float(values[i]) if key != "support" else int(values[i]) for key, values in table.items()}
@@ -136,13 +147,18 @@ def evaluate(
     features: CachedFeatures | None = None,
     *,
     keep_outputs: bool = False,
+    threshold: float | None = None,
 ) -> Evaluation:
     """Runs ``eval_step`` (:func:`jaxtl.train.step.make_eval_step`) over one pass of ``loader``.
 
     Batches are sharded over the devices as in training; with ``features`` (the feature cache of a
     head-only phase) the cached features of the loader's examples stand in for their images. With
     ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`SplitPredictions`).
+    A multi-label loader's (multi-hot labels) evaluation holds :func:`jaxtl.train.task.multilabel_metrics` of every
+    example's probabilities, at ``threshold`` (None: the one chosen on them).
     """
+    if is_multilabel(loader.source):
+        return _evaluate_multilabel(eval_step, state, loader, features, threshold)
     sharding, size = data_sharding(loader.batch_size), loader.batch_size
     loss = correct = correct5 = count = 0.0
     confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -171,6 +187,29 @@ def evaluate(
     n = max(count, 1.0)
     outputs = SplitPredictions(*(np.concatenate(arrays) for arrays in zip(*kept))) if keep_outputs else None
     return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion, outputs)
+
+
+def _evaluate_multilabel(eval_step, state, loader: Loader, features, threshold) -> Evaluation:
+    sharding, size = data_sharding(loader.batch_size), loader.batch_size
+    loss = correct = count = 0.0
+    kept_probabilities, kept_labels = [], []
+    batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
+    for index, batch in enumerate(batches):
+        labels = distributed.put(batch.labels, sharding, size)
+        mask = distributed.put(batch.mask, sharding, size)
+        logits, m = eval_step(state, distributed.put(batch.images, sharding, size), labels, mask)
+        if index == 0:
+            fault_point("train.eval")
+        rows = distributed.whole(batch.mask, sharding, size)
+        kept_probabilities.append(distributed.gather(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)))[rows])
+        kept_labels.append(distributed.whole(batch.labels, sharding, size)[rows])
+        m = jax.device_get(m)
+        loss += float(m["loss"]) * float(m["count"])
+        correct += float(m["correct"])
+        count += float(m["count"])
+    n = max(count, 1.0)
+    metrics = multilabel_metrics(np.concatenate(kept_probabilities), np.concatenate(kept_labels), threshold)
+    return Evaluation(loss / n, correct / n, correct / n, int(count), None, multilabel=metrics)
 
 
 def eval_model_state(model: nnx.Module) -> tuple[nnx.GraphDef, ModelState]:
@@ -219,7 +258,8 @@ def evaluate_checkpoint(
                           compiler_options=program_options(t.ynnpack, "eval", t.precision), tta=tta)  # fmt: skip
     replicated = jax.sharding.NamedSharding(data_sharding(d.eval_batch_size).mesh, jax.sharding.PartitionSpec())
     try:
-        evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes)
+        evaluation = evaluate(step, jax.device_put(state, replicated), loader, meta.num_classes,
+                              threshold=meta.metrics.get("val_threshold"))  # fmt: skip
     finally:
         loader.close()
     return CheckpointEvaluation(evaluation, split, tuple(loader.skipped), tuple(meta.classes))
@@ -229,10 +269,13 @@ class Predictor:
     """A checkpoint's class probabilities for images, with its eval preprocessing and class names.
 
     ``tta="flip"``: each image's probabilities averaged with its mirror image's (:func:`make_eval_step`).
+    A multi-label checkpoint (``task: multilabel``) gives each class's sigmoid probability, and
+    :attr:`threshold` is the one its run chose on validation.
     """
 
     def __init__(self, model: nnx.Module, meta: CheckpointMeta, *, tta: str = "none"):
         self.meta = meta
+        self.multilabel = meta.config.get("task") == "multilabel"
         self.transform = EvalTransform(meta.preprocessing)
         graphdef, self.state = eval_model_state(model)
         p = meta.preprocessing
@@ -251,9 +294,15 @@ class Predictor:
     def classes(self) -> tuple[str, ...]:
         return self.meta.classes
 
+    @property
+    def threshold(self) -> float:
+        """The probability from which a multi-label checkpoint predicts a class (its run's ``val_threshold``)."""
+        return float(self.meta.metrics.get("val_threshold", DEFAULT_THRESHOLD))
+
     def probabilities(self, image: Any) -> np.ndarray:
-        """(num_classes,) float32 softmax probabilities for one PIL image."""
+        """(num_classes,) float32 probabilities for one PIL image: a softmax, or per-class sigmoids (multi-label)."""
         images = self.transform(image)[None]
-        labels, mask = np.zeros((1,), np.int32), np.ones((1,), bool)
+        shape = (1, self.meta.num_classes) if self.multilabel else (1,)
+        labels, mask = np.zeros(shape, np.uint8 if self.multilabel else np.int32), np.ones((1,), bool)
         logits, _ = self.step(self.state, images, labels, mask)
-        return np.asarray(jax.nn.softmax(logits[0].astype(jnp.float32)))
+        return np.asarray(probabilities(logits[0], self.multilabel))

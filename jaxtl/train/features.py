@@ -23,7 +23,7 @@ class CachedFeatures(NamedTuple):
     """A frozen backbone's output for one split, by source index; ``valid`` is False for a skipped file."""
 
     features: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # (N,) int32
+    labels: np.ndarray  # (N,) int32 class indices, or (N, C) uint8 multi-hot (a multi-label task)
     valid: np.ndarray  # (N,) bool
 
 
@@ -52,13 +52,14 @@ def compute_features(features_step, state, loader: Loader, sharding, train_size:
     Each process computes its rows; every process keeps all features (later epochs' batches mix rows).
     """
     n, size = len(loader.source), loader.batch_size
-    out, labels, valid = None, np.zeros((n,), np.int32), np.zeros((n,), bool)
+    out, labels, valid = None, None, np.zeros((n,), bool)
     for b, batch in enumerate(loader.epoch(0)):
         f = distributed.gather(features_step(state, distributed.put(batch.images, sharding, size)))
         mask = distributed.whole(batch.mask, sharding, size)
         batch_labels = distributed.whole(batch.labels, sharding, size)
         if out is None:
             out = np.zeros((n, f.shape[-1]), np.float32)
+            labels = np.zeros((n, *batch_labels.shape[1:]), batch_labels.dtype)
         rows = loader.batch_indices(0, b)[mask]  # not the padding, nor a file skipped (data.skip_bad_files)
         out[rows], labels[rows], valid[rows] = f[mask], batch_labels[mask], True
     return {
@@ -78,7 +79,9 @@ def cached_batches(loader: Loader, epoch: int, first_batch: int, cached: CachedF
         rows = (indices >= 0) & cached.valid[safe]
         yield Batch(
             images=np.where(rows[:, None], cached.features[safe], 0.0).astype(np.float32),
-            labels=np.where(rows, cached.labels[safe], 0).astype(np.int32),
+            labels=np.where(rows.reshape(-1, *[1] * (cached.labels.ndim - 1)), cached.labels[safe], 0).astype(
+                cached.labels.dtype
+            ),
             mask=rows,
             indices=indices,
         )

@@ -28,7 +28,7 @@ from jaxtl.train.callbacks import Callback
 from jaxtl.train.diagnostics import starting_weights
 from jaxtl.train.evaluate import SplitPredictions
 from jaxtl.train.figures import load_metrics
-from jaxtl.train.inputs import RunData, build_loaders, load_data, with_size
+from jaxtl.train.inputs import RunData, build_loaders, check_task, load_data, with_size
 from jaxtl.train.loop import Run, Trainer
 from jaxtl.train.report import write_report
 from jaxtl.train.resume import check_resume_config, load_model_arrays, load_resume_point
@@ -140,6 +140,7 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
             "(fit(..., resume=True)), or choose another run_dir (--set run_dir=...)"
         )
     run_data = RunData.of(data) if data is not None else load_data(config.data)
+    check_task(config, run_data)
     if meta is not None and run_data.classes != meta.classes:
         raise RunError(f"the data's classes {list(run_data.classes)} differ from the checkpoint's {list(meta.classes)}")
     model, weights, preprocessing = run_model(config, given.model, len(run_data.classes), meta, log)
@@ -171,7 +172,9 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
     if count:
         log(f"skipped {count} unreadable file(s) (data.skip_bad_files): {', '.join(skipped[:5])}")
     if directory.primary and directory.best.exists():
-        if jax.process_count() == 1:
+        if run_data.multilabel:
+            log("report.html: single-label tasks only; the per-class AP, AUROC and F1 are in metrics.jsonl")
+        elif jax.process_count() == 1:
             _write_report(directory, run_data, log, trainer.best_outputs)
         else:  # one process evaluating alone would keep the others waiting at their shutdown barrier
             log(f"report.html: write it with `jaxtl eval {directory.best} --report` (not in a multi-process run)")

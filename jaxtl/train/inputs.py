@@ -26,6 +26,8 @@ from jaxtl.data import (
     image_folder_splits,
 )
 from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
+from jaxtl.data.sources import is_multilabel
+from jaxtl.data.synthetic import CLASSES
 from jaxtl.errors import DataError
 from jaxtl.train import distributed
 from jaxtl.weights import Preprocessing, make_random_init_spec, resolve_weights
@@ -42,6 +44,11 @@ class RunData:
     @property
     def class_to_idx(self) -> dict[str, int]:
         return {name: index for index, name in enumerate(self.classes)}
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the sources give multi-hot labels (``multilabel = True``): a multi-label task."""
+        return is_multilabel(self.train)
 
     @classmethod
     def of(cls, data: RunData | Mapping[str, Any] | Sequence[Any]) -> RunData:
@@ -66,25 +73,87 @@ class RunData:
             raise DataError(
                 f"the val source's classes {list(val_classes)} differ from the train source's {list(classes)}"
             )
+        if is_multilabel(train) != is_multilabel(val):
+            raise DataError("one of the train and val sources is multi-label (multilabel = True) and the other is not")
         return cls(train, val, classes)
+
+
+def check_task(config: RunConfig, data: RunData) -> None:
+    """The config's ``task`` must be what the data's labels are: class indices, or multi-hot vectors."""
+    if data.multilabel != (config.task == "multilabel"):
+        kind = "multi-label (several classes per image)" if data.multilabel else "single-label (one class per image)"
+        raise DataError(
+            f"the data is {kind} and the config says task: {config.task}; set task: "
+            f"{'multilabel' if data.multilabel else 'single_label'}"
+            + ("" if data.multilabel else ", with a multi-label source (data.labels.label_separator or class_columns)")
+        )
 
 
 def load_data(config: DataConfig) -> RunData:
     """The splits the config's data section names (a synthetic set is generated into the cache once)."""
+    from jaxtl.data.sources.label_file import label_file_splits
+
+    splits = (config.train_split, config.val_split)
     if config.source == "tfds":
         train = TfdsSource(config.tfds_name, config.train_split, data_dir=config.tfds_data_dir)
         val = TfdsSource(config.tfds_name, config.val_split, data_dir=config.tfds_data_dir)
         return RunData(train, val, tuple(train.classes))
-    if config.source == "synthetic":
+    if config.source == "csv":
+        sources = _label_file_splits(config)
+    elif config.source == "hf":
+        from jaxtl.data.sources.hf import hf_splits  # imports pyarrow: only where it is needed
+
+        h = config.hf
+        sources = hf_splits(Path(h.path).expanduser(), splits, image_column=h.image_column, label_column=h.label_column,
+                            classes=h.classes, max_pixels=config.max_image_pixels)  # fmt: skip
+    elif config.source == "webdataset":
+        from jaxtl.data.sources.webdataset import WebDatasetSource
+
+        w = config.webdataset
+        sources = {
+            split: WebDatasetSource(
+                shards,
+                classes=w.classes,
+                label_key=w.label_key,
+                json_label_field=w.json_label_field,
+                skip_bad_samples=config.skip_bad_files,
+                max_pixels=config.max_image_pixels,
+            )  # fmt: skip
+            for split, shards in zip(splits, (w.train, w.val))
+        }
+    elif config.source == "synthetic" and config.synthetic.multilabel:
         s = config.synthetic
-        root = generate_synthetic(
-            seed=s.seed, num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class
-        )
+        root = generate_synthetic(seed=s.seed, num_classes=s.num_classes, train_per_class=s.train_per_class,
+                                  val_per_class=s.val_per_class, multilabel=True)  # fmt: skip
+        sources = label_file_splits({split: root / f"{name}.csv" for split, name in zip(splits, ("train", "val"))},
+                                    splits=splits, image_column="image", label_column="labels", label_separator=" ",
+                                    classes=CLASSES[: s.num_classes])  # fmt: skip
     else:
-        root = Path(config.root).expanduser()
-    splits = image_folder_splits(root, (config.train_split, config.val_split), max_pixels=config.max_image_pixels)
-    train, val = splits[config.train_split], splits[config.val_split]
-    return RunData(train, val, tuple(train.classes))
+        if config.source == "synthetic":
+            s = config.synthetic
+            root = generate_synthetic(seed=s.seed, num_classes=s.num_classes, train_per_class=s.train_per_class,
+                                      val_per_class=s.val_per_class)  # fmt: skip
+        else:
+            root = Path(config.root).expanduser()
+        sources = image_folder_splits(root, splits, max_pixels=config.max_image_pixels)
+    train, val = sources[config.train_split], sources[config.val_split]
+    return RunData.of((train, val))
+
+
+def _label_file_splits(config: DataConfig) -> dict:
+    """data.source: csv -- the label file(s) of data.labels, images under data.root."""
+    from jaxtl.data.sources.label_file import label_file_splits
+
+    labels, splits = config.labels, (config.train_split, config.val_split)
+    files = Path(labels.file).expanduser() if labels.file else dict(zip(splits, (labels.train, labels.val)))
+    if isinstance(files, dict):
+        files = {split: Path(path).expanduser() for split, path in files.items()}
+    return label_file_splits(
+        files, Path(config.root).expanduser() if config.root else None, splits=splits,
+        split_column=labels.split_column, image_column=labels.image_column, label_column=labels.label_column,
+        class_columns=labels.class_columns, label_separator=labels.label_separator, classes=labels.classes,
+        skip_bad_rows=config.skip_bad_files, max_pixels=config.max_image_pixels, encoding=labels.encoding,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -140,13 +209,25 @@ def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing
         crop = CachedEvalTransform(p)
         augment = CachedTrainTransform(p, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
         device = _device_augmentation(config, p)
+    # class_balanced: the labels of the source given (a cache entry keeps single labels only)
+    sampler = None
+    if d.sampler == "class_balanced":
+        from jaxtl.data.samplers import ClassBalancedSampler
+
+        sampler = ClassBalancedSampler.from_source(data.train)
     both = ConcatSource(train, val)
     # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
     size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)
     return RunLoaders(
         # k accumulated micro-batches are one loaded batch, split in the train step (train.accumulate_steps)
         _loader(
-            config, train, augment, d.batch_size * config.train.accumulate_steps, shuffle=True, seed=config.train.seed
+            config,
+            train,
+            augment,
+            d.batch_size * config.train.accumulate_steps,
+            shuffle=True,
+            seed=config.train.seed,
+            sampler=sampler,
         ),  # fmt: skip
         _loader(config, val, crop, d.eval_batch_size, shuffle=False),
         _loader(config, both, crop, size, shuffle=False),

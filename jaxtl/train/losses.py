@@ -1,4 +1,5 @@
-"""The training loss: cross-entropy with torch's label smoothing and class weights, over the unmasked rows.
+"""The training loss: cross-entropy with torch's label smoothing and class weights, over the unmasked rows;
+for multi-label tasks torch's binary cross-entropy on the logits, with pos_weight and timm's smoothing.
 
 ``cross_entropy(label_smoothing, class_weights)`` computes what ``torch.nn.CrossEntropyLoss(weight=w,
 label_smoothing=eps)`` computes with its default mean reduction on the batch's real rows (padding and
@@ -9,6 +10,11 @@ skipped files are masked out, as torch's ``ignore_index`` rows are):
 
 (without weights, w = 1: the mean over the rows). ``balanced_class_weights`` is scikit-learn's
 ``compute_class_weight("balanced")``: ``n_samples / (n_classes * count[c])``.
+
+``binary_cross_entropy(label_smoothing, class_weights, pos_weight)`` computes ``torch.nn.BCEWithLogitsLoss(
+weight=w, pos_weight=p)`` (mean over every class of every real row) on targets smoothed as timm's
+``BinaryCrossEntropy`` smooths a class index: ``t * (1 - eps) + eps / C`` (1 - eps + eps/C for a positive,
+eps/C for a negative). ``balanced_pos_weight`` is each class's negatives over its positives.
 """
 
 from __future__ import annotations
@@ -87,6 +93,63 @@ class CrossEntropy:
         return total
 
 
+class BinaryCrossEntropy:
+    """``loss(logits, targets, mask)``: torch's ``BCEWithLogitsLoss(weight=, pos_weight=)`` on the rows where
+    ``mask`` is True, over (B, C) multi-hot or soft (Mixup) targets, smoothed as the module's docstring says.
+
+    Per element ``w[c] * ((1 - t) * x + (1 + (p[c] - 1) * t) * softplus(-x))``, torch's stable form; the mean
+    is over rows x classes, which :meth:`numerator` / :meth:`denominator` split for gradient accumulation.
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        pos_weight: Sequence[float] | None = None,
+    ):
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} is not in [0, 1]")
+        self.label_smoothing = label_smoothing
+        self.class_weights = None if class_weights is None else np.asarray(class_weights, np.float64)
+        self.pos_weight = None if pos_weight is None else np.asarray(pos_weight, np.float64)
+
+    def denominator(self, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        """The number of (row, class) terms the mean is over."""
+        return jnp.sum(mask.astype(jnp.float32)) * targets.shape[-1]
+
+    def numerator(self, logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        t = targets.astype(x.dtype)
+        if self.label_smoothing:
+            t = t * (1.0 - self.label_smoothing) + self.label_smoothing / x.shape[-1]
+        log_weight = 1.0 if self.pos_weight is None else 1.0 + (jnp.asarray(self.pos_weight, x.dtype) - 1.0) * t
+        terms = (1.0 - t) * x + log_weight * jax.nn.softplus(-x)
+        if self.class_weights is not None:
+            terms = terms * jnp.asarray(self.class_weights, x.dtype)
+        return jnp.sum(terms * mask.astype(x.dtype)[:, None])
+
+    def __call__(self, logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.numerator(logits, targets, mask) / jnp.maximum(self.denominator(targets, mask), 1.0)
+
+
+def balanced_pos_weight(targets: np.ndarray, classes: Sequence[str]) -> list[float]:
+    """Each class's ``negatives / positives`` in the (N, C) multi-hot ``targets`` (torch's documented use of
+    ``pos_weight``): a loss that weighs a class's positives as much as its negatives.
+
+    Raises:
+        DataError: a class without positives (its weight would be infinite), naming it.
+    """
+    targets = np.asarray(targets) > 0
+    positives = targets.sum(axis=0)
+    empty = [classes[i] for i in np.flatnonzero(positives == 0)]
+    if empty:
+        raise DataError(
+            f"train.pos_weight: balanced needs a positive example of every class, and {', '.join(empty[:5])} "
+            "has none in the train split; give the weights as a list instead"
+        )
+    return ((len(targets) - positives) / positives).tolist()
+
+
 def cross_entropy(label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> CrossEntropy:
     """torch's ``CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)`` (:class:`CrossEntropy`)."""
     return CrossEntropy(label_smoothing, class_weights)
@@ -109,19 +172,36 @@ def balanced_class_weights(labels: Sequence[int] | np.ndarray, num_classes: int)
 
 
 def run_loss(train, data, log: Callable[[str], None] = print) -> LossFn:
-    """The loss a run trains with: its ``train.label_smoothing`` and ``train.class_weights`` (``"balanced"``:
-    from the labels of ``data.train``); says which in ``log`` when it is not plain cross-entropy."""
-    weights, num_classes = train.class_weights, len(data.classes)
-    if weights == "balanced":
-        from jaxtl.data import labels_of
+    """The loss a run trains with: cross-entropy, or binary cross-entropy for a multi-label ``data``, with its
+    ``train.label_smoothing``, ``train.class_weights`` (``"balanced"``: from the labels of ``data.train``; single-
+    label only) and ``train.pos_weight`` (multi-label only); says which in ``log`` when it is not the plain loss."""
+    from jaxtl.data import labels_of
 
+    weights, num_classes, multilabel = train.class_weights, len(data.classes), data.multilabel
+    pos_weight = getattr(train, "pos_weight", None)
+    if weights == "balanced":
+        if multilabel:
+            raise ConfigError(
+                "train.class_weights: balanced is for single-label tasks; a multi-label task balances each class's "
+                "positives against its negatives with train.pos_weight: balanced"
+            )
         weights = balanced_class_weights(labels_of(data.train), num_classes)
-    elif weights is not None and len(weights) != num_classes:
-        raise ConfigError(
-            f"train.class_weights has {len(weights)} weights; the data has {num_classes} classes "
-            f"({', '.join(data.classes[:8])}{', ...' if num_classes > 8 else ''}): give one per class, in this order"
-        )
-    if weights is not None or train.label_smoothing:
+    if pos_weight is not None and not multilabel:
+        raise ConfigError("train.pos_weight weighs the positives of a multi-label task; this task is single-label")
+    if pos_weight == "balanced":
+        pos_weight = balanced_pos_weight(labels_of(data.train), data.classes)
+    for key, values in (("class_weights", weights), ("pos_weight", pos_weight)):
+        if values is not None and len(values) != num_classes:
+            raise ConfigError(
+                f"train.{key} has {len(values)} weights; the data has {num_classes} classes "
+                f"({', '.join(data.classes[:8])}{', ...' if num_classes > 8 else ''}): one per class, in this order"
+            )
+    name = "binary cross-entropy" if multilabel else "cross-entropy"
+    if weights is not None or pos_weight is not None or train.label_smoothing:
         described = ", ".join(f"{name} {w:.4g}" for name, w in zip(data.classes, weights)) if weights else "none"
-        log(f"loss: cross-entropy, label smoothing {train.label_smoothing:g}, class weights: {described}")
+        positives = ", ".join(f"{c} {w:.4g}" for c, w in zip(data.classes, pos_weight)) if pos_weight else None
+        log(f"loss: {name}, label smoothing {train.label_smoothing:g}, class weights: {described}"
+            + (f", pos_weight: {positives}" if positives else ""))  # fmt: skip
+    if multilabel:
+        return BinaryCrossEntropy(train.label_smoothing, weights, pos_weight)
     return cross_entropy(train.label_smoothing, weights)

@@ -25,6 +25,7 @@ from jaxtl.models.batch_norm_ops import batch_mask, batch_norm_groups
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train.diagnostics import step_norms
 from jaxtl.train.losses import CrossEntropy
+from jaxtl.train.task import correct_rows, eval_loss
 
 
 class ModelState(NamedTuple):
@@ -193,7 +194,7 @@ def make_train_step(
                 return loss_fn(logits, targets, mask), (logits, rest)
 
             (loss, (logits, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
-            correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+            correct = correct_rows(logits, labels, mask)
         else:
             x, labels_k, mask_k = (_micro_batches(a, k) for a in (x, labels, mask))
             targets = labels_k
@@ -211,7 +212,7 @@ def make_train_step(
                     return numerator(logits, ti, mi) / total, (logits, new_rest)
 
                 (part, (logits, rest)), g = jax.value_and_grad(compute_loss, has_aux=True)(state.trainable)
-                hits = jnp.sum((jnp.argmax(logits, -1) == li) & mi)
+                hits = correct_rows(logits, li, mi)
                 grads = jax.tree.map(jnp.add, grads, g)
                 return (grads, rest, loss + part.astype(loss.dtype), correct + hits.astype(correct.dtype)), None
 
@@ -280,7 +281,9 @@ def make_eval_step(
 ):
     """``step(state, images, labels, mask) -> (logits, metrics)`` in eval mode (running statistics), jitted.
 
-    Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows.
+    Metrics: mean loss, top-1 and top-5 correct counts and the example count over unmasked rows; with
+    multi-hot ``labels`` (a multi-label task) the binary cross-entropy and the rows right in every class
+    (:mod:`jaxtl.train.task`). Flip TTA averages sigmoid probabilities there.
     With ``compute_dtype=jnp.bfloat16`` parameters and inputs are cast to bf16 for the forward pass.
     ``compiler_options`` go to XLA (:func:`jaxtl.xla.program_options`). ``tta="flip"``: test-time
     augmentation, the class probabilities of each image and of its mirror image averaged; the logits
@@ -294,12 +297,19 @@ def make_eval_step(
         logits = _at_least_float32(forward(model, x))
         if tta == "flip":  # NHWC: axis 2 is the width
             mirrored = _at_least_float32(forward(model, x[:, :, ::-1]))
-            logits = jnp.log((jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored, -1)) / 2)
-        loss = CrossEntropy()(logits, labels, mask)
-        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
-        k = min(5, logits.shape[-1])
-        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-        metrics = {"loss": loss, "correct": correct, "correct5": jnp.sum(top5 & mask), "count": jnp.sum(mask)}
+            if labels.ndim == 2:  # each class's sigmoid probability averaged; the logit of the average
+                p = (jax.nn.sigmoid(logits) + jax.nn.sigmoid(mirrored)) / 2
+                logits = jnp.log(p) - jnp.log1p(-p)
+            else:
+                logits = jnp.log((jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored, -1)) / 2)
+        loss = eval_loss(logits, labels, mask)
+        correct = correct_rows(logits, labels, mask)
+        if labels.ndim == 2:  # multi-label: no top-5
+            correct5 = correct
+        else:
+            top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
+            correct5 = jnp.sum(top5 & mask)
+        metrics = {"loss": loss, "correct": correct, "correct5": correct5, "count": jnp.sum(mask)}
         return logits, metrics
 
     return jax.jit(step, compiler_options=compiler_options or None)

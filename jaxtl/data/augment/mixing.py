@@ -101,7 +101,8 @@ def partners(mask: jax.Array) -> jax.Array:
 
 
 def apply(params: MixParams, images: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int):
-    """``(images, targets)``: NHWC float ``images`` mixed as ``params`` say, and the (B, C) class probabilities."""
+    """``(images, targets)``: NHWC float ``images`` mixed as ``params`` say, and the (B, C) class probabilities
+    (``labels``: (B,) class indices, or (B, C) multi-hot)."""
     pair = partners(mask)
     rolled = images[pair]
     lam = params.lam.astype(images.dtype)
@@ -112,6 +113,7 @@ def apply(params: MixParams, images: jax.Array, labels: jax.Array, mask: jax.Arr
     inside = ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[None, :, :, None]
     pasted = jnp.where(inside, rolled, images)
     out = jnp.where(params.cutmix, pasted, jnp.where(params.mixed, blended, images))
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    # Class indices become one-hot targets; multi-hot targets (a multi-label task) mix as they are.
+    one_hot = labels.astype(jnp.float32) if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     targets = one_hot[pair] * (1.0 - params.lam) + one_hot * params.lam
     return out, targets

@@ -141,6 +141,11 @@ def _fit_locked(config: RunConfig, directory: RunDirectory, given: _Given) -> Fi
         )
     run_data = RunData.of(data) if data is not None else load_data(config.data)
     check_task(config, run_data)
+    for split, source in (("train", run_data.train), ("val", run_data.val)):
+        problems = getattr(source, "problems", None) or ()  # rows or samples skipped as bad (data.skip_bad_files)
+        if problems:
+            more = f"; and {len(problems) - 1} more (jaxtl data inspect lists them)" if len(problems) > 1 else ""
+            log(f"{split}: skipped {len(problems)} bad row(s) or sample(s) (data.skip_bad_files): {problems[0]}{more}")
     if meta is not None and run_data.classes != meta.classes:
         raise RunError(f"the data's classes {list(run_data.classes)} differ from the checkpoint's {list(meta.classes)}")
     model, weights, preprocessing = run_model(config, given.model, len(run_data.classes), meta, log)

@@ -257,10 +257,8 @@ class LabelFileSource:
             named.append((line, path, names))
         if self.problems and not skip_bad_rows:
             more = len(self.problems) - 1
-            raise DataError(
-                self.problems[0]
-                + (f" ({more} more bad rows; skip_bad_rows (data.labels.skip_bad_rows) skips them)" if more else "")
-            )
+            hint = "data.skip_bad_files (skip_bad_rows=True) skips them; jaxtl data inspect lists them"
+            raise DataError(self.problems[0] + (f" ({more} more bad rows; {hint})" if more else ""))
         if not named:
             raise DataError(f"{self} has no usable rows" + (f": {self.problems[0]}" if self.problems else ""))
         index = (

@@ -38,6 +38,7 @@ from jaxtl.errors import JaxtlError
 from jaxtl.models.registry import fill_rng_state
 from jaxtl.models.state_dict import state_dict
 from jaxtl.optim import BN_POLICIES, OptimizerConfig, ParamGroups, Phase, Rule, full, head_only, last_n_blocks
+from jaxtl.train.losses import BinaryCrossEntropy
 from jaxtl.train.step import make_eval_step, make_train_step, merge_model, split_model
 
 # (max abs diff, relative difference) per check; None where no bound applies (the numerics contract,
@@ -197,18 +198,25 @@ def create_training_pair(arch: str, *, num_classes: int = 5, seed: int = 0) -> t
 
 
 def training_batches(
-    steps: int, *, batch: int = 8, size: tuple[int, int] = (64, 64), num_classes: int = 5, seed: int = 0
+    steps: int,
+    *,
+    batch: int = 8,
+    size: tuple[int, int] = (64, 64),
+    num_classes: int = 5,
+    seed: int = 0,
+    multilabel: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` float batches ((batch, 3, H, W) standard-normal images, as normalised images are, and
-    int64 labels), drawn in order from one ``torch.Generator``."""
+    int64 labels, or ``multilabel`` (batch, C) float 0/1 targets, each class present with probability 0.4),
+    drawn in order from one ``torch.Generator``."""
     generator = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(batch, 3, *size, generator=generator),
-            torch.randint(0, num_classes, (batch,), generator=generator),
-        )
-        for _ in range(steps)
-    ]
+
+    def labels() -> torch.Tensor:
+        if multilabel:
+            return (torch.rand(batch, num_classes, generator=generator) < 0.4).float()
+        return torch.randint(0, num_classes, (batch,), generator=generator)
+
+    return [(torch.randn(batch, 3, *size, generator=generator), labels()) for _ in range(steps)]
 
 
 def _disable_torch_dropout(torch_model: torch.nn.Module) -> None:
@@ -281,15 +289,28 @@ def _torch_snapshot(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def train_torch(
-    model: torch.nn.Module, recipe: Recipe, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    model: torch.nn.Module,
+    recipe: Recipe,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    pos_weight: Sequence[float] | None = None,
 ) -> tuple[list[float], list[tuple[str, str, np.ndarray, np.ndarray]]]:
-    """Runs ``recipe`` on ``model`` in place, the recipe's way.
+    """Runs ``recipe`` on ``model`` in place, the recipe's way: ``CrossEntropyLoss`` of class indices, or
+    ``BCEWithLogitsLoss(pos_weight=pos_weight)`` of multi-hot targets (labels of shape (N, C)).
 
     Returns:
         The loss of every step, and (phase, tensor name, value at the phase's start, at its end) of
         every parameter frozen in a phase and every running statistic of a BatchNorm in eval mode.
     """
-    loss_fn = torch.nn.CrossEntropyLoss()
+    ce = torch.nn.CrossEntropyLoss()
+    weights = None if pos_weight is None else torch.tensor(pos_weight)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 1:
+            return ce(logits, labels)
+        positive = None if weights is None else weights.to(logits.dtype)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
+                                                                    pos_weight=positive)  # fmt: skip
+
     losses: list[float] = []
     held: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     for index, phase in enumerate(recipe.phases):
@@ -370,10 +391,12 @@ def train_jaxtl(
     batches: Iterator[tuple[jax.Array, jax.Array]],
     *,
     compiler_options: Mapping[str, Any] | None = None,
+    pos_weight: Sequence[float] | None = None,
 ) -> tuple[nnx.Module, list[float], list[tuple[str, str, np.ndarray, np.ndarray]], ParamGroups]:
     """Runs ``recipe`` with jaxtl's phases and train step; batches are NHWC float32 (not normalised again).
 
-    ``compiler_options`` go to XLA for each phase's step (float64 runs compile with fewer passes).
+    ``compiler_options`` go to XLA for each phase's step (float64 runs compile with fewer passes). Labels of
+    shape (N, C) are a multi-label task's targets: jaxtl's binary cross-entropy with ``pos_weight``.
 
     Returns:
         The trained model, the loss of every step, the held tensors (as :func:`train_torch`), and
@@ -383,6 +406,7 @@ def train_jaxtl(
     held: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     step_index = 0
     groups = None
+    loss_fn = None  # cross-entropy, or binary cross-entropy from the first batch of multi-hot labels
     for index, recipe_phase in enumerate(recipe.phases):
         phase = jaxtl_phase(recipe_phase, recipe, f"phase {index + 1}")
         groups = phase.groups(model)
@@ -390,10 +414,14 @@ def train_jaxtl(
         graphdef, state = split_model(model, groups)
         optimizer = phase.optax(groups)
         opt_state = optimizer.init(state.trainable)
-        step = compiled_with(make_train_step(graphdef, optimizer, donate=False), compiler_options)
+        step = compiled_with(make_train_step(graphdef, optimizer, donate=False, loss_fn=loss_fn), compiler_options)
         for _ in range(recipe_phase.steps):
             images, labels = next(batches)
-            mask = jnp.ones(labels.shape, bool)
+            if loss_fn is None and labels.ndim == 2:
+                loss_fn = BinaryCrossEntropy(pos_weight=pos_weight)
+                step = compiled_with(make_train_step(graphdef, optimizer, donate=False, loss_fn=loss_fn),
+                                     compiler_options)  # fmt: skip
+            mask = jnp.ones(labels.shape[:1], bool)
             state, opt_state, metrics = step(state, opt_state, images, labels, mask, jnp.asarray(step_index))
             losses.append(float(metrics["loss"]))
             step_index += 1
@@ -534,6 +562,7 @@ def check_training_parity(
     *,
     float64: bool = False,
     float64_reference: bool = False,
+    pos_weight: Sequence[float] | None = None,
 ) -> TrainingParityReport:
     """Runs ``recipe`` in both frameworks on copies of the models and compares the runs.
 
@@ -542,7 +571,8 @@ def check_training_parity(
         jax_model: its jaxtl conversion (or a deliberately altered one); left unchanged.
         arch: registry name, for the report.
         recipe: what to run; ``recipe.steps`` batches are used.
-        batches: (images (N, 3, H, W) float32, labels (N,) int64) in training order.
+        batches: (images (N, 3, H, W) float32, labels (N,) int64) in training order; labels (N, C) of 0/1:
+            a multi-label task, ``BCEWithLogitsLoss(pos_weight=pos_weight)`` against jaxtl's binary cross-entropy.
         eval_batch: images (M, 3, H, W) whose eval-mode logits are compared at the end; the first
             batch when None.
         float64: run both sides in float64 from end to end (torch ``.double()``, jaxtl's state cast
@@ -567,7 +597,7 @@ def check_training_parity(
     disable_dropout(reference, candidate)
     fill_rng_state(candidate)  # a model built on abstract_model elsewhere
     start = state_dict(candidate)
-    torch_losses, torch_held = train_torch(reference, recipe, iter(batches))
+    torch_losses, torch_held = train_torch(reference, recipe, iter(batches), pos_weight)
     x64 = jax.enable_x64(True) if float64 else contextlib.nullcontext()
     with x64, jax.default_matmul_precision("highest"):
         if float64:
@@ -576,7 +606,7 @@ def check_training_parity(
         # The float64 run is a reference: XLA:CPU compiles it 2-3x faster without LLVM's optimisation.
         options = fast_compile_options() if float64 else None
         candidate, jax_losses, jax_held, groups = train_jaxtl(
-            candidate, recipe, iter(jax_batches), compiler_options=options
+            candidate, recipe, iter(jax_batches), compiler_options=options, pos_weight=pos_weight
         )
         report = TrainingParityReport(
             arch,
@@ -683,11 +713,16 @@ def run_training_parity(
     seed: int = 0,
     float64: bool = False,
     float64_reference: bool = False,
+    multilabel: bool = False,
+    pos_weight: Sequence[float] | None = None,
 ) -> TrainingParityReport:
-    """:func:`check_training_parity` on a fresh random pair (:func:`create_training_pair`) and batches."""
+    """:func:`check_training_parity` on a fresh random pair (:func:`create_training_pair`) and batches
+    (``multilabel``: multi-hot targets and binary cross-entropy with ``pos_weight``)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     torch_model, jax_model = create_training_pair(arch, num_classes=num_classes, seed=seed)
-    batches = training_batches(recipe.steps + 1, batch=batch, size=size, num_classes=num_classes, seed=seed + 1)
+    batches = training_batches(
+        recipe.steps + 1, batch=batch, size=size, num_classes=num_classes, seed=seed + 1, multilabel=multilabel
+    )
     return check_training_parity(
         torch_model,
         jax_model,
@@ -697,6 +732,7 @@ def run_training_parity(
         eval_batch=batches[-1][0],
         float64=float64,
         float64_reference=float64_reference,
+        pos_weight=pos_weight,
     )
 
 

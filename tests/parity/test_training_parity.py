@@ -210,3 +210,16 @@ def test_the_parity_command_refuses_an_unknown_recipe(capsys):
 
     assert main(["parity", "resnet18", "--recipe", "bn_frozen"]) == 2
     assert "jaxtl parity: error: unknown recipe 'bn_frozen'; known: feature_extraction" in capsys.readouterr().err
+
+
+MULTILABEL = [
+    pytest.param("feature_extraction", id="feature_extraction"),
+    pytest.param("progressive_unfreezing", id="progressive_unfreezing", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name", MULTILABEL)
+def test_a_multilabel_recipe_matches_pytorch_step_for_step(name):
+    """A multi-label task trained as PyTorch trains it: BCEWithLogitsLoss(pos_weight=...) of multi-hot targets."""
+    report = run_training_parity("resnet18", name, multilabel=True, pos_weight=[0.5, 1.0, 2.0, 3.0, 1.5])
+    assert report.passed, report.format()

@@ -3,7 +3,15 @@ transforms, the loader and its class-balanced sampler, the decoded cache."""
 
 from jaxtl.data.cache import DecodedCache, cache_key
 from jaxtl.data.cached_source import CachedEvalTransform, CachedSource, CachedTrainTransform
-from jaxtl.data.loader import Batch, Loader, LoaderState, data_sharding, device_batches, even_batch_size
+from jaxtl.data.loader import (
+    Batch,
+    Loader,
+    LoaderState,
+    SourceOrder,
+    data_sharding,
+    device_batches,
+    even_batch_size,
+)
 from jaxtl.data.samplers import ClassBalancedSampler
 from jaxtl.data.sources import (
     IMG_EXTENSIONS,
@@ -35,6 +43,7 @@ __all__ = [
     "LabelFileSource",
     "Loader",
     "LoaderState",
+    "SourceOrder",
     "TfdsSource",
     "TrainTransform",
     "WebDatasetSource",

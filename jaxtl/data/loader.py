@@ -55,7 +55,7 @@ class Sampler(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class _SourceOrder:
+class SourceOrder:
     """A source's own epoch order (``source.epoch_order``) as a sampler."""
 
     source: Source
@@ -179,7 +179,7 @@ class Loader:
         if sampler is not None and not shuffle:
             raise ValueError("a sampler orders a shuffled loader; this loader has shuffle=False")
         if sampler is None and shuffle and callable(getattr(source, "epoch_order", None)):
-            sampler = _SourceOrder(source)
+            sampler = SourceOrder(source)
         self.sampler = sampler
         self.rows = slice(None) if rows is None else rows
         self.rows_per_batch = len(range(*self.rows.indices(batch_size)))

@@ -18,6 +18,7 @@ from jaxtl.data import (
     DecodedCache,
     EvalTransform,
     Loader,
+    SourceOrder,
     TfdsSource,
     TrainTransform,
     data_sharding,
@@ -210,11 +211,15 @@ def build_loaders(config: RunConfig, data: RunData, preprocessing: Preprocessing
         augment = CachedTrainTransform(p, random_resized_crop=d.random_resized_crop, flip_p=d.flip_p)
         device = _device_augmentation(config, p)
     # class_balanced: the labels of the source given (a cache entry keeps single labels only)
+    # The train order: class_balanced draws from the labels of the source given, and a source with an order of its
+    # own (WebDataset: shard by shard) keeps it when the loader reads its decoded cache.
     sampler = None
     if d.sampler == "class_balanced":
         from jaxtl.data.samplers import ClassBalancedSampler
 
         sampler = ClassBalancedSampler.from_source(data.train)
+    elif callable(getattr(data.train, "epoch_order", None)):
+        sampler = SourceOrder(data.train)
     both = ConcatSource(train, val)
     # One compiled shape for the feature pass, in batches as even as data.eval_batch_size allows (least padding).
     size = even_batch_size(len(both), d.eval_batch_size, multiple=num_devices)

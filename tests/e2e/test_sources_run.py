@@ -15,7 +15,7 @@ import webdataset
 
 from jaxtl.data import generate_synthetic, image_folder_splits
 from jaxtl.models.state_dict import state_dict
-from jaxtl.train import fit
+from jaxtl.train import Callback, fit
 
 PHASES = [{"name": "probe", "policy": "head_only", "epochs": 1, "solver": "linear_probe"}]
 BASE = {"model": {"arch": "resnet18", "weights": None}, "phases": PHASES}
@@ -82,3 +82,47 @@ def test_every_source_trains_the_folders_model_to_the_bit(kind, layouts, referen
     assert len([e for e in entries if len(e.name) == 64]) == 2  # the train and val splits' decoded entries
     meta = json.loads(next(e for e in entries if len(e.name) == 64).joinpath("meta.json").read_text())
     assert meta["classes"] == list(reference.classes)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAtStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            raise Interrupt(step)
+
+
+TRAINED = [{"name": "last", "policy": "last_n_blocks:1", "epochs": 2}]
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        pytest.param("webdataset", {}, id="webdataset-shard-order"),
+        pytest.param("folder", {"sampler": "class_balanced"}, id="class-balanced-sampler", marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_in_its_own_train_order_resumes_mid_epoch_to_the_bit(kind, extra, layouts, tmp_path, monkeypatch):
+    """The WebDataset source's shard-by-shard order and the class-balanced sampler's draws are functions of (seed,
+    epoch): a run stopped mid-epoch resumes to the uninterrupted run's weights."""
+    monkeypatch.setenv("JAXTL_CACHE", str(tmp_path / "cache"))
+    data = {**DATA, **layouts[kind], **extra, "random_resized_crop": True, "flip_p": 0.5}
+    whole = fit({**BASE, "phases": TRAINED, "run_dir": str(tmp_path / "whole"), "data": data}, log=quiet)
+    cut = {**BASE, "phases": TRAINED, "run_dir": str(tmp_path / "cut"), "data": data,
+           "train": {"checkpoint_every_steps": 1}}  # fmt: skip
+    with pytest.raises(Interrupt):
+        fit(cut, callbacks=[StopAtStep(3)], log=quiet)  # epoch 2 (2 batches of 8 per epoch), after step 3's checkpoint
+    resumed = fit(cut, resume=True, log=quiet)
+    final, expected = state_dict(resumed.model), state_dict(whole.model)
+    for key in expected:
+        assert np.array_equal(final[key], expected[key]), key
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    # The order is the source's or the sampler's own: the folder's permutation trains otherwise.
+    plain = fit({**BASE, "phases": TRAINED, "run_dir": str(tmp_path / "plain"),
+                 "data": {**data, **layouts["folder"], "sampler": "shuffle"}}, log=quiet)  # fmt: skip
+    assert plain.history[0]["train_loss"] != whole.history[0]["train_loss"]

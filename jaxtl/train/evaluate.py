@@ -153,17 +153,19 @@ def evaluate(
 
     Batches are sharded over the devices as in training; with ``features`` (the feature cache of a
     head-only phase) the cached features of the loader's examples stand in for their images. With
-    ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`SplitPredictions`).
-    A multi-label loader's (multi-hot labels) evaluation holds :func:`jaxtl.train.task.multilabel_metrics` of every
-    example's probabilities, at ``threshold`` (None: the one chosen on them).
+    ``keep_outputs`` the evaluation also holds every example's log-probabilities (:class:`SplitPredictions`;
+    single-label). A multi-label loader's (multi-hot labels) evaluation holds
+    :func:`jaxtl.train.task.multilabel_metrics` of every example's probabilities, at ``threshold`` (None: the one
+    chosen on them).
     """
-    if is_multilabel(loader.source):
-        return _evaluate_multilabel(eval_step, state, loader, features, threshold)
+    multilabel = is_multilabel(loader.source)
     sharding, size = data_sharding(loader.batch_size), loader.batch_size
     loss = correct = correct5 = count = 0.0
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    # Each batch's (log-probabilities, labels, indices), after an empty first entry that gives the arrays' shapes.
+    confusion = None if multilabel else np.zeros((num_classes, num_classes), np.int64)
+    # Each batch's (log-probabilities, labels, indices), after an empty first entry that gives the arrays' shapes;
+    # multi-label: each batch's (probabilities, multi-hot labels).
     kept = [(np.zeros((0, num_classes), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.int64))]
+    probabilities, targets = [np.zeros((0, num_classes), np.float32)], [np.zeros((0, num_classes), np.uint8)]
     batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
     for index, batch in enumerate(batches):
         labels = distributed.put(batch.labels, sharding, size)
@@ -171,12 +173,16 @@ def evaluate(
         logits, m = eval_step(state, distributed.put(batch.images, sharding, size), labels, mask)
         if index == 0:
             fault_point("train.eval")
-        predictions = distributed.gather(jnp.argmax(logits, -1))  # every process's rows
         m = jax.device_get(m)
-        rows = distributed.whole(batch.mask, sharding, size)
+        rows = distributed.whole(batch.mask, sharding, size)  # every process's rows
         whole_labels = distributed.whole(batch.labels, sharding, size)
-        confusion += confusion_matrix(whole_labels[rows], predictions[rows], num_classes)
-        if keep_outputs:
+        if multilabel:
+            probabilities.append(distributed.gather(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)))[rows])
+            targets.append(whole_labels[rows])
+        else:
+            predictions = distributed.gather(jnp.argmax(logits, -1))
+            confusion += confusion_matrix(whole_labels[rows], predictions[rows], num_classes)
+        if keep_outputs and not multilabel:
             log_probabilities = distributed.gather(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
             indices = distributed.whole(batch.indices, sharding, size)
             kept.append((log_probabilities[rows], whole_labels[rows].astype(np.int64), indices[rows].astype(np.int64)))
@@ -186,30 +192,10 @@ def evaluate(
         count += float(m["count"])
     n = max(count, 1.0)
     outputs = SplitPredictions(*(np.concatenate(arrays) for arrays in zip(*kept))) if keep_outputs else None
-    return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion, outputs)
-
-
-def _evaluate_multilabel(eval_step, state, loader: Loader, features, threshold) -> Evaluation:
-    sharding, size = data_sharding(loader.batch_size), loader.batch_size
-    loss = correct = count = 0.0
-    kept_probabilities, kept_labels = [], []
-    batches = cached_batches(loader, 0, 0, features) if features is not None else loader.epoch(0)
-    for index, batch in enumerate(batches):
-        labels = distributed.put(batch.labels, sharding, size)
-        mask = distributed.put(batch.mask, sharding, size)
-        logits, m = eval_step(state, distributed.put(batch.images, sharding, size), labels, mask)
-        if index == 0:
-            fault_point("train.eval")
-        rows = distributed.whole(batch.mask, sharding, size)
-        kept_probabilities.append(distributed.gather(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)))[rows])
-        kept_labels.append(distributed.whole(batch.labels, sharding, size)[rows])
-        m = jax.device_get(m)
-        loss += float(m["loss"]) * float(m["count"])
-        correct += float(m["correct"])
-        count += float(m["count"])
-    n = max(count, 1.0)
-    metrics = multilabel_metrics(np.concatenate(kept_probabilities), np.concatenate(kept_labels), threshold)
-    return Evaluation(loss / n, correct / n, correct / n, int(count), None, multilabel=metrics)
+    scores = None
+    if multilabel:
+        scores = multilabel_metrics(np.concatenate(probabilities), np.concatenate(targets), threshold)
+    return Evaluation(loss / n, correct / n, correct5 / n, int(count), confusion, outputs, scores)
 
 
 def eval_model_state(model: nnx.Module) -> tuple[nnx.GraphDef, ModelState]:

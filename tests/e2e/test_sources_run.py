@@ -12,10 +12,11 @@ import datasets
 import numpy as np
 import pytest
 import webdataset
+from test_decoded_cache import Interrupt, StopAtStep
 
 from jaxtl.data import generate_synthetic, image_folder_splits
 from jaxtl.models.state_dict import state_dict
-from jaxtl.train import Callback, fit
+from jaxtl.train import fit
 
 PHASES = [{"name": "probe", "policy": "head_only", "epochs": 1, "solver": "linear_probe"}]
 BASE = {"model": {"arch": "resnet18", "weights": None}, "phases": PHASES}
@@ -82,19 +83,6 @@ def test_every_source_trains_the_folders_model_to_the_bit(kind, layouts, referen
     assert len([e for e in entries if len(e.name) == 64]) == 2  # the train and val splits' decoded entries
     meta = json.loads(next(e for e in entries if len(e.name) == 64).joinpath("meta.json").read_text())
     assert meta["classes"] == list(reference.classes)
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAtStep(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise Interrupt(step)
 
 
 TRAINED = [{"name": "last", "policy": "last_n_blocks:1", "epochs": 2}]

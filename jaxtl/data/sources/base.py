@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Protocol
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -71,36 +72,52 @@ def load_image(path: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Im
     """
     try:
         with open(path, "rb") as f:
-            image = Image.open(f)
-            pixels = image.width * image.height
-            if max_pixels is not None and pixels > max_pixels:
-                raise DataError(
-                    f"{path}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of {max_pixels} "
-                    "(PIL's decompression-bomb guard); if the image is trusted, raise data.max_image_pixels"
-                )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                if image.mode == "RGB":  # convert("RGB") would return a copy of the same pixels
-                    image.load()
-                    return image
-                return image.convert("RGB")
-    except DataError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{path}: {error}; if the image is trusted, raise data.max_image_pixels") from None
-    except UnidentifiedImageError:
-        size = _size_of(path)
-        what = "an empty (zero-byte) file" if size == 0 else f"not an image PIL can read ({size} bytes)"
-        raise DataError(f"{path}: {what}") from None
+            return decode_image(f, path, max_pixels, size=lambda: _size_of(path))
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable or remove it") from None
     except FileNotFoundError:
         kind = "a broken symlink" if os.path.islink(path) else "no such file"
         raise DataError(f"{path}: {kind}") from None
+
+
+def decode_image(
+    file: BinaryIO, name: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS, *, size: Callable[[], int | None]
+) -> Image.Image:
+    """:func:`load_image` of an open binary file (a file in a tar, bytes in a ``BytesIO``), errors naming ``name``;
+    ``size()`` gives its size in bytes for the message about a file PIL cannot read."""
+    try:
+        image = Image.open(file)
+        pixels = image.width * image.height
+        if max_pixels is not None and pixels > max_pixels:
+            raise DataError(
+                f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of {max_pixels} "
+                "(PIL's decompression-bomb guard); if the image is trusted, raise data.max_image_pixels"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if image.mode == "RGB":  # convert("RGB") would return a copy of the same pixels
+                image.load()
+                return image
+            return image.convert("RGB")
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{name}: {error}; if the image is trusted, raise data.max_image_pixels") from None
+    except UnidentifiedImageError:
+        bytes_ = size()
+        what = "an empty (zero-byte) file" if bytes_ == 0 else f"not an image PIL can read ({bytes_} bytes)"
+        raise DataError(f"{name}: {what}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(
-            f"{path}: cannot decode the image ({error}); the file is probably truncated or corrupt"
+            f"{name}: cannot decode the image ({error}); the file is probably truncated or corrupt"
         ) from None
+
+
+def allow_pixels(max_pixels: int | None) -> None:
+    """Lets PIL open images up to ``max_pixels`` (None: any): PIL refuses images over twice its global limit inside
+    ``Image.open``, so a trusted larger limit lifts it, process-wide; :func:`decode_image` applies ``max_pixels``."""
+    if max_pixels is None or (Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = None
 
 
 def _size_of(path: str) -> int | None:

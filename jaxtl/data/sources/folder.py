@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxtl.data.sources.base import load_image
+from jaxtl.data.sources.base import allow_pixels, load_image
 from jaxtl.errors import DataError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS; matched case-insensitively, as torchvision does.
@@ -68,10 +68,7 @@ class ImageFolder:
         self.classes = tuple(classes)
         self.samples = make_dataset(self.root, self.class_to_idx)
         self.max_pixels = max_pixels
-        if max_pixels is None or (Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
-            # PIL refuses images over twice its global limit inside Image.open; a trusted larger
-            # limit has to lift it (process-wide), and load_image applies max_pixels itself.
-            Image.MAX_IMAGE_PIXELS = None
+        allow_pixels(max_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -56,6 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from jaxtl.data.sources.base import allow_pixels
 from jaxtl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,7 @@ class HFSource:
         self.multilabel = self._labels.ndim == 2
         self.classes = tuple(names)
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-        if max_pixels is None or (Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
-            # As ImageFolder: PIL refuses images over twice its global limit inside Image.open, so a
-            # trusted larger limit lifts it (process-wide) and max_pixels is applied here.
-            Image.MAX_IMAGE_PIXELS = None
+        allow_pixels(max_pixels)
 
     def __len__(self) -> int:
         return int(self._ends[-1])

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxtl.data.sources.base import load_image
+from jaxtl.data.sources.base import allow_pixels, load_image
 from jaxtl.errors import DataError
 
 # extension -> CSV delimiter; None: JSON lines.
@@ -227,9 +227,7 @@ class LabelFileSource:
             raise ValueError("class_columns name the classes: give class_columns, or label_separator and classes")
         self.file, self.split, self.max_pixels = Path(file), split, max_pixels
         self.root = Path(os.path.abspath(self.file.parent if root is None else root))
-        if max_pixels is None or (Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
-            # PIL refuses images over twice its global limit inside Image.open (see ImageFolder).
-            Image.MAX_IMAGE_PIXELS = None
+        allow_pixels(max_pixels)
         self.problems: list[str] = []
         header, rows = read_label_rows(self.file, encoding=encoding, problems=self.problems)
         self.columns = tuple(header)

@@ -34,13 +34,13 @@ import os
 import re
 import tarfile
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from jaxtl.data.sources.base import allow_pixels, decode_image
 from jaxtl.errors import DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
@@ -155,9 +155,7 @@ class WebDatasetSource:
             raise DataError(f"classes={list(self.classes)} names a class twice")
         self.problems: list[str] = []
         self._files: list[list] = []  # [resolved path, size, mtime_ns] of each shard when it was indexed
-        if max_pixels is None or (Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
-            # As ImageFolder: PIL refuses images over twice its global limit inside Image.open.
-            Image.MAX_IMAGE_PIXELS = None
+        allow_pixels(max_pixels)
         samples = [(shard, *sample) for shard, path in enumerate(self.shards) for sample in self._index_shard(path)]
         shard_of, keys, offsets, sizes, raw_labels = zip(*samples) if samples else ((),) * 5
         names = [f"{self.shards[shard]}:{key}" for shard, key in zip(shard_of, keys)]
@@ -275,7 +273,8 @@ class WebDatasetSource:
         data = self._read(self._shard_of(index), int(self._offsets[index]), int(self._sizes[index]))
         if len(data) != self._sizes[index]:
             raise DataError(f"{self.describe(index)}: the shard is shorter than when it was indexed; index it again")
-        return _decode(data, self.describe(index), self.max_pixels), self._label(index)
+        image = decode_image(io.BytesIO(data), self.describe(index), self.max_pixels, size=lambda: len(data))
+        return image, self._label(index)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         # Each thread keeps the shard it read last open: an epoch reads shard after shard, and no two threads
@@ -409,29 +408,3 @@ def _infer_classes(labels: Sequence, names: Sequence[str], where: str) -> tuple[
     if not numbers and not words:
         raise DataError(f"{where} have no labels to name the classes from; give classes=[...]")
     return tuple(sorted(words)) if words else tuple(str(index) for index in range(max(numbers) + 1))
-
-
-def _decode(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
-    """``load_image`` for an image's bytes: torchvision's ``pil_loader``, the pixel limit, errors naming ``name``."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        pixels = image.width * image.height
-        if max_pixels is not None and pixels > max_pixels:
-            raise DataError(
-                f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of {max_pixels} "
-                "(PIL's decompression-bomb guard); if the image is trusted, raise data.max_image_pixels"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if image.mode == "RGB":  # convert("RGB") would return a copy of the same pixels
-                image.load()
-                return image
-            return image.convert("RGB")
-    except DataError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{name}: {error}; if the image is trusted, raise data.max_image_pixels") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image PIL can read ({len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{name}: cannot decode the image ({error}); it is probably truncated or corrupt") from None

@@ -127,6 +127,22 @@ def _size_of(path: str) -> int | None:
         return None
 
 
+def check_same_classes(splits: dict[str, Source], where: object, hint: str) -> None:
+    """Every split of ``splits`` has the first split's classes, in its order; else a DataError naming the classes
+    only in each, ending with ``hint`` (what to do)."""
+    reference_split, reference = next(iter(splits.items()))
+    for split, source in splits.items():
+        if source.classes != reference.classes:
+            only_here = sorted(set(source.classes) - set(reference.classes))
+            only_there = sorted(set(reference.classes) - set(source.classes))
+            raise DataError(
+                f"the splits of {where} have different classes: only in {split}: {only_here or '-'}; only in "
+                f"{reference_split}: {only_there or '-'}"
+                + ("" if only_here or only_there else " (the same names in another order)")
+                + f". {hint}"
+            )
+
+
 def is_multilabel(source: Source) -> bool:
     """Whether ``source`` gives multi-hot label vectors (``multilabel = True``) rather than class indices."""
     return bool(getattr(source, "multilabel", False))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxtl.data.sources.base import allow_pixels, load_image
+from jaxtl.data.sources.base import allow_pixels, check_same_classes, load_image
 from jaxtl.errors import DataError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS; matched case-insensitively, as torchvision does.
@@ -103,13 +103,5 @@ def image_folder_splits(
             f"expected {root}/<split>/<class>/<image>"
         )
     folders = {split: ImageFolder(root / split, **kwargs) for split in splits}
-    reference_split, reference = next(iter(folders.items()))
-    for split, folder in folders.items():
-        if folder.classes != reference.classes:
-            only_here = sorted(set(folder.classes) - set(reference.classes))
-            only_there = sorted(set(reference.classes) - set(folder.classes))
-            raise DataError(
-                f"the splits of {root} have different classes: only in {split}: {only_here or '-'}; "
-                f"only in {reference_split}: {only_there or '-'}. Every split needs the same class folders."
-            )
+    check_same_classes(folders, root, "Every split needs the same class folders.")
     return folders

@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from jaxtl.data.sources.base import allow_pixels
+from jaxtl.data.sources.base import allow_pixels, check_same_classes
 from jaxtl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -352,17 +352,7 @@ def hf_splits(path: str | os.PathLike, splits: Sequence[str] = ("train", "val"),
     """The splits of a Hugging Face dataset on disk (keyword arguments: :class:`HFSource`'s); every split must
     have the same classes (pass ``classes`` where a split lacks some of the string labels)."""
     sources = {split: HFSource(path, split, **kwargs) for split in splits}
-    reference_split, reference = next(iter(sources.items()))
-    for split, source in sources.items():
-        if source.classes != reference.classes:
-            only_here = sorted(set(source.classes) - set(reference.classes))
-            only_there = sorted(set(reference.classes) - set(source.classes))
-            raise DataError(
-                f"the splits of {path} have different classes: only in {split}: {only_here or '-'}; only in "
-                f"{reference_split}: {only_there or '-'}"
-                + ("" if only_here or only_there else " (the same names in another order)")
-                + ". Pass classes= to give every split the same classes."
-            )
+    check_same_classes(sources, path, "Pass classes= (data.hf.classes) to give every split the same classes.")
     return sources
 
 

@@ -274,6 +274,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     note = f", {len(skipped)} unreadable file(s) skipped (data.skip_bad_files)" if skipped else ""
     if not evaluation.count:
         raise JaxtlError(f"no image of the {args.split} split could be read{note}")
+    if evaluation.multilabel is not None:
+        if report is not None:
+            raise JaxtlError("--report: report.html is written for single-label tasks; this checkpoint is multi-label")
+        _print_multilabel(args, evaluation, note, result.classes)
+        return 0
     top5 = f" acc@5 {evaluation.acc5:.4f}" if evaluation.confusion.shape[0] > 5 else ""
     balanced = evaluation.metrics()["val_balanced_acc"]
     print(
@@ -292,6 +297,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         written = write_report(args.checkpoint, report, split=args.split, overrides=args.set, tta=args.tta)
         print(f"  report: {written.path}")
     return 0
+
+
+def _print_multilabel(args: argparse.Namespace, evaluation, note: str, classes) -> None:
+    """``jaxtl eval`` of a multi-label checkpoint: mAP, AUROC, F1 at its run's threshold, and the per-class table."""
+    m = evaluation.multilabel
+    print(
+        f"{args.checkpoint} on {args.split} ({evaluation.count} images{note}"
+        f"{', TTA: flip' if args.tta == 'flip' else ''}): mAP {m.mean_average_precision:.4f} AUROC "
+        f"{m.macro_auroc:.4f} F1 {m.macro_f1:.4f} (threshold {m.threshold:g}) every class right "
+        f"{evaluation.acc1:.4f} loss {evaluation.loss:.4f}"
+    )
+    width = max(len("class"), *map(len, classes))
+    print(f"  {'class':<{width}}      AP   AUROC      f1  positives")
+    for name, row in evaluation.per_class(classes).items():
+        ap, auroc = (f"{row[k]:6.4f}" if row[k] is not None else "     -" for k in ("ap", "auroc"))
+        print(f"  {name:<{width}}  {ap}  {auroc}  {row['f1']:6.4f}  {row['support']:9d}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -379,66 +400,4 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = sweep(config, args.policies.split(","), args.seeds, args.out, epochs=args.epochs)
     print(result.table())
     print(f"runs in {result.out_dir}; the table: {result.csv_path}, {result.json_path}; the plot: {result.plot_path}")
-    return 0
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    import subprocess
-
-    # Its own process: tfds prepares most datasets with tensorflow, which must never share a
-    # process with torch (or with training, which reads the prepared files without it).
-    command = [sys.executable, "-m", "jaxtl.data.prepare", args.name]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    return subprocess.call(command)
-
-
-def cmd_data_cache(args: argparse.Namespace) -> int:
-    from jaxtl.config import load_config
-
-    config = load_config(args.config, args.set)
-    from jaxtl.train.inputs import build_caches, config_preprocessing
-
-    p = config_preprocessing(config)
-    started = time.perf_counter()
-    for split, cached in build_caches(config).items():
-        size = cached.meta["bytes"] / 2**20
-        bad = f", {len(cached.invalid)} unreadable (data.skip_bad_files)" if cached.invalid else ""
-        print(f"{split}: {len(cached)} images{bad}, {size:.1f} MiB decoded, in {cached.path}")
-    print(f"resized to {p.resize_size} ({p.interpolation}) in {time.perf_counter() - started:.1f}s; runs with "
-          "data.cache: decoded read these")  # fmt: skip
-    return 0
-
-
-def cmd_data_inspect(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from jaxtl.config import load_config
-
-    config = load_config(args.config, args.set)
-    from jaxtl.data.inspect import format_report, inspect_splits
-    from jaxtl.train.inputs import load_data
-
-    d = config.data
-    # Skipping on: sources that can list their bad rows (source.problems) instead of stopping at the first.
-    data = load_data(dataclasses.replace(d, skip_bad_files=True))
-    report = inspect_splits({d.train_split: data.train, d.val_split: data.val}, num_workers=d.num_workers)
-    print(format_report(report))
-    return 1 if report.num_problems else 0
-
-
-def cmd_data_synthetic(args: argparse.Namespace) -> int:
-    from jaxtl.data import generate_synthetic, image_folder_splits
-
-    root = generate_synthetic(
-        args.out,
-        seed=args.seed,
-        num_classes=args.num_classes,
-        train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class,
-    )
-    splits = image_folder_splits(root)
-    print(f"synthetic dataset in {root}")
-    for split, folder in splits.items():
-        print(f"  {split}: {len(folder)} images, classes {', '.join(folder.classes)}")
     return 0

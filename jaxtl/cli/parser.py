@@ -6,10 +6,6 @@ import argparse
 
 from jaxtl.cli.commands import (
     cmd_convert,
-    cmd_data_cache,
-    cmd_data_inspect,
-    cmd_data_prepare,
-    cmd_data_synthetic,
     cmd_eval,
     cmd_export,
     cmd_inspect,
@@ -21,6 +17,7 @@ from jaxtl.cli.commands import (
     cmd_sweep,
     cmd_train,
 )
+from jaxtl.cli.data_commands import cmd_data_cache, cmd_data_inspect, cmd_data_prepare, cmd_data_synthetic
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -54,6 +54,7 @@ def whole(tmp_path_factory, env):
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_multilabel_run_killed_mid_epoch_resumes_to_the_uninterrupted_bits(tmp_path, env, whole):
     cut = tmp_path / "cut"
     run(command(cut), env, expect=-signal.SIGKILL, fault="kill:train.step:12")  # in the fine-tuning phase
@@ -101,3 +102,13 @@ def _val_source(env, monkeypatch):
         {"train": root / "train.csv", "val": root / "val.csv"}, label_column="labels", label_separator=" ",
         classes=CLASSES[:3],
     )["val"]  # fmt: skip
+
+
+def test_eval_of_a_multilabel_checkpoint_prints_its_records_metrics_at_its_threshold(env, whole):
+    best = whole / "checkpoints" / "best"
+    epoch = json.loads((best / "meta.json").read_text())["metrics"]
+    result = run([*JAXTL, "eval", str(best)], env)
+    head = result.stdout.strip().splitlines()[0]
+    assert f"mAP {epoch['val_map']:.4f} AUROC {epoch['val_auroc']:.4f} F1 {epoch['val_f1']:.4f}" in head, head
+    assert f"(threshold {epoch['val_threshold']:g})" in head and f"loss {epoch['val_loss']:.4f}" in head
+    assert [line.split()[0] for line in result.stdout.strip().splitlines()[2:]] == list(CLASSES[:3])

@@ -69,7 +69,14 @@ def reference(layouts, tmp_path_factory):
         return fit({**BASE, "run_dir": str(run_dir / "run"), "data": {**DATA, **layouts["folder"]}}, log=quiet)
 
 
-@pytest.mark.parametrize("kind", ["csv", "hf", "webdataset"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("csv", marks=pytest.mark.slow),
+        pytest.param("hf", marks=pytest.mark.slow),
+        "webdataset",  # the quick subset's: another order and another file layout than the folder's
+    ],
+)
 def test_every_source_trains_the_folders_model_to_the_bit(kind, layouts, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXTL_CACHE", str(tmp_path / "cache"))
     result = fit({**BASE, "run_dir": str(tmp_path / "run"), "data": {**DATA, **layouts[kind]}}, log=quiet)
@@ -91,7 +98,7 @@ TRAINED = [{"name": "last", "policy": "last_n_blocks:1", "epochs": 2}]
 @pytest.mark.parametrize(
     "kind, extra",
     [
-        pytest.param("webdataset", {}, id="webdataset-shard-order"),
+        pytest.param("webdataset", {}, id="webdataset-shard-order", marks=pytest.mark.slow),
         pytest.param("folder", {"sampler": "class_balanced"}, id="class-balanced-sampler", marks=pytest.mark.slow),
     ],
 )

@@ -10,6 +10,7 @@ from jaxtl.data.augment.mixing import Mixing
 from jaxtl.train.diagnostics import diagnostics_table
 from jaxtl.train.figures import load_metrics
 from jaxtl.train.run_dir import RunError
+from jaxtl.train.task import checkpoint_metric
 
 
 def training_summary(config: RunConfig) -> list[str]:
@@ -33,7 +34,16 @@ def training_summary(config: RunConfig) -> list[str]:
         + ("across devices (SyncBatchNorm)" if t.bn_sync else "per device (DDP's)"),
         f"augmentation: {', '.join(a for a in augment if a) or 'none'}",
         f"mixing: {mixing.describe() if mixing.enabled else 'none'}",
-        f"loss: cross-entropy, label smoothing {t.label_smoothing:g}, class weights {weights or 'none'}",
+        f"task: {config.task}, data {d.source}, train order "
+        + ("class-balanced (with replacement)" if d.sampler == "class_balanced" else "a permutation every epoch"),
+        f"loss: {'binary cross-entropy' if config.task == 'multilabel' else 'cross-entropy'}, label smoothing "
+        f"{t.label_smoothing:g}, class weights {weights or 'none'}"
+        + (
+            f", pos_weight {t.pos_weight if isinstance(t.pos_weight, str) else list(t.pos_weight)}"
+            if t.pos_weight
+            else ""
+        ),
+        f"best checkpoint by {checkpoint_metric(config)}",
         f"optimizer: {o.name}, lr {o.lr:g}, weight decay {o.weight_decay:g}, schedule {o.schedule}"
         + (f" after {o.warmup_steps} warmup steps" if o.warmup_steps else ""),
     ]

@@ -95,4 +95,6 @@ def test_inspect_a_config_shows_its_loss_mixing_average_and_accumulation():
     assert "batch 8 x 4 accumulated micro-batches (an optimizer step sees 32)" in out
     assert "mixing: mixup alpha 0.2 and cutmix alpha 1 on a batch with p 1, cutmix chosen with p 0.5" in out
     assert "loss: cross-entropy, label smoothing 0.1, class weights none" in out
+    assert "task: single_label, data synthetic, train order a permutation every epoch" in out
+    assert "best checkpoint by val_acc1" in out
     assert "weight average (EMA): decay 0.999 with timm's warmup, every 1 step(s)" in out

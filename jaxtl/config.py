@@ -252,6 +252,12 @@ def config_from_dict(data: Mapping | None, overrides: Sequence[str] = (), source
         raise ConfigError(f"{source}: {needed[d.source][0]} required when data.source is {d.source}")
     metrics = [config.train.checkpoint_metric, config.optim.plateau_metric,
                config.train.early_stopping and config.train.early_stopping.metric]  # fmt: skip
+    probes = [f"phases.{i}" for i, phase in enumerate(config.phases) if phase.solver == "linear_probe"]
+    if config.task == "multilabel" and probes:
+        raise ConfigError(
+            f"{source}: {', '.join(probes)} (solver: linear_probe) fit(s) a multinomial logistic regression, a "
+            "single-label head; with task: multilabel train the head with the optimizer (remove solver: linear_probe)"
+        )
     if config.task == "single_label" and "val_map" in metrics:
         raise ConfigError(
             f"{source}: val_map is the mean average precision of a multi-label task; set task: multilabel"

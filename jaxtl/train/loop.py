@@ -69,7 +69,7 @@ from jaxtl.train.step import (
     split_model,
 )
 from jaxtl.train.stopping import stopping_of, watch_epoch
-from jaxtl.train.task import checkpoint_metric
+from jaxtl.train.task import checkpoint_metric, scores
 from jaxtl.weights import Preprocessing
 
 
@@ -241,11 +241,6 @@ class Trainer:
                 "head_only policy and no augmentation or mixing (data.random_resized_crop, flip_p, augment, "
                 "color_jitter, random_erasing, mixup_alpha, cutmix_alpha)"
             )
-        if phase.solver == "linear_probe" and self.run.data.multilabel:
-            raise RunError(
-                f"phase {phase.name!r} (solver: linear_probe) fits a multinomial logistic regression: a single-label "
-                "head; train a multi-label head with the optimizer (remove solver: linear_probe)"
-            )
         cached = cached or phase.solver == "linear_probe"
         num_classes = len(self.run.data.classes)
         train_step = run_train_step(self.config, graphdef, optimizer, p, num_classes=num_classes, cached=cached,
@@ -298,17 +293,10 @@ class Trainer:
                                               self.drift_references)}  # fmt: skip
         self.run.directory.append_metrics(record)
         self._report_epoch(context, record, state.epoch_in_phase + 1, state.plateau)
-        if "val_map" in val_metrics:  # multi-label: acc is the share of images with every class right
-            scores = (f"mAP {val_metrics['val_map']:.3f} F1 {val_metrics['val_f1']:.3f} "
-                      f"(threshold {val_metrics['val_threshold']:g}) acc {val_metrics['val_acc1']:.3f}")  # fmt: skip
-        else:
-            scores = f"acc@1 {val_metrics['val_acc1']:.3f}" + (
-                f" acc@5 {val_metrics['val_acc5']:.3f}" if "val_acc5" in val_metrics else ""
-            )
         self.log(
             f"  epoch {loader_epoch + 1} ({phase.name}): train loss {train_metrics['train_loss']:.4f} "
             f"acc {train_metrics['train_acc1']:.3f} | val{' (EMA)' if context.ema is not None else ''} loss "
-            f"{val_metrics['val_loss']:.4f} {scores} | {train_metrics['train_images_per_s']:.1f} img/s"
+            f"{val_metrics['val_loss']:.4f} {scores(val_metrics)} | {train_metrics['train_images_per_s']:.1f} img/s"
         )
         key = checkpoint_metric(config)
         improved = state.best.improved_by(val_metrics, key)

@@ -33,6 +33,15 @@ def checkpoint_metric(config) -> str:
     return chosen or ("val_map" if config.task == "multilabel" else "val_acc1")
 
 
+def scores(metrics: dict, prefix: str = "val_") -> str:
+    """An epoch's scores for the log: top-1 (and top-5) accuracy, or (multi-label) mAP, F1 at the threshold and the
+    share of images with every class right."""
+    get = lambda name: metrics[f"{prefix}{name}"]  # noqa: E731
+    if f"{prefix}map" in metrics:
+        return f"mAP {get('map'):.3f} F1 {get('f1'):.3f} (threshold {get('threshold'):g}) acc {get('acc1'):.3f}"
+    return f"acc@1 {get('acc1'):.3f}" + (f" acc@5 {get('acc5'):.3f}" if f"{prefix}acc5" in metrics else "")
+
+
 def correct_rows(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     """How many unmasked rows are right: the argmax is the label, or (multi-hot labels) every class's
     probability is on the label's side of 0.5 (a logit of 0)."""

@@ -69,6 +69,10 @@ def test_defaults_without_a_file():
         (["train.checkpoint_metric=val_map"], "val_map is the mean average precision of a multi-label task"),
         (["optim.plateau_metric=val_map"], "set task: multilabel"),
         (["train.pos_weight=[-1.0]"], r"train.pos_weight.0 = -1.0 is out of range"),
+        (
+            ["task=multilabel", "phases=[{name: p, policy: head_only, epochs: 1, solver: linear_probe}]"],
+            r"phases.0 \(solver: linear_probe\) fit\(s\) a multinomial logistic regression",
+        ),
         (["data.sampler=balanced"], "data.sampler is 'balanced'; expected one of 'shuffle', 'class_balanced'"),
         (["data.labels.class_columns=all"], "data.labels.class_columns"),
         (["train.feature_cache=maybe"], "train.feature_cache must be true or false"),

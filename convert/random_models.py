@@ -23,7 +23,8 @@ def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Bat
 
 
 def _residual_branch_ends(model: torch.nn.Module) -> set[int]:
-    """ids of the last BN of each residual branch (ResNet's bn2 / bn3, (Fused)MBConv's projection BN)."""
+    """ids of the last BN of each residual branch (ResNet's bn2 / bn3, the projection BN of EfficientNet's and
+    MobileNet's inverted residuals)."""
     ends = set()
     for module in model.modules():
         if isinstance(module, torchvision.models.resnet.Bottleneck):
@@ -33,6 +34,12 @@ def _residual_branch_ends(model: torch.nn.Module) -> set[int]:
         elif isinstance(module, (torchvision.models.efficientnet.MBConv, torchvision.models.efficientnet.FusedMBConv)):
             if module.use_res_connect:
                 ends.add(id(module.block[-1][1]))  # the projection's BatchNorm
+        elif isinstance(module, torchvision.models.mobilenetv2.InvertedResidual):
+            if module.use_res_connect:
+                ends.add(id(module.conv[-1]))  # the projection's BatchNorm
+        elif isinstance(module, torchvision.models.mobilenetv3.InvertedResidual):
+            if module.use_res_connect:
+                ends.add(id(module.block[-1][1]))
     return ends
 
 

@@ -12,6 +12,9 @@ from flax import nnx
 
 from jaxtl.errors import WeightsMismatchError
 from jaxtl.models import list_models
+from jaxtl.models.layers import Linear
+from jaxtl.models.names import dotted_name
+from jaxtl.models.protocol import head_module
 from jaxtl.models.registry import abstract_model, fill_rng_state
 from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
 from jaxtl.weights import WeightSpec, fill_default_preprocessing
@@ -57,7 +60,7 @@ def _abstract_model(arch: str, num_classes: int) -> nnx.Module:
 
 
 def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
-    """Output width of the head's linear layer (``fc.weight``, ``classifier.1.weight``) in ``state``."""
+    """Output width of the head's last linear layer (``fc.weight``, ``classifier.1.weight``) in ``state``."""
     model = _abstract_model(arch, 1000)
     key = _head_weight_key(model)
     weight = state.get(key)
@@ -65,7 +68,10 @@ def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def _head_weight_key(model: nnx.Module) -> str:
-    return next(k for k in torch_permutations(model) if k.startswith(f"{model.head_name}.") and k.endswith(".weight"))
+    """The weight of the head's last Linear, whose output width is the class count: ``fc.weight``,
+    ``classifier.1.weight``, MobileNetV3's ``classifier.3.weight`` (not ``classifier.0``, its hidden layer)."""
+    linears = [path for path, module in nnx.iter_modules(head_module(model)) if isinstance(module, Linear)]
+    return dotted_name((model.head_name, *linears[-1], "weight"))  # in forward order; () is a bare fc
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:

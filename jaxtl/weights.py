@@ -185,6 +185,11 @@ _TORCHVISION_WEIGHTS = (
     ("efficientnet_v2_m", "IMAGENET1K_V1", "efficientnet_v2_m-dc08266a.pth", 480, 480, "bilinear", 54139356, 85.112, 97.156),
     ("efficientnet_v2_l", "IMAGENET1K_V1", "efficientnet_v2_l-59c71312.pth", 480, 480, "bicubic", 118515272, 85.808, 97.788,
      _HALF, _HALF),
+    ("mobilenet_v2", "IMAGENET1K_V1", "mobilenet_v2-b0353104.pth", 224, 256, "bilinear", 3504872, 71.878, 90.286),
+    ("mobilenet_v2", "IMAGENET1K_V2", "mobilenet_v2-7ebf99e0.pth", 224, 232, "bilinear", 3504872, 72.154, 90.822),
+    ("mobilenet_v3_large", "IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth", 224, 256, "bilinear", 5483032, 74.042, 91.34),
+    ("mobilenet_v3_large", "IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 224, 232, "bilinear", 5483032, 75.274, 92.566),
+    ("mobilenet_v3_small", "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth", 224, 256, "bilinear", 2542856, 67.668, 87.402),
 )  # fmt: skip
 
 

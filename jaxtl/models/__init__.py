@@ -1,6 +1,6 @@
 """Flax NNX image classifiers with torchvision's names, and the registry that builds them."""
 
-from jaxtl.models import efficientnet, resnet
+from jaxtl.models import efficientnet, mobilenet, resnet
 from jaxtl.models.efficientnet import (
     EfficientNet,
     efficientnet_b0,
@@ -15,6 +15,7 @@ from jaxtl.models.efficientnet import (
     efficientnet_v2_m,
     efficientnet_v2_s,
 )
+from jaxtl.models.mobilenet import MobileNetV2, MobileNetV3, mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from jaxtl.models.protocol import Classifier
 from jaxtl.models.registry import (
     abstract_model,
@@ -56,6 +57,12 @@ __all__ = [
     "efficientnet_v2_l",
     "efficientnet_v2_m",
     "efficientnet_v2_s",
+    "MobileNetV2",
+    "MobileNetV3",
+    "mobilenet",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
     "ResNet",
     "abstract_model",
     "convert_weights_once",

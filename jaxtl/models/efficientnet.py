@@ -17,28 +17,13 @@ from typing import ClassVar
 import jax
 from flax import nnx
 
-from jaxtl.models.initializers import kaiming_normal_fan_out, uniform_init, zeros_init
-from jaxtl.models.layers import (
-    Activation,
-    BatchNorm2d,
-    Conv2d,
-    Linear,
-    Sequential,
-    StochasticDepth,
-    global_avg_pool,
-)
+from jaxtl.models.building_blocks import NormConfig, SqueezeExcitation, conv_norm_activation, make_divisible
+from jaxtl.models.initializers import uniform_init, zeros_init
+from jaxtl.models.layers import Linear, Sequential, StochasticDepth, global_avg_pool
 from jaxtl.models.registry import register_model
 
 Array = jax.Array
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """torchvision.models._utils._make_divisible: round to a multiple of ``divisor``, never 10% down."""
-    min_value = min_value or divisor
-    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new_value < 0.9 * value:
-        new_value += divisor
-    return new_value
+SILU = jax.nn.silu  # every activation of EfficientNet but the squeeze-excitation gate (sigmoid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,48 +39,6 @@ class StageConfig:
     num_layers: int
 
 
-@dataclasses.dataclass(frozen=True)
-class NormConfig:
-    eps: float = 1e-5
-    momentum: float = 0.1
-
-
-def _conv_norm_activation(
-    in_channels, out_channels, kernel_size, *, norm: NormConfig, stride=1, groups=1, activation=True, rngs
-) -> Sequential:
-    """torchvision.ops.Conv2dNormActivation: conv (no bias), BatchNorm, optional SiLU at index 2."""
-    layers = [
-        Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=(kernel_size - 1) // 2,
-            groups=groups,
-            kernel_init=kaiming_normal_fan_out,
-            rngs=rngs,
-        ),
-        BatchNorm2d(out_channels, eps=norm.eps, momentum=norm.momentum),
-    ]
-    if activation:
-        layers.append(Activation(jax.nn.silu))
-    return Sequential(layers)
-
-
-class SqueezeExcitation(nnx.Module):
-    """torchvision.ops.SqueezeExcitation with SiLU: pool, 1x1 conv, SiLU, 1x1 conv, sigmoid, scale."""
-
-    def __init__(self, input_channels: int, squeeze_channels: int, *, rngs: nnx.Rngs):
-        common = dict(kernel_init=kaiming_normal_fan_out, bias_init=zeros_init, bias=True, rngs=rngs)
-        self.fc1 = Conv2d(input_channels, squeeze_channels, 1, **common)
-        self.fc2 = Conv2d(squeeze_channels, input_channels, 1, **common)
-
-    def __call__(self, x: Array) -> Array:
-        scale = global_avg_pool(x)[:, None, None, :]
-        scale = jax.nn.sigmoid(self.fc2(jax.nn.silu(self.fc1(scale))))
-        return scale * x
-
-
 class MBConv(nnx.Module):
     """Inverted residual: 1x1 expand (if ratio != 1), depthwise kxk, squeeze-excitation, 1x1 project."""
 
@@ -104,15 +47,31 @@ class MBConv(nnx.Module):
         expanded = make_divisible(config.input_channels * config.expand_ratio)
         layers = []
         if expanded != config.input_channels:
-            layers.append(_conv_norm_activation(config.input_channels, expanded, 1, norm=norm, rngs=rngs))
+            expand = conv_norm_activation(config.input_channels, expanded, 1, norm=norm, activation=SILU, rngs=rngs)
+            layers.append(expand)
         layers.append(
-            _conv_norm_activation(
-                expanded, expanded, config.kernel, stride=config.stride, groups=expanded, norm=norm, rngs=rngs
+            conv_norm_activation(
+                expanded,
+                expanded,
+                config.kernel,
+                stride=config.stride,
+                groups=expanded,
+                norm=norm,
+                activation=SILU,
+                rngs=rngs,
             )
         )
         # The squeeze width comes from the block's input channels, not the expanded ones (torchvision).
-        layers.append(SqueezeExcitation(expanded, max(1, config.input_channels // 4), rngs=rngs))
-        layers.append(_conv_norm_activation(expanded, config.out_channels, 1, norm=norm, activation=False, rngs=rngs))
+        layers.append(
+            SqueezeExcitation(
+                expanded,
+                max(1, config.input_channels // 4),
+                activation=SILU,
+                scale_activation=jax.nn.sigmoid,
+                rngs=rngs,
+            )
+        )
+        layers.append(conv_norm_activation(expanded, config.out_channels, 1, norm=norm, activation=None, rngs=rngs))
         self.block = Sequential(layers)
         self.stochastic_depth = StochasticDepth(stochastic_depth_prob, rngs=rngs)
         self.out_channels = config.out_channels
@@ -130,14 +89,14 @@ class FusedMBConv(nnx.Module):
     def __init__(self, config: StageConfig, stochastic_depth_prob: float, norm: NormConfig, *, rngs: nnx.Rngs):
         self.use_res_connect = config.stride == 1 and config.input_channels == config.out_channels
         expanded = make_divisible(config.input_channels * config.expand_ratio)
-        common = dict(stride=config.stride, norm=norm, rngs=rngs)
+        common = dict(stride=config.stride, norm=norm, activation=SILU, rngs=rngs)
         if expanded != config.input_channels:
             layers = [
-                _conv_norm_activation(config.input_channels, expanded, config.kernel, **common),
-                _conv_norm_activation(expanded, config.out_channels, 1, norm=norm, activation=False, rngs=rngs),
+                conv_norm_activation(config.input_channels, expanded, config.kernel, **common),
+                conv_norm_activation(expanded, config.out_channels, 1, norm=norm, activation=None, rngs=rngs),
             ]
         else:
-            layers = [_conv_norm_activation(config.input_channels, config.out_channels, config.kernel, **common)]
+            layers = [conv_norm_activation(config.input_channels, config.out_channels, config.kernel, **common)]
         self.block = Sequential(layers)
         self.stochastic_depth = StochasticDepth(stochastic_depth_prob, rngs=rngs)
         self.out_channels = config.out_channels
@@ -169,7 +128,7 @@ class EfficientNet(nnx.Module):
         num_classes: int = 1000,
         rngs: nnx.Rngs,
     ):
-        layers = [_conv_norm_activation(3, stages[0].input_channels, 3, stride=2, norm=norm, rngs=rngs)]
+        layers = [conv_norm_activation(3, stages[0].input_channels, 3, stride=2, norm=norm, activation=SILU, rngs=rngs)]
         total_blocks = sum(stage.num_layers for stage in stages)
         block_index = 0
         for stage in stages:
@@ -181,7 +140,9 @@ class EfficientNet(nnx.Module):
                 block_index += 1
             layers.append(Sequential(blocks))
         self.num_features = last_channel if last_channel is not None else 4 * stages[-1].out_channels
-        layers.append(_conv_norm_activation(stages[-1].out_channels, self.num_features, 1, norm=norm, rngs=rngs))
+        layers.append(
+            conv_norm_activation(stages[-1].out_channels, self.num_features, 1, norm=norm, activation=SILU, rngs=rngs)
+        )
         self.features = Sequential(layers)
         self.num_classes = num_classes
         bound = 1.0 / math.sqrt(num_classes)  # torchvision's EfficientNet head init
@@ -257,7 +218,10 @@ _V2_STAGES = {
 }  # fmt: skip
 
 
-def _efficientnet_v1(width_mult, depth_mult, dropout, norm=NormConfig(), *, num_classes, rngs, **kwargs):
+_DEFAULT_NORM = NormConfig()
+
+
+def _efficientnet_v1(width_mult, depth_mult, dropout, norm=_DEFAULT_NORM, *, num_classes, rngs, **kwargs):
     stages = _v1_stages(width_mult, depth_mult)
     return EfficientNet(stages, dropout=dropout, norm=norm, num_classes=num_classes, rngs=rngs, **kwargs)
 

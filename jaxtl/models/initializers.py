@@ -1,4 +1,4 @@
-"""torch's parameter initialisers (kaiming normal, default uniform, zeros) for HWIO and (in, out) weights.
+"""torch's parameter initialisers (kaiming normal, normal, default uniform, zeros) for HWIO and (in, out) weights.
 
 With a concrete key they draw with numpy (no XLA compile per shape); while tracing, with jax.random;
 within :func:`shapes_only`, they return zeros.
@@ -84,6 +84,15 @@ def torch_default_uniform(fan_in: int) -> Initializer:
 
     def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
         return _uniform(key, shape, dtype, bound)
+
+    return init
+
+
+def normal_init(std: float) -> Initializer:
+    """torch ``nn.init.normal_(w, 0, std)``."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        return _normal(key, shape, dtype, std)
 
     return init
 

@@ -23,9 +23,10 @@ class Classifier(Protocol):
 
     Attributes:
         head_name: torchvision's name of the classifier head module, the first part of its
-            parameters' names: ``"fc"`` (ResNet), ``"classifier"`` (EfficientNet). The head maps
-            the pooled features to logits, so ``getattr(model, model.head_name)(features)`` are the
-            logits.
+            parameters' names: ``"fc"`` (ResNet), ``"classifier"`` (EfficientNet, MobileNetV2), or a dotted
+            path where the recipe replaces one layer of a larger classifier: ``"classifier.3"``
+            (MobileNetV3, whose pretrained ``classifier.0`` stays: ``model.classifier[3] = nn.Linear(...)``).
+            The head maps :meth:`forward_features` to logits: ``head_module(model)(features)`` are the logits.
         num_classes: the head's output width.
     """
 
@@ -43,12 +44,20 @@ class Classifier(Protocol):
         ...
 
     def forward_features(self, x: Array) -> Array:
-        """Pooled pre-logits features: (N, H, W, 3) -> (N, num_features)."""
+        """Pre-logits features, the head's input: (N, H, W, 3) -> (N, num_features)."""
         ...
 
     def __call__(self, x: Array) -> Array:
         """Logits: (N, H, W, 3) -> (N, num_classes); the head applied to :meth:`forward_features`."""
         ...
+
+
+def head_module(model: object) -> object:
+    """The module ``model.head_name`` names, a dotted path whose integer parts index a Sequential."""
+    module = model
+    for part in model.head_name.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
 
 
 def missing_members(model: object, members: Iterable[str] | None = None) -> list[str]:

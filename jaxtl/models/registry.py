@@ -19,6 +19,7 @@ from jaxtl import weights as jaxtl_weights
 from jaxtl.errors import JaxtlError, UnknownModelError, WeightsError
 from jaxtl.models.initializers import shapes_only
 from jaxtl.models.names import key_path_name
+from jaxtl.models.protocol import head_module
 from jaxtl.models.state_dict import load_state_dict
 
 _BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
@@ -282,7 +283,7 @@ def reset_head(model: nnx.Module, seed: int = 0) -> None:
     from jaxtl.models.layers import Linear
 
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 0x4EAD))
-    for _, layer in nnx.iter_graph(getattr(model, model.head_name)):
+    for _, layer in nnx.iter_graph(head_module(model)):
         if isinstance(layer, Linear):
             init = torch_default_uniform(layer.in_features)
             for param in (layer.weight, layer.bias):

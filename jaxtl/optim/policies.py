@@ -109,13 +109,17 @@ def layerwise_lr_decay(decay: float = 0.75) -> Policy:
         units: list[tuple[str, tuple[str, ...]]] = []
         for block, (first, *extra) in _blocks(model):
             children = {n[len(first) :].split(".")[0] for n in names if n.startswith(first)}
-            if block in ("stem", "head") or not all(c.isdigit() for c in children):
+            if block in ("stem", "head") or not (extra or all(c.isdigit() for c in children)):
                 units.append((block, (first, *extra)))
                 continue
-            # A stage: each of its residual blocks is a unit; a stage's extra module (EfficientNet's
-            # final 1x1 conv) is one more unit after them.
-            units += [(f"{first}{c}", (f"{first}{c}.",)) for c in sorted(children, key=int)]
-            units += [(prefix.rstrip("."), (prefix,)) for prefix in extra]
+            if all(c.isdigit() for c in children):
+                # A stage: each of its residual blocks is a unit; a stage's extra module (EfficientNet's
+                # final 1x1 conv) is one more unit after them.
+                units += [(f"{first}{c}", (f"{first}{c}.",)) for c in sorted(children, key=int)]
+                units += [(prefix.rstrip("."), (prefix,)) for prefix in extra]
+            else:
+                # A stage whose prefixes are its blocks (MobileNet's features.2., features.3.): one unit each.
+                units += [(prefix.rstrip("."), (prefix,)) for prefix in (first, *extra)]
         rules = []
         for depth, (name, prefixes) in enumerate(reversed(units)):
             rules += _prefix_rules(prefixes, group=name, lr_mult=decay**depth)

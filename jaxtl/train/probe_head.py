@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtl.models.layers import Linear
+from jaxtl.models.protocol import head_module
 from jaxtl.train.features import CachedFeatures
 from jaxtl.train.probe import Probe, linear_probe
 from jaxtl.train.run_dir import RunError
@@ -21,7 +22,7 @@ from jaxtl.train.run_dir import RunError
 
 def head_linear(model: nnx.Module) -> Linear:
     """The one :class:`Linear` layer of ``model``'s head (``fc``, or ``classifier.1`` behind EfficientNet's dropout)."""
-    head = getattr(model, model.head_name)
+    head = head_module(model)
     layers = [module for _, module in nnx.iter_modules(head) if isinstance(module, Linear)]
     if len(layers) != 1 or layers[0].bias is None:
         raise RunError(

@@ -22,6 +22,7 @@ from jaxtl.data.augment import mixing as mixing_ops
 from jaxtl.data.augment.mixing import Mixing
 from jaxtl.data.transforms import normalize
 from jaxtl.models.batch_norm_ops import batch_mask, batch_norm_groups
+from jaxtl.models.protocol import head_module
 from jaxtl.optim.groups import ParamGroups
 from jaxtl.train.diagnostics import step_norms
 from jaxtl.train.losses import CrossEntropy
@@ -64,7 +65,7 @@ def full_model(model: nnx.Module, x: jax.Array) -> jax.Array:
 
 def head_of(model: nnx.Module, features: jax.Array) -> jax.Array:
     """The classifier head alone, on pooled features (a feature-cached head-only phase)."""
-    return getattr(model, model.head_name)(features)
+    return head_module(model)(features)
 
 
 def reseed_streams(model: nnx.Module, key: jax.Array) -> None:

@@ -70,6 +70,9 @@ def test_export_is_loadable_strictly_with_every_torchvision_key():
         ("wide_resnet50_2", 3),
         ("efficientnet_b1", 7),
         pytest.param("efficientnet_v2_s", 5, marks=pytest.mark.slow),
+        ("mobilenet_v3_large", 7),  # the width of classifier.3, not of the hidden classifier.0 (1280)
+        pytest.param("mobilenet_v2", 1000, marks=pytest.mark.slow),
+        pytest.param("mobilenet_v3_small", 3, marks=pytest.mark.slow),
     ],
 )
 def test_architecture_is_inferred_from_keys_and_shapes(arch, num_classes):
@@ -83,6 +86,17 @@ def test_efficientnet_export_round_trip_is_exact():
     torch_model = randomized_torchvision_model("efficientnet_b0", num_classes=3, seed=2)
     fresh = torchvision.models.efficientnet_b0(num_classes=3)
     fresh.load_state_dict(to_torchvision(from_torchvision(torch_model, "efficientnet_b0")), strict=True)
+    for key, value in torch_model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value) or key.endswith("num_batches_tracked"), key
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_mobilenet_export_round_trip_is_exact(arch):
+    torch_model = randomized_torchvision_model(arch, num_classes=3, seed=2)
+    model = from_torchvision(torch_model, arch)
+    assert model.num_classes == 3
+    fresh = torchvision.models.get_model(arch, num_classes=3)
+    fresh.load_state_dict(to_torchvision(model), strict=True)
     for key, value in torch_model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value) or key.endswith("num_batches_tracked"), key
 

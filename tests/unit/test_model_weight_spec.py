@@ -14,9 +14,11 @@ from jaxtl.models.state_dict import state_dict
 from jaxtl.optim import OptimizerConfig, assign, build_optimizer, get_policy
 from jaxtl.train.step import make_train_step, merge_model, split_model
 
-# torchvision's ResNet18_Weights.IMAGENET1K_V1.transforms() and EfficientNet_B0_Weights.IMAGENET1K_V1's.
+# torchvision's ResNet18_Weights.IMAGENET1K_V1.transforms(), EfficientNet_B0_Weights.IMAGENET1K_V1's and
+# MobileNet_V3_Large_Weights.IMAGENET1K_V2's (its DEFAULT, which resizes to 232).
 RESNET18_DEFAULT = weights.Preprocessing(resize_size=256, crop_size=224, interpolation="bilinear")
 EFFICIENTNET_B0_DEFAULT = weights.Preprocessing(resize_size=256, crop_size=224, interpolation="bicubic")
+MOBILENET_V3_LARGE_DEFAULT = weights.Preprocessing(resize_size=232, crop_size=224, interpolation="bilinear")
 
 
 SMALL = weights.Preprocessing(resize_size=72, crop_size=64, interpolation="bicubic", mean=(0.5,) * 3)
@@ -54,7 +56,12 @@ def test_weights_that_state_no_preprocessing_get_the_architectures_default(tmp_p
 
 
 @pytest.mark.parametrize(
-    "arch, default", [("resnet18", RESNET18_DEFAULT), ("efficientnet_b0", EFFICIENTNET_B0_DEFAULT)]
+    "arch, default",
+    [
+        ("resnet18", RESNET18_DEFAULT),
+        ("efficientnet_b0", EFFICIENTNET_B0_DEFAULT),
+        ("mobilenet_v3_large", MOBILENET_V3_LARGE_DEFAULT),
+    ],
 )
 def test_random_init_and_abstract_models_carry_the_default_weights_preprocessing(arch, default):
     model = jaxtl.models.create(arch, num_classes=5, seed=2)

@@ -137,3 +137,22 @@ def test_the_steps_count_rows_with_every_class_right_as_scikit_learns_subset_acc
             torch.from_numpy(logits[mask]), torch.from_numpy(targets[mask].astype(np.float64))
         )
         assert float(eval_loss(logits, targets, mask)) == pytest.approx(reference.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixup_and_cutmix_mix_multi_hot_targets_as_they_mix_class_indices(seed):
+    """A multi-hot row with one class mixes as its class index does (the index path is timm's: test_mixing.py);
+    rows with several classes mix each class with the same weights."""
+    from jaxtl.data.augment import mixing as mixing_ops
+    from jaxtl.data.augment.mixing import Mixing
+
+    params = mixing_ops.draw(Mixing(mixup_alpha=0.4, cutmix_alpha=1.0), jax.random.key(seed), 8, 8)
+    images, mask = jnp.zeros((4, 8, 8, 3)), jnp.ones(4, bool)
+    labels = np.array([0, 2, 1, 2])
+    _, from_indices = mixing_ops.apply(params, images, jnp.asarray(labels), mask, 3)
+    _, from_one_hot = mixing_ops.apply(params, images, jnp.asarray(np.eye(3, dtype=np.uint8)[labels]), mask, 3)
+    np.testing.assert_array_equal(from_one_hot, from_indices)
+    multi_hot = np.array([[1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]], np.uint8)
+    _, mixed = mixing_ops.apply(params, images, jnp.asarray(multi_hot), mask, 3)
+    lam, pair = float(params.lam), np.asarray(mixing_ops.partners(mask))  # the batch's weight and partners
+    np.testing.assert_allclose(mixed, lam * multi_hot + (1.0 - lam) * multi_hot[pair], rtol=1e-6)

@@ -2,7 +2,7 @@
 
 A ``WeightSpec`` is the metadata that travels with a set of weights, as torchvision's weight enums
 carry it: where the file comes from, its hash prefix, the categories of its head and the eval
-preprocessing it was trained with. The table below mirrors torchvision's enums and is checked
+preprocessing it was trained with. The table of jaxtl/weight_table.py mirrors torchvision's enums and is checked
 against them by tests/parity/test_weight_specs.py.
 
 Converted weights are stored as a directory: ``state/`` (an orbax checkpoint of the arrays, jaxtl
@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxtl.errors import WeightsError
+from jaxtl.weight_table import TORCHVISION_WEIGHTS
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
@@ -150,49 +151,6 @@ def sha256_prefix_of(file_name: str) -> str | None:
     return prefix.lower() if len(prefix) >= 6 and all(c in "0123456789abcdefABCDEF" for c in prefix) else None
 
 
-_HALF = (0.5, 0.5, 0.5)
-
-# From torchvision's weight enums: (arch, weight name, file name, crop, resize, interpolation,
-# num_params, acc@1, acc@5[, mean, std]). tests/parity/test_weight_specs.py checks every field.
-_TORCHVISION_WEIGHTS = (
-    ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth", 224, 256, "bilinear", 11689512, 69.758, 89.078),
-    ("resnet34", "IMAGENET1K_V1", "resnet34-b627a593.pth", 224, 256, "bilinear", 21797672, 73.314, 91.42),
-    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth", 224, 256, "bilinear", 25557032, 76.13, 92.862),
-    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 224, 232, "bilinear", 25557032, 80.858, 95.434),
-    ("resnet101", "IMAGENET1K_V1", "resnet101-63fe2227.pth", 224, 256, "bilinear", 44549160, 77.374, 93.546),
-    ("resnet101", "IMAGENET1K_V2", "resnet101-cd907fc2.pth", 224, 232, "bilinear", 44549160, 81.886, 95.78),
-    ("resnet152", "IMAGENET1K_V1", "resnet152-394f9c45.pth", 224, 256, "bilinear", 60192808, 78.312, 94.046),
-    ("resnet152", "IMAGENET1K_V2", "resnet152-f82ba261.pth", 224, 232, "bilinear", 60192808, 82.284, 96.002),
-    ("resnext50_32x4d", "IMAGENET1K_V1", "resnext50_32x4d-7cdf4587.pth", 224, 256, "bilinear", 25028904, 77.618, 93.698),
-    ("resnext50_32x4d", "IMAGENET1K_V2", "resnext50_32x4d-1a0047aa.pth", 224, 232, "bilinear", 25028904, 81.198, 95.34),
-    ("resnext101_32x8d", "IMAGENET1K_V1", "resnext101_32x8d-8ba56ff5.pth", 224, 256, "bilinear", 88791336, 79.312, 94.526),
-    ("resnext101_32x8d", "IMAGENET1K_V2", "resnext101_32x8d-110c445d.pth", 224, 232, "bilinear", 88791336, 82.834, 96.228),
-    ("resnext101_64x4d", "IMAGENET1K_V1", "resnext101_64x4d-173b62eb.pth", 224, 232, "bilinear", 83455272, 83.246, 96.454),
-    ("wide_resnet50_2", "IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth", 224, 256, "bilinear", 68883240, 78.468, 94.086),
-    ("wide_resnet50_2", "IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth", 224, 232, "bilinear", 68883240, 81.602, 95.758),
-    ("wide_resnet101_2", "IMAGENET1K_V1", "wide_resnet101_2-32ee1156.pth", 224, 256, "bilinear", 126886696, 78.848, 94.284),
-    ("wide_resnet101_2", "IMAGENET1K_V2", "wide_resnet101_2-d733dc28.pth", 224, 232, "bilinear", 126886696, 82.51, 96.02),
-    ("efficientnet_b0", "IMAGENET1K_V1", "efficientnet_b0_rwightman-7f5810bc.pth", 224, 256, "bicubic", 5288548, 77.692, 93.532),
-    ("efficientnet_b1", "IMAGENET1K_V1", "efficientnet_b1_rwightman-bac287d4.pth", 240, 256, "bicubic", 7794184, 78.642, 94.186),
-    ("efficientnet_b1", "IMAGENET1K_V2", "efficientnet_b1-c27df63c.pth", 240, 255, "bilinear", 7794184, 79.838, 94.934),
-    ("efficientnet_b2", "IMAGENET1K_V1", "efficientnet_b2_rwightman-c35c1473.pth", 288, 288, "bicubic", 9109994, 80.608, 95.31),
-    ("efficientnet_b3", "IMAGENET1K_V1", "efficientnet_b3_rwightman-b3899882.pth", 300, 320, "bicubic", 12233232, 82.008, 96.054),
-    ("efficientnet_b4", "IMAGENET1K_V1", "efficientnet_b4_rwightman-23ab8bcd.pth", 380, 384, "bicubic", 19341616, 83.384, 96.594),
-    ("efficientnet_b5", "IMAGENET1K_V1", "efficientnet_b5_lukemelas-1a07897c.pth", 456, 456, "bicubic", 30389784, 83.444, 96.628),
-    ("efficientnet_b6", "IMAGENET1K_V1", "efficientnet_b6_lukemelas-24a108a5.pth", 528, 528, "bicubic", 43040704, 84.008, 96.916),
-    ("efficientnet_b7", "IMAGENET1K_V1", "efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600, "bicubic", 66347960, 84.122, 96.908),
-    ("efficientnet_v2_s", "IMAGENET1K_V1", "efficientnet_v2_s-dd5fe13b.pth", 384, 384, "bilinear", 21458488, 84.228, 96.878),
-    ("efficientnet_v2_m", "IMAGENET1K_V1", "efficientnet_v2_m-dc08266a.pth", 480, 480, "bilinear", 54139356, 85.112, 97.156),
-    ("efficientnet_v2_l", "IMAGENET1K_V1", "efficientnet_v2_l-59c71312.pth", 480, 480, "bicubic", 118515272, 85.808, 97.788,
-     _HALF, _HALF),
-    ("mobilenet_v2", "IMAGENET1K_V1", "mobilenet_v2-b0353104.pth", 224, 256, "bilinear", 3504872, 71.878, 90.286),
-    ("mobilenet_v2", "IMAGENET1K_V2", "mobilenet_v2-7ebf99e0.pth", 224, 232, "bilinear", 3504872, 72.154, 90.822),
-    ("mobilenet_v3_large", "IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth", 224, 256, "bilinear", 5483032, 74.042, 91.34),
-    ("mobilenet_v3_large", "IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 224, 232, "bilinear", 5483032, 75.274, 92.566),
-    ("mobilenet_v3_small", "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth", 224, 256, "bilinear", 2542856, 67.668, 87.402),
-)  # fmt: skip
-
-
 def _imagenet_spec(
     arch, name, file_name, crop, resize, interpolation, num_params, acc1, acc5, mean=IMAGENET_MEAN, std=IMAGENET_STD
 ) -> WeightSpec:
@@ -212,7 +170,7 @@ def _imagenet_spec(
 
 
 _SPECS: dict[str, dict[str, WeightSpec]] = {}
-for _row in _TORCHVISION_WEIGHTS:
+for _row in TORCHVISION_WEIGHTS:
     _SPECS.setdefault(_row[0], {})[_row[1]] = _imagenet_spec(*_row)
 
 # torchvision's DEFAULT is the newest ImageNet weight of each architecture.

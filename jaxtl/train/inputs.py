@@ -21,10 +21,12 @@ from jaxtl.data import (
     SourceOrder,
     TfdsSource,
     TrainTransform,
+    WebDatasetSource,
     data_sharding,
     even_batch_size,
     generate_synthetic,
     image_folder_splits,
+    label_file_splits,
 )
 from jaxtl.data.augment.pipeline import DeviceAugment, make_device_augment
 from jaxtl.data.sources import is_multilabel
@@ -92,8 +94,6 @@ def check_task(config: RunConfig, data: RunData) -> None:
 
 def load_data(config: DataConfig) -> RunData:
     """The splits the config's data section names (a synthetic set is generated into the cache once)."""
-    from jaxtl.data.sources.label_file import label_file_splits
-
     splits = (config.train_split, config.val_split)
     if config.source == "tfds":
         train = TfdsSource(config.tfds_name, config.train_split, data_dir=config.tfds_data_dir)
@@ -108,8 +108,6 @@ def load_data(config: DataConfig) -> RunData:
         sources = hf_splits(Path(h.path).expanduser(), splits, image_column=h.image_column, label_column=h.label_column,
                             classes=h.classes, max_pixels=config.max_image_pixels)  # fmt: skip
     elif config.source == "webdataset":
-        from jaxtl.data.sources.webdataset import WebDatasetSource
-
         w = config.webdataset
         sources = {
             split: WebDatasetSource(
@@ -143,7 +141,6 @@ def load_data(config: DataConfig) -> RunData:
 
 def _label_file_splits(config: DataConfig) -> dict:
     """data.source: csv -- the label file(s) of data.labels, images under data.root."""
-    from jaxtl.data.sources.label_file import label_file_splits
 
     labels, splits = config.labels, (config.train_split, config.val_split)
     files = Path(labels.file).expanduser() if labels.file else dict(zip(splits, (labels.train, labels.val)))

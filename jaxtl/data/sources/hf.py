@@ -267,14 +267,11 @@ class HFSource:
             what = f"{len(data)} bytes" if data is not None else f"the file {path}"
             raise DataError(f"{where}: {what}, not an image PIL can read") from None
         except FileNotFoundError:
-            raise DataError(
-                f"{where}: {path}: no such file (a relative path is opened from the current directory, "
-                f"{os.getcwd()}, as datasets opens it)"
-            ) from None
+            relative = f"a relative path is opened from the current directory, {os.getcwd()}, as datasets opens it"
+            raise DataError(f"{where}: {path}: no such file ({relative})") from None
         except (OSError, SyntaxError, ValueError) as error:
-            raise DataError(
-                f"{where}: cannot decode the image ({error}); it is probably truncated or corrupt"
-            ) from None
+            message = f"cannot decode the image ({error}); it is probably truncated or corrupt"
+            raise DataError(f"{where}: {message}") from None
 
     def _label_indices(self, column: pa.Array, feature: dict, classes: Sequence[str] | None):
         """(labels, class names): (N,) int64 class indices or (N, C) uint8 multi-hot, from the label column."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from grid_rounding import fused_torch_grid  # noqa: F401 (autouse: torchvision's grid as jaxtl rounds it)
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -359,7 +360,7 @@ def test_random_resized_crop_with_traced_image_sizes():
         assert tuple(int(b[k]) for b in batched) == tuple(int(v) for v in one)
 
 
-@pytest.mark.parametrize("height,width", [(299, 299), (160, 213)])
+@pytest.mark.parametrize("height,width", [pytest.param(299, 299, marks=pytest.mark.slow), (160, 213)])
 def test_rotations_at_odd_sizes_read_torchvisions_source_pixel_but_for_a_few_neighbours(height, width):
     # torchvision's rotation matrix and jaxtl's differ in the last bit at some angles where a size is odd: at most
     # 8 of 89,401 pixels (0.009%) take a neighbouring source pixel (measured over every policy magnitude).

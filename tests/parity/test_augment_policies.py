@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from grid_rounding import fused_torch_grid  # noqa: F401 (autouse: torchvision's grid as jaxtl rounds it)
 from torchvision.transforms import v2
 
 from jaxtl.data.augment import policies

@@ -17,6 +17,7 @@ from jaxtl.weights import WeightSpec, sha256_prefix_of
 # Checkpoints that wrap the state_dict under one well-known key, as the reference recipe's
 # torch.save({"model": model.state_dict(), "classes": ...}) does.
 _WRAPPER_KEYS = ("model", "state_dict")
+SAFETENSORS_SUFFIX = ".safetensors"
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -48,7 +49,8 @@ def check_hash(path: Path, expected_prefix: str | None) -> str:
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """Loads a torch weight file weights-only (no code runs) and checks its hash against its name.
 
-    Accepts a plain state_dict or one wrapped under ``"model"`` / ``"state_dict"``.
+    Accepts a plain state_dict or one wrapped under ``"model"`` / ``"state_dict"``, and safetensors files
+    (``.safetensors``, as timm and the Hugging Face hub publish weights), which hold tensors only.
 
     Returns:
         The state_dict (CPU tensors) and the file's full sha256.
@@ -61,6 +63,8 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     digest = check_hash(path, sha256_prefix_of(path.name))
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _load_safetensors(path), digest
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -75,6 +79,22 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             "it may be truncated or not a torch file: download or save it again"
         ) from None
     return _unwrap_state_dict(content, path), digest
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+    try:
+        content = load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(
+            f"cannot read {path} as a safetensors file ({type(error).__name__}: {str(error).strip()[:200]}); "
+            "it may be truncated or not a safetensors file: download or save it again"
+        ) from None
+    return _unwrap_state_dict(content, path)
 
 
 def _unwrap_state_dict(content: object, path: Path) -> dict[str, torch.Tensor]:

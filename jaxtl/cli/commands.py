@@ -37,11 +37,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     resolved = weights.resolve_weights(args.arch, args.weights)
     import convert
 
-    path = convert.convert_weights(args.arch, resolved, out=args.out)
+    report: list[str] = []
+    path = convert.convert_weights(args.arch, resolved, out=args.out, layout=args.layout, log=report.append)
     spec = weights.load_weight_spec(path)
     print(f"converted {args.arch} weights {spec.name} from {spec.source}")
+    for line in report:  # the key layout read, and which keys were renamed or dropped and why
+        print(f"  {line}")
     print(f"  sha256 {spec.sha256}")
-    print(f"  {spec.num_classes} classes; preprocessing {spec.preprocessing}")
+    head = f"{spec.num_classes} classes" if spec.num_classes else "no classifier head (num_classes=N gives a fresh one)"
+    print(f"  {head}; preprocessing {spec.preprocessing}")
     print(f"  written to {path}")
     print(f"  use: jaxtl.models.create({args.arch!r}, weights={str(path)!r}, num_classes=N)")
     return 0

@@ -44,10 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert torchvision weights into jaxtl's format (needs torch)",
         description="Convert torchvision weights (a weight name, downloaded through torchvision, or a local .pth "
         "state_dict) into a directory that jaxtl.models.create reads without torch. Files are read weights-only "
-        "and their sha256 checked against the hash prefix in their name.",
+        "and their sha256 checked against the hash prefix in their name. Checkpoints published by self-supervised "
+        "methods (MoCo v2/v3, SwAV, DINO, Barlow Twins, VICReg) and timm's (.safetensors with its config.json) "
+        "are recognised by their keys; the keys dropped are listed with the reason.",
     )
     convert.add_argument("arch", help="architecture, e.g. resnet50 (see `jaxtl models`)")
-    convert.add_argument("--weights", required=True, help="DEFAULT, IMAGENET1K_V1, ... or a path to a .pth state_dict")
+    convert.add_argument(
+        "--weights", required=True, help="DEFAULT, IMAGENET1K_V1, ... or a path to a .pth/.safetensors weight file"
+    )
+    convert.add_argument(
+        "--layout",
+        help="the file's key layout when it is not recognised: torchvision, backbone, dino, barlow_twins, vicreg, "
+        "moco_v2, moco_v3, swav or timm (default: recognised from the keys)",
+    )
     convert.add_argument("--out", help="directory to write (default: jaxtl's cache, ~/.cache/jaxtl or $JAXTL_CACHE)")
     convert.set_defaults(run=cmd_convert)
 

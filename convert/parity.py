@@ -144,21 +144,25 @@ class ParityReport(ComparisonSet):
         return "\n".join(lines)
 
 
-def to_nhwc(x: torch.Tensor) -> np.ndarray:
-    """A torch activation in jaxtl's layout: NCHW -> NHWC; (N, C, 1, 1) pooled features -> (N, C)."""
+def to_nhwc(x: torch.Tensor, *, channels_last: bool = False) -> np.ndarray:
+    """A torch activation in jaxtl's layout: NCHW -> NHWC (unless torch's is ``channels_last`` already, as Swin's
+    stages are); (N, C, 1, 1) pooled features -> (N, C)."""
     array = x.detach().float().numpy().copy()  # a copy: torchvision applies ReLU in place after the hook
-    return np.transpose(array, (0, 2, 3, 1)) if array.ndim == 4 else array
+    return np.transpose(array, (0, 2, 3, 1)) if array.ndim == 4 and not channels_last else array
 
 
-def torch_intermediates(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
-    """Outputs of the submodules ``names`` during one forward of ``model``, in jaxtl layout."""
+def torch_intermediates(
+    model: torch.nn.Module, x: torch.Tensor, names: list[str], channels_last: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """Outputs of the submodules ``names`` during one forward of ``model``, in jaxtl layout; those whose names start
+    with one of ``channels_last`` are NHWC in torch too."""
     captured: dict[str, np.ndarray] = {}
-    hooks = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: captured.__setitem__(name, to_nhwc(output))
-        )
-        for name in names
-    ]
+
+    def hook(name: str):
+        layout = name.startswith(channels_last) if channels_last else False
+        return lambda module, inputs, output: captured.__setitem__(name, to_nhwc(output, channels_last=layout))
+
+    hooks = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     try:
         with torch.no_grad():
             model(x)
@@ -331,7 +335,10 @@ def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
 
 
 def _check_export(report: ParityReport, torch_model, jax_model, arch: str, x, expected: np.ndarray) -> None:
-    exported = torchvision.models.get_model(arch, weights=None, num_classes=_num_classes(torch_model))
+    # torchvision's ViTs are built for one image size: the length of their position embeddings.
+    vit = isinstance(torch_model, torchvision.models.VisionTransformer)
+    size = {"image_size": torch_model.image_size} if vit else {}
+    exported = torchvision.models.get_model(arch, weights=None, num_classes=_num_classes(torch_model), **size)
     exported.load_state_dict(to_torchvision(jax_model), strict=True)
     with torch.no_grad():
         report.comparisons.append(compare("export logits", "logits", expected, exported.eval()(x).numpy()))
@@ -342,7 +349,8 @@ def _locate_divergence(mode: str, torch_model, jax_model, x: torch.Tensor, x_nhw
     candidate = nnx.clone(jax_model)
     _set_mode(reference, candidate, mode)
     actual = candidate.forward_intermediates(x_nhwc)
-    expected = torch_intermediates(reference, x, list(actual))
+    # torchvision's Swin computes its stages channels-last: the model names those outputs.
+    expected = torch_intermediates(reference, x, list(actual), getattr(candidate, "torch_channels_last", ()))
     return [f"{mode} mode:", *first_divergence(expected, actual, TOLERANCES[f"{mode} logits"])]
 
 

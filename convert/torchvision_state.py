@@ -15,7 +15,7 @@ from jaxtl.models import list_models
 from jaxtl.models.layers import Linear
 from jaxtl.models.names import dotted_name
 from jaxtl.models.protocol import head_module
-from jaxtl.models.registry import abstract_model, fill_rng_state
+from jaxtl.models.registry import abstract_model, fill_rng_state, get_builder, model_options
 from jaxtl.models.state_dict import check_state_dict, load_state_dict, state_dict, torch_permutations
 from jaxtl.weights import WeightSpec, fill_default_preprocessing
 
@@ -38,15 +38,53 @@ def _drop_bn_counters(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     }
 
 
+def torch_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
+    """torchvision's persistent buffers that ``model`` holds as constants, by state_dict key.
+
+    A module lists them in ``TORCH_BUFFERS`` (Swin's ``relative_position_index``): attributes computed from
+    its configuration, never nnx Variables, so optimizers and checkpoints never see them; only the exchange
+    with torchvision state_dicts does.
+    """
+    return {
+        dotted_name((*path, name)): np.asarray(getattr(module, name))
+        for path, module in nnx.iter_modules(model)
+        for name in getattr(type(module), "TORCH_BUFFERS", ())
+    }
+
+
+def check_torch_buffers(model: nnx.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raises WeightsMismatchError if a buffer of ``state`` that ``model`` holds as a constant differs from it.
+
+    An absent buffer is accepted: it is a constant of the architecture, which the model has already.
+    """
+    mismatched = []
+    for key, constant in torch_buffers(model).items():
+        if key in state:
+            given = _to_numpy(state[key])
+            if given.shape != constant.shape or not np.array_equal(given, constant):
+                mismatched.append(f"{key}: weights {tuple(given.shape)}, model {tuple(constant.shape)} (values differ)")
+    if mismatched:
+        lines = "\n    ".join(mismatched[:25])
+        raise WeightsMismatchError(
+            f"weights from {source} do not fit {type(model).__name__}: {len(mismatched)} buffers differ from the "
+            f"constants the architecture computes (a different window size?):\n    {lines}",
+            mismatched=mismatched,
+        )
+
+
 def torch_to_jaxtl_layout(model: nnx.Module, state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """A torch state_dict as numpy arrays in ``model``'s layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)).
 
     The arrays are views of the tensors' memory where they can be (no copy, for checking shapes):
-    ``load_state_dict`` copies them into a model.
+    ``load_state_dict`` copies them into a model. The buffers ``model`` holds as constants
+    (:func:`torch_buffers`) are left out, as BatchNorm's ``num_batches_tracked`` is.
     """
     permutations = torch_permutations(model)
+    buffers = torch_buffers(model)
     arrays = {}
     for key, tensor in _drop_bn_counters(state).items():
+        if key in buffers:
+            continue
         array = _to_numpy(tensor)
         if key in permutations and array.ndim == len(permutations[key]):
             array = np.transpose(array, permutations[key])
@@ -55,8 +93,13 @@ def torch_to_jaxtl_layout(model: nnx.Module, state: Mapping[str, torch.Tensor]) 
 
 
 @cache
-def _abstract_model(arch: str, num_classes: int) -> nnx.Module:
-    return abstract_model(arch, num_classes=num_classes)
+def _abstract_model(arch: str, num_classes: int, options: tuple = ()) -> nnx.Module:
+    return abstract_model(arch, num_classes=num_classes, **dict(options))
+
+
+def _options(arch: str, state: Mapping[str, torch.Tensor]) -> tuple:
+    """The builder options ``state``'s shapes imply (a ViT's image_size), hashable."""
+    return tuple(sorted(model_options(arch, state).items()))
 
 
 def _head_width(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
@@ -74,16 +117,38 @@ def _head_weight_key(model: nnx.Module) -> str:
     return dotted_name((model.head_name, *linears[-1], "weight"))  # in forward order; () is a bare fc
 
 
+def _roots(keys) -> frozenset[str]:
+    return frozenset(key.split(".")[0] for key in keys)
+
+
+@cache
+def _family_roots(family: str) -> frozenset[str]:
+    """The top-level module names of the first architecture registered by the module ``family``."""
+    arch = next(arch for arch in list_models() if get_builder(arch).__module__ == family)
+    state = nnx.state(_abstract_model(arch, 1000), nnx.Any(nnx.Param, nnx.BatchStat))
+    return _roots(dotted_name(path) for path, _ in nnx.to_flat_state(state))
+
+
+def _candidates(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The architectures to try for ``state``, in registry order: those of the families whose top-level modules
+    are the state's (``conv1``, ``layer1``, ``fc``: a ResNet), so that one abstract model per family is built
+    to rule the others out; every architecture where no family's match."""
+    roots = _roots(state)
+    matching = [arch for arch in list_models() if _family_roots(get_builder(arch).__module__) == roots]
+    return matching or list_models()
+
+
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
     """The registered architecture whose keys and shapes a torchvision state_dict fits exactly."""
     state = _drop_bn_counters(state)
-    for arch in list_models():
+    for arch in _candidates(state):
         num_classes = _head_width(arch, state)
         if num_classes is None:
             continue
-        model = _abstract_model(arch, num_classes)
+        model = _abstract_model(arch, num_classes, _options(arch, state))
         try:
             check_state_dict(model, torch_to_jaxtl_layout(model, state), source="the state_dict")
+            check_torch_buffers(model, state, source="the state_dict")
         except WeightsMismatchError:
             continue
         return arch
@@ -132,7 +197,8 @@ def from_torchvision(
             missing=[head],
         )
     # Shapes only: every array is about to be replaced, so no random init is spent on them.
-    model = abstract_model(arch, num_classes=num_classes)
+    model = abstract_model(arch, num_classes=num_classes, **model_options(arch, state))
+    check_torch_buffers(model, state, source=source)
     load_state_dict(model, torch_to_jaxtl_layout(model, state), source=source)
     fill_rng_state(model)  # dropout and stochastic depth streams: keys, so that it trains
     if spec is None:
@@ -147,7 +213,8 @@ def to_torchvision(model: nnx.Module) -> OrderedDict[str, torch.Tensor]:
 
     Every tensor owns a copy of its values: changing it in place leaves ``model`` as it is. Each
     BatchNorm gets ``num_batches_tracked = 0``: torchvision's BNs use a fixed momentum, so the counter
-    does not enter any computation.
+    does not enter any computation. The buffers the model holds as constants (:func:`torch_buffers`)
+    are written too.
     """
     permutations = torch_permutations(model)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -157,4 +224,6 @@ def to_torchvision(model: nnx.Module) -> OrderedDict[str, torch.Tensor]:
         out[key] = torch.from_numpy(np.array(array, order="C", copy=True))
         if key.endswith(".running_var"):
             out[key[: -len(".running_var")] + BN_COUNTER] = torch.tensor(0, dtype=torch.long)
+    for key, constant in torch_buffers(model).items():
+        out[key] = torch.from_numpy(np.array(constant, copy=True))
     return out

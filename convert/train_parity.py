@@ -178,22 +178,24 @@ def get_recipe(name: str) -> Recipe:
 # --- inputs ---------------------------------------------------------------------------------------
 
 
-def create_training_pair(arch: str, *, num_classes: int = 5, seed: int = 0) -> tuple[torch.nn.Module, nnx.Module]:
+def create_training_pair(
+    arch: str, *, num_classes: int = 5, seed: int = 0, **options: Any
+) -> tuple[torch.nn.Module, nnx.Module]:
     """A random torchvision model ("pretrained": randomised BN statistics) with a new ``num_classes``
     head, replaced as the recipe does (``nn.Linear`` with torch's default init), and its jaxtl conversion.
+    ``options`` go to torchvision's builder (a ViT's ``image_size``: the only input size it takes).
     """
     from convert.random_models import randomized_torchvision_model
     from convert.torchvision_state import from_torchvision
 
-    torch_model = randomized_torchvision_model(arch, num_classes=10, seed=seed)
+    torch_model = randomized_torchvision_model(arch, num_classes=10, seed=seed, **options)
     torch.manual_seed(seed + 1)
-    if isinstance(getattr(torch_model, "fc", None), torch.nn.Linear):
-        torch_model.fc = torch.nn.Linear(torch_model.fc.in_features, num_classes)
-    elif isinstance(getattr(torch_model, "classifier", None), torch.nn.Sequential):
-        in_features = torch_model.classifier[-1].in_features
-        torch_model.classifier[-1] = torch.nn.Linear(in_features, num_classes)
-    else:
-        raise RecipeError(f"{arch}: no fc or classifier head to replace")
+    head_name = torch_blocks(torch_model)["head"][0]
+    head = torch_model.get_submodule(head_name)
+    if isinstance(head, torch.nn.Linear):  # model.fc = nn.Linear(...), model.classifier[3] = nn.Linear(...)
+        torch_model.set_submodule(head_name, torch.nn.Linear(head.in_features, num_classes))
+    else:  # model.classifier[-1] = nn.Linear(...) behind EfficientNet's and MobileNetV2's dropout
+        head[-1] = torch.nn.Linear(head[-1].in_features, num_classes)
     return torch_model, from_torchvision(torch_model, arch, source=f"random torchvision {arch}")
 
 
@@ -247,17 +249,43 @@ def set_batchnorm_eval(module: torch.nn.Module) -> None:
 
 
 def torch_blocks(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Module names of the head and of the last block of a torchvision ResNet or EfficientNet.
+    """Module names of the head and of the last block of a torchvision model, as the recipe names them.
 
-    Read off the torchvision module, independently of jaxtl's ``blocks()``: ResNet's ``fc`` and
-    ``layer4``; EfficientNet's ``classifier``, and its last stage with the 1x1 conv that follows it.
+    Read off the torchvision module, independently of jaxtl's ``blocks()``: ResNet's ``fc`` and ``layer4``;
+    EfficientNet's ``classifier`` and its last stage with the 1x1 conv that follows it; MobileNet's
+    ``classifier`` (V2) or ``classifier.3`` (V3, whose pretrained ``classifier.0`` stays in the backbone, the
+    last block's end) and its last run of blocks of one width with the 1x1 conv that follows them.
     """
     if isinstance(model, torchvision.models.ResNet):
         return {"head": ("fc",), "last_block": ("layer4",)}
     if isinstance(model, torchvision.models.EfficientNet):
         last = len(model.features) - 1
         return {"head": ("classifier",), "last_block": (f"features.{last - 1}", f"features.{last}")}
-    raise RecipeError(f"{type(model).__name__}: the training parity harness knows ResNets and EfficientNets")
+    if isinstance(model, (torchvision.models.MobileNetV2, torchvision.models.MobileNetV3)):
+        last = len(model.features) - 1
+        width = model.features[last - 1].out_channels
+        first = last - 1
+        while first > 1 and model.features[first - 1].out_channels == width:
+            first -= 1
+        stage = tuple(f"features.{i}" for i in range(first, last + 1))
+        if isinstance(model, torchvision.models.MobileNetV3):
+            return {"head": ("classifier.3",), "last_block": (*stage, "classifier.0")}
+        return {"head": ("classifier",), "last_block": stage}
+    if isinstance(model, torchvision.models.ConvNeXt):
+        # classifier[2] is replaced; the last stage of CNBlocks (no downsample follows it) and the pretrained
+        # classifier.0 LayerNorm are the last block.
+        last = len(model.features) - 1
+        return {"head": ("classifier.2",), "last_block": (f"features.{last}", "classifier.0")}
+    if isinstance(model, torchvision.models.SwinTransformer):
+        # head is replaced; the last stage of Swin blocks (no patch merging follows it) and the final norm.
+        return {"head": ("head",), "last_block": (f"features.{len(model.features) - 1}", "norm")}
+    if isinstance(model, torchvision.models.VisionTransformer):
+        # heads.head is replaced (model.heads.head = nn.Linear(...)); the last encoder layer, the final norm and,
+        # where there is one, the pretrained heads.pre_logits are the last block.
+        last = f"encoder.layers.{list(model.encoder.layers.named_children())[-1][0]}"
+        pre_logits = ("heads.pre_logits",) if hasattr(model.heads, "pre_logits") else ()
+        return {"head": ("heads.head",), "last_block": (last, "encoder.ln", *pre_logits)}
+    raise RecipeError(f"{type(model).__name__}: the training parity harness does not know this architecture")
 
 
 def _torch_param_groups(model: torch.nn.Module, phase: RecipePhase) -> dict[str, list[torch.nn.Parameter]]:
@@ -715,11 +743,14 @@ def run_training_parity(
     float64_reference: bool = False,
     multilabel: bool = False,
     pos_weight: Sequence[float] | None = None,
+    builder_options: Mapping[str, Any] | None = None,
 ) -> TrainingParityReport:
-    """:func:`check_training_parity` on a fresh random pair (:func:`create_training_pair`) and batches
+    """:func:`check_training_parity` on a fresh random pair (:func:`create_training_pair`, torchvision's builder
+    given ``builder_options``: ``{"image_size": 32}`` for a ViT on 32x32 batches) and batches
     (``multilabel``: multi-hot targets and binary cross-entropy with ``pos_weight``)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    torch_model, jax_model = create_training_pair(arch, num_classes=num_classes, seed=seed)
+    options = dict(builder_options or {})
+    torch_model, jax_model = create_training_pair(arch, num_classes=num_classes, seed=seed, **options)
     batches = training_batches(
         recipe.steps + 1, batch=batch, size=size, num_classes=num_classes, seed=seed + 1, multilabel=multilabel
     )

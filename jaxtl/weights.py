@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxtl.errors import WeightsError
-from jaxtl.weight_table import TORCHVISION_WEIGHTS
+from jaxtl.weight_table import DEFAULT_EXCEPTIONS, TORCHVISION_WEIGHTS
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
@@ -92,7 +92,8 @@ class WeightSpec:
         source: where the arrays came from: a URL or a file path.
         sha256_prefix: the hash prefix in torchvision's file name (``resnet50-11ad3fa6.pth``), or None.
         sha256: the full sha256 of the source file, once it has been read.
-        num_classes: width of the head the weights were trained with.
+        num_classes: width of the head the weights were trained with; 0 for weights without a classifier head
+            (a self-supervised backbone: loading them gives the model a fresh head of the width asked for).
         categories: class names of that head, or None when unknown.
         preprocessing: the eval preprocessing the weights expect, or None when unknown.
         num_params: parameter count, as torchvision reports it.
@@ -173,8 +174,8 @@ _SPECS: dict[str, dict[str, WeightSpec]] = {}
 for _row in TORCHVISION_WEIGHTS:
     _SPECS.setdefault(_row[0], {})[_row[1]] = _imagenet_spec(*_row)
 
-# torchvision's DEFAULT is the newest ImageNet weight of each architecture.
-_DEFAULTS = {arch: max(names) for arch, names in _SPECS.items()}
+# torchvision's DEFAULT: the newest ImageNet weight of each architecture, or as DEFAULT_EXCEPTIONS says.
+_DEFAULTS = {arch: DEFAULT_EXCEPTIONS.get(arch, max(names)) for arch, names in _SPECS.items()}
 
 
 def list_weights(arch: str) -> list[str]:
@@ -213,7 +214,7 @@ def fill_default_preprocessing(spec: WeightSpec) -> WeightSpec:
     return dataclasses.replace(spec, preprocessing=_SPECS[spec.arch][default].preprocessing)
 
 
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".safetensors")
 
 
 @dataclasses.dataclass(frozen=True)

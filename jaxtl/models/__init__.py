@@ -1,6 +1,8 @@
 """Flax NNX image classifiers with torchvision's names, and the registry that builds them."""
 
-from jaxtl.models import efficientnet, mobilenet, resnet
+from jaxtl.models import convnext, densenet, efficientnet, mobilenet, regnet, resnet, swin, vit
+from jaxtl.models.convnext import ConvNeXt, convnext_base, convnext_large, convnext_small, convnext_tiny
+from jaxtl.models.densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
 from jaxtl.models.efficientnet import (
     EfficientNet,
     efficientnet_b0,
@@ -24,8 +26,27 @@ from jaxtl.models.registry import (
     fill_rng_state,
     list_models,
     load_pretrained,
+    model_options,
     register_model,
     reset_head,
+)
+from jaxtl.models.regnet import (
+    RegNet,
+    regnet_x_1_6gf,
+    regnet_x_3_2gf,
+    regnet_x_8gf,
+    regnet_x_16gf,
+    regnet_x_32gf,
+    regnet_x_400mf,
+    regnet_x_800mf,
+    regnet_y_1_6gf,
+    regnet_y_3_2gf,
+    regnet_y_8gf,
+    regnet_y_16gf,
+    regnet_y_32gf,
+    regnet_y_128gf,
+    regnet_y_400mf,
+    regnet_y_800mf,
 )
 from jaxtl.models.resnet import (
     ResNet,
@@ -41,9 +62,23 @@ from jaxtl.models.resnet import (
     wide_resnet101_2,
 )
 from jaxtl.models.state_dict import load_state_dict, state_dict
+from jaxtl.models.swin import SwinTransformer, swin_b, swin_s, swin_t, swin_v2_b, swin_v2_s, swin_v2_t
+from jaxtl.models.vit import VisionTransformer, vit_b_16, vit_b_32, vit_h_14, vit_l_16, vit_l_32
 
 __all__ = [
     "Classifier",
+    "ConvNeXt",
+    "convnext",
+    "convnext_base",
+    "convnext_large",
+    "convnext_small",
+    "convnext_tiny",
+    "DenseNet",
+    "densenet",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
     "EfficientNet",
     "efficientnet",
     "efficientnet_b0",
@@ -63,6 +98,23 @@ __all__ = [
     "mobilenet_v2",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
+    "RegNet",
+    "regnet",
+    "regnet_x_400mf",
+    "regnet_x_800mf",
+    "regnet_x_1_6gf",
+    "regnet_x_3_2gf",
+    "regnet_x_8gf",
+    "regnet_x_16gf",
+    "regnet_x_32gf",
+    "regnet_y_400mf",
+    "regnet_y_800mf",
+    "regnet_y_1_6gf",
+    "regnet_y_3_2gf",
+    "regnet_y_8gf",
+    "regnet_y_16gf",
+    "regnet_y_32gf",
+    "regnet_y_128gf",
     "ResNet",
     "abstract_model",
     "convert_weights_once",
@@ -83,6 +135,22 @@ __all__ = [
     "resnext101_32x8d",
     "resnext101_64x4d",
     "state_dict",
+    "SwinTransformer",
+    "swin",
+    "swin_b",
+    "swin_s",
+    "swin_t",
+    "swin_v2_b",
+    "swin_v2_s",
+    "swin_v2_t",
     "wide_resnet50_2",
     "wide_resnet101_2",
+    "model_options",
+    "VisionTransformer",
+    "vit",
+    "vit_b_16",
+    "vit_b_32",
+    "vit_h_14",
+    "vit_l_16",
+    "vit_l_32",
 ]

@@ -1,4 +1,4 @@
-"""torchvision.ops' Conv2dNormActivation and SqueezeExcitation, the blocks EfficientNet and MobileNet share."""
+"""torchvision.ops' Conv2dNormActivation and SqueezeExcitation, and torch's Sequential of named children."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from jaxtl.models.initializers import kaiming_normal_fan_out, zeros_init
+from jaxtl.models.initializers import Initializer, kaiming_normal_fan_out, zeros_init
 from jaxtl.models.layers import Activation, BatchNorm2d, Conv2d, Sequential, global_avg_pool
 
 Array = jax.Array
@@ -79,9 +79,12 @@ class SqueezeExcitation(nnx.Module):
         *,
         activation: ActivationFunction,
         scale_activation: ActivationFunction,
+        bias_init: Initializer | None = zeros_init,
         rngs: nnx.Rngs,
     ):
-        common = dict(kernel_init=kaiming_normal_fan_out, bias_init=zeros_init, bias=True, rngs=rngs)
+        # EfficientNet's and MobileNet's init zeroes conv biases; RegNet's leaves them at torch's default
+        # (bias_init=None: U(+-1/sqrt(fan_in))).
+        common = dict(kernel_init=kaiming_normal_fan_out, bias_init=bias_init, bias=True, rngs=rngs)
         self.fc1 = Conv2d(input_channels, squeeze_channels, 1, **common)
         self.fc2 = Conv2d(squeeze_channels, input_channels, 1, **common)
         self.activation = activation
@@ -91,3 +94,21 @@ class SqueezeExcitation(nnx.Module):
         scale = global_avg_pool(x)[:, None, None, :]
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
         return scale * x
+
+
+class NamedSequential(nnx.Module):
+    """torch.nn.Sequential built from an OrderedDict (or a ModuleDict run in order): children by name.
+
+    Names are torchvision's, hyphens included (RegNet's ``block1-0``), so paths read
+    ``trunk_output.block1.block1-0.f.a.0.weight``; the children run in the order given.
+    """
+
+    def __init__(self, children: dict[str, nnx.Module]):
+        self.child_names = tuple(children)
+        for name, child in children.items():
+            setattr(self, name, child)
+
+    def __call__(self, x: Array) -> Array:
+        for name in self.child_names:
+            x = getattr(self, name)(x)
+        return x

@@ -109,3 +109,26 @@ def uniform_init(bound: float) -> Initializer:
         return _uniform(key, shape, dtype, bound)
 
     return init
+
+
+def trunc_normal_init(std: float, a: float = -2.0, b: float = 2.0) -> Initializer:
+    """torch ``nn.init.trunc_normal_(w, mean=0, std=std, a=a, b=b)``: N(0, std^2) restricted to [a, b].
+
+    As in torch, ``a`` and ``b`` are absolute bounds, not multiples of ``std``: with torch's defaults (+-2) and
+    the std of 0.02 that ConvNeXt, ViT and Swin use, the truncation lies 100 standard deviations out.
+    """
+
+    def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        if _SHAPES_ONLY.get():
+            return jnp.zeros(shape, dtype)
+        rng = _numpy_generator(key)
+        if rng is None:
+            return std * jax.random.truncated_normal(key, a / std, b / std, shape, dtype)
+        values = rng.standard_normal(shape) * std
+        outside = (values < a) | (values > b)
+        while outside.any():  # redraw the rare values outside [a, b]: the truncated distribution exactly
+            values[outside] = rng.standard_normal(int(outside.sum())) * std
+            outside = (values < a) | (values > b)
+        return jnp.asarray(values, dtype)
+
+    return init

@@ -1,4 +1,4 @@
-"""Torch-faithful layers: Conv2d, BatchNorm2d, Linear, Sequential, Activation, StochasticDepth and pooling.
+"""Torch-faithful layers: Conv2d, BatchNorm2d, LayerNorm, Linear, Sequential, Activation, StochasticDepth and pooling.
 
 Every layer stores its parameters under torch's attribute names (``weight``, ``bias``,
 ``running_mean``, ``running_var``) so that the dotted path of a parameter is the torchvision
@@ -145,6 +145,32 @@ class BatchNorm2d(nnx.Module):
         self.running_mean.set_value(new_mean)
         self.running_var.set_value(new_var)
         return y
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis (torchvision's channels-last LayerNorm2d too, as activations are NHWC).
+
+    Normalised with the biased variance, in shifted two-pass form, in float32 at least whatever the
+    activation dtype, as torch computes it.
+
+    Attributes:
+        weight, bias: shape (normalized_shape,), torch's ones and zeros at init.
+    """
+
+    def __init__(self, normalized_shape: int, *, eps: float = 1e-5):
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.weight = nnx.Param(jnp.asarray(np.ones((normalized_shape,), np.float32)))
+        self.bias = nnx.Param(jnp.asarray(np.zeros((normalized_shape,), np.float32)))
+
+    def __call__(self, x: Array) -> Array:
+        """(..., C) -> (..., C)."""
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+        return y.astype(x.dtype)
 
 
 class Linear(nnx.Module):

@@ -38,7 +38,8 @@ class Classifier(Protocol):
 
         The first block is ``"stem"``, the last ``"head"`` (its prefixes under ``head_name``), the
         stages between them; e.g. ResNet's ``("stem", ("conv1.", "bn1.")), ("layer1", ("layer1.",)),
-        ..., ("head", ("fc.",))``. Each prefix ends in a dot, and every parameter's dotted name
+        ..., ("head", ("fc.",))``. Each prefix ends in a dot, or is a whole parameter's name where the model
+        holds the parameter itself (ViT's ``class_token``), and every parameter's dotted name
         (:func:`jaxtl.models.names.dotted_name`) starts with exactly one of them.
         """
         ...

@@ -8,8 +8,9 @@ import functools
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,15 +71,27 @@ def _no_tracer_provenance() -> Iterator[None]:
         tracer._origin_msg = original
 
 
-def abstract_model(arch: str, *, num_classes: int = 1000) -> nnx.Module:
+def model_options(arch: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder options beyond ``num_classes`` that a state_dict's shapes imply; {} for most architectures.
+
+    A ViT's position embeddings are as long as the image size it was built for (torchvision's SWAG weights:
+    384, 512, 518): ``{"image_size": 384}``. A builder with such options says so with an
+    ``options_from_state(state)`` attribute; ``state`` maps keys to anything with a shape, in either layout.
+    """
+    options_of = getattr(get_builder(arch), "options_from_state", None)
+    return {} if options_of is None else dict(options_of(state))
+
+
+def abstract_model(arch: str, *, num_classes: int = 1000, **options: Any) -> nnx.Module:
     """``arch`` with shapes and dtypes but no arrays (``jax.ShapeDtypeStruct`` leaves), built without compute.
 
     For inspecting an architecture (names, shapes, parameter counts) and as the target that
     ``load_state_dict`` fills with converted weights. Its ``weight_spec`` says it holds no values, and
-    carries the preprocessing of ``arch``'s DEFAULT weights.
+    carries the preprocessing of ``arch``'s DEFAULT weights. ``options`` go to the builder (a ViT's
+    ``image_size``, see :func:`model_options`).
     """
-    # A copy of one build per (arch, num_classes): conversion fills the model it gets in place.
-    model = nnx.clone(_abstract_template(arch, num_classes))
+    # A copy of one build per (arch, num_classes, options): conversion fills the model it gets in place.
+    model = nnx.clone(_abstract_template(arch, num_classes, tuple(sorted(options.items()))))
     model.weight_spec = jaxtl_weights.make_random_init_spec(
         arch, num_classes, source="none: an abstract model holds shapes, not values", name="abstract"
     )
@@ -86,10 +99,10 @@ def abstract_model(arch: str, *, num_classes: int = 1000) -> nnx.Module:
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_template(arch: str, num_classes: int) -> nnx.Module:
+def _abstract_template(arch: str, num_classes: int, options: tuple[tuple[str, Any], ...] = ()) -> nnx.Module:
     builder = get_builder(arch)
     with _no_tracer_provenance(), shapes_only():
-        return nnx.eval_shape(lambda: builder(num_classes=num_classes, rngs=nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: builder(num_classes=num_classes, rngs=nnx.Rngs(0), **dict(options)))
 
 
 def convert_weights_once(resolved: jaxtl_weights.ResolvedWeights, *, download_timeout_s: float | None = None) -> Path:
@@ -125,7 +138,8 @@ def create(
         arch: a name from ``list_models()``, e.g. ``"resnet50"``.
         num_classes: width of the classifier head. Defaults to the weights' (1000 without weights).
             With weights of another width, the backbone is loaded and the head freshly initialised
-            as a new ``nn.Linear`` is, from ``seed`` (:func:`reset_head`).
+            as a new ``nn.Linear`` is, from ``seed`` (:func:`reset_head`). Required with weights that have
+            no head (a self-supervised backbone, whose spec says ``num_classes=0``).
         weights: None for torchvision's own random init; a converted-weights directory; a torchvision
             weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``); or a torch state_dict file (.pth). A name
             not converted yet, and a file, are converted once into jaxtl's cache, which needs torch and
@@ -156,8 +170,13 @@ def _create_from(
     arch = resolved.arch
     if spec.arch != arch:
         raise WeightsError(f"weights in {path} are for {spec.arch}, not {arch}; use create({spec.arch!r}, ...)")
+    if num_classes is None and spec.num_classes == 0:
+        raise WeightsError(
+            f"weights in {path} ({spec.name}) have no classifier head: pass num_classes=N to give {arch} a fresh "
+            "N-way head"
+        )
     num_classes = spec.num_classes if num_classes is None else num_classes
-    model = _shaped(arch, num_classes, seed)
+    model = _shaped(arch, num_classes, seed, model_options(arch, state))
     fresh_head = (f"{model.head_name}.",) if num_classes != spec.num_classes else ()
     load_state_dict(model, state, source=str(path), ignore_prefixes=fresh_head)
     if fresh_head:
@@ -170,11 +189,11 @@ def _create_from(
     return model
 
 
-def _shaped(arch: str, num_classes: int, seed: int) -> nnx.Module:
+def _shaped(arch: str, num_classes: int, seed: int, options: Mapping[str, Any] | None = None) -> nnx.Module:
     """``arch`` built with shapes only (``nnx.eval_shape``) but its random streams (dropout's, stochastic
     depth's), which get keys from ``seed``: every parameter and statistic is about to be replaced by the
     weights' or the fresh head's, and drawing them first took half a second for ResNet-18."""
-    model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(seed)))
+    model = nnx.eval_shape(lambda: get_builder(arch)(num_classes=num_classes, rngs=nnx.Rngs(seed), **(options or {})))
     streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
     for index, stream in enumerate(streams):
         stream.key.set_value(jax.random.fold_in(jax.random.key(seed), index))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from jaxtl.models.layers import BatchNorm2d
+from jaxtl.models.layers import BatchNorm2d, LayerNorm
 from jaxtl.models.names import dotted_name
 from jaxtl.models.protocol import missing_members
 from jaxtl.optim.groups import ParamGroupError, Rule
@@ -163,17 +163,23 @@ def surgical(block: str) -> Policy:
 
 
 def bitfit(model: nnx.Module) -> list[Rule]:
-    """BitFit: the head and every bias train (BatchNorm biases in BN-only ResNets); the rest is frozen."""
+    """BitFit: the head and every bias train (BatchNorm biases in BN-only ResNets; the query, key and value biases of
+    an attention's packed ``in_proj_bias``); the rest is frozen."""
     *_, (_, head) = _blocks(model)
-    return [*_prefix_rules(head, group="head"), Rule("*.bias", group="biases"), Rule("*", group="frozen", frozen=True)]
+    biases = Rule(r"re:.*[._]bias", group="biases")
+    return [*_prefix_rules(head, group="head"), biases, Rule("*", group="frozen", frozen=True)]
 
 
 def norm_only(model: nnx.Module) -> list[Rule]:
-    """The head and every BatchNorm's weight and bias train, with batch statistics; the rest is frozen."""
+    """The head and every normalisation layer's weight and bias train (BatchNorm with batch statistics, LayerNorm);
+    the rest is frozen."""
     *_, (_, head) = _blocks(model)
-    norms = [dotted_name(p) for p, m in nnx.iter_modules(model) if isinstance(m, BatchNorm2d)]
+    modules = list(nnx.iter_modules(model))
+    batch_norms = [dotted_name(p) for p, m in modules if isinstance(m, BatchNorm2d)]
+    layer_norms = [dotted_name(p) for p, m in modules if isinstance(m, LayerNorm)]
     rules = _prefix_rules(head, group="head")
-    rules += [Rule(f"{name}.*", group="norms", bn="train") for name in norms]
+    rules += [Rule(f"{name}.*", group="norms", bn="train") for name in batch_norms]
+    rules += [Rule(f"{name}.*", group="norms") for name in layer_norms]
     return rules + [Rule("*", group="frozen", frozen=True)]
 
 

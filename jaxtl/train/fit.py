@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxtl import models
 from jaxtl.config import ConfigError, RunConfig, config_from_dict, load_config, read_config_file
+from jaxtl.models.names import dotted_name
 from jaxtl.optim import Freezing
 from jaxtl.train import checkpoint as ckpt
 from jaxtl.train import distributed
@@ -297,7 +298,9 @@ def run_model(config: RunConfig, model, num_classes: int, meta: CheckpointMeta |
 
 def _check_model(model: nnx.Module, arch: str, num_classes: int) -> None:
     """A caller's model must be ``arch`` (set model.arch to its architecture) with ``num_classes`` outputs."""
-    expected = _shapes(models.abstract_model(arch, num_classes=num_classes))
+    arrays = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    options = models.model_options(arch, {dotted_name(path): variable.get_value() for path, variable in arrays})
+    expected = _shapes(models.abstract_model(arch, num_classes=num_classes, **options))
     if _shapes(model) != expected:
         head = getattr(model, "num_classes", "?")
         raise RunError(

@@ -74,10 +74,11 @@ def load_checkpoint(checkpoint: str | Path, *, average: bool = True) -> tuple[nn
     (what validation measured and ``best`` was chosen by) unless ``average=False``.
     """
     meta = CheckpointMeta.from_json(ckpt.load_meta(checkpoint), str(checkpoint))
-    model = models.abstract_model(meta.arch, num_classes=meta.num_classes)
     arrays = ckpt.load_arrays(checkpoint)
-    chosen = arrays["ema"] if average and "ema" in arrays else arrays["model"]
-    load_model_arrays(model, chosen, source=str(checkpoint))
+    chosen = flatten_arrays(dict(arrays["ema"] if average and "ema" in arrays else arrays["model"]))
+    # Built as the weights were (a ViT fine-tuned from SWAG weights holds 384-pixel position embeddings).
+    model = models.abstract_model(meta.arch, num_classes=meta.num_classes, **models.model_options(meta.arch, chosen))
+    load_state_dict(model, chosen, source=str(checkpoint))
     models.fill_rng_state(model)
     model.eval()
     model.weight_spec = WeightSpec(

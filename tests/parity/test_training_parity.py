@@ -24,6 +24,7 @@ from convert.train_parity import (
     create_training_pair,
     get_recipe,
     run_training_parity,
+    torch_blocks,
     training_batches,
 )
 
@@ -41,7 +42,7 @@ CASES = [
     )
     for arch in ARCHS
     for name in RECIPES
-]
+] + [pytest.param("mobilenet_v3_large", "progressive_unfreezing", marks=pytest.mark.slow)]
 # Recipes that train EfficientNet blocks with BatchNorm in train mode: see float32_walks.
 FLOAT32_WALKS = {("efficientnet_b0", name) for name in ("differential_lr", "progressive_unfreezing", "bn_train")}
 # Beyond the float32 bound for no reason but rounding: the squeeze-excitation bias of features.6.0,
@@ -49,6 +50,23 @@ FLOAT32_WALKS = {("efficientnet_b0", name) for name in ("differential_lr", "prog
 # ends 5.6e-4 apart (relative L2; 4e-7 absolute). The float64 runs of the same recipe agree there
 # to 1e-13 (test_float64_runs_agree_to_1e_10): the implementation is exact, float32 is not.
 FLOAT32_ROUNDING = {("efficientnet_b0", "progressive_unfreezing"): {"features.6.0.block.2.fc2.bias"}}
+# MobileNetV3-Large's squeeze-excitation biases likewise: torchvision zeroes them and the random "pretrained"
+# model keeps them zero, so each holds nothing but its last phase's 6 updates at 1e-5, which float32 resolves
+# to ~1e-4 of themselves: one or two of them end 1.1e-4-1.6e-4 apart (relative; under 4e-7 absolute), which ones
+# depending on XLA's fusion choices. The float64 runs agree there to 1e-10.
+FLOAT32_ZERO_STARTED = {("mobilenet_v3_large", "progressive_unfreezing"): "squeeze-excitation biases"}
+
+
+def zero_started_biases(torch_model: torch.nn.Module) -> set[str]:
+    """The squeeze-excitation biases of a torchvision MobileNetV3, which start at zero."""
+    return {
+        f"{name}.{layer}.bias"
+        for name, module in torch_model.named_modules()
+        if isinstance(module, torchvision.ops.SqueezeExcitation)
+        for layer in ("fc1", "fc2")
+    }
+
+
 # Run with PyTorch's float64 run beside it, to show the walk is float32's, not jaxtl's: see
 # assert_beyond_float32_only_where_torch_is_too.
 FLOAT64_REFERENCE = {("efficientnet_b0", "bn_train")}
@@ -80,6 +98,9 @@ def test_recipe_matches_pytorch_step_for_step(arch, name):
     torch_model, _ = create_training_pair(arch)
     explained = float32_walks(torch_model) if (arch, name) in FLOAT32_WALKS else set()
     explained |= FLOAT32_ROUNDING.get((arch, name), set())
+    if (arch, name) in FLOAT32_ZERO_STARTED:
+        explained |= zero_started_biases(torch_model)
+        assert all(c.max_abs < 1e-6 for c in report.failures), report.format()
     # Everything else within the bounds, losses at every step included (the explained ones fail in fact).
     assert not [c for c in report.failures if c.name not in explained], report.format()
     assert report.dtype == "float32"
@@ -97,7 +118,9 @@ def test_recipe_matches_pytorch_step_for_step(arch, name):
     # Not vacuous: what the recipe trains changed, and the running statistics changed exactly
     # where BatchNorm ran in train mode.
     changed = {c.name for c in report.of("updates")}
-    head = "fc." if arch.startswith("resnet") else "classifier.1."
+    head = f"{torch_blocks(torch_model)['head'][0]}."
+    if isinstance(torch_model.get_submodule(head[:-1]), torch.nn.Sequential):
+        head += f"{len(torch_model.get_submodule(head[:-1])) - 1}."
     assert {f"{head}weight", f"{head}bias"} <= changed
     changed_stats = {n for n in changed if n.endswith((".running_mean", ".running_var"))}
     if name in ("feature_extraction", "bn_eval"):
@@ -125,15 +148,18 @@ def assert_beyond_float32_only_where_torch_is_too(report):
 
 
 @pytest.mark.slow
-def test_float64_runs_agree_to_1e_10():
-    # The three phases of progressive unfreezing on EfficientNet-B0, both sides float64 from end to
-    # end: every loss, parameter, running statistic and the eval logits within relative 1e-10,
-    # the float32 walks and FLOAT32_ROUNDING's tensor included.
-    report = run_training_parity("efficientnet_b0", "progressive_unfreezing", float64=True)
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_large"])
+def test_float64_runs_agree_to_1e_10(arch):
+    # The three phases of progressive unfreezing, both sides float64 from end to end: every loss,
+    # parameter, running statistic and the eval logits within relative 1e-10, the float32 walks and
+    # FLOAT32_ROUNDING's tensors included.
+    report = run_training_parity(arch, "progressive_unfreezing", float64=True)
     assert report.passed and report.dtype == "float64", report.format()
     assert report.input_shape == (8, 64, 64, 3)
     final = {c.name: c for c in report.of("parameters") + report.of("running stats")}
-    for name in FLOAT32_ROUNDING[("efficientnet_b0", "progressive_unfreezing")]:
+    torch_model, _ = create_training_pair(arch)
+    rounding = FLOAT32_ROUNDING.get((arch, "progressive_unfreezing")) or zero_started_biases(torch_model)
+    for name in rounding:
         assert final[name].rel_l2 < 1e-10, report.format()
     assert all(c.passed for c in report.of("frozen torch") + report.of("frozen jaxtl"))
 

@@ -67,10 +67,11 @@ def test_export_is_loadable_strictly_with_every_torchvision_key():
     [
         ("resnet18", 10),
         ("resnet50", 1000),
-        ("wide_resnet50_2", 3),
-        ("efficientnet_b1", 7),
+        pytest.param("wide_resnet50_2", 3, marks=pytest.mark.slow),
+        pytest.param("efficientnet_b1", 7, marks=pytest.mark.slow),
         pytest.param("efficientnet_v2_s", 5, marks=pytest.mark.slow),
-        ("mobilenet_v3_large", 7),  # the width of classifier.3, not of the hidden classifier.0 (1280)
+        # the width of classifier.3, not of the hidden classifier.0 (1280)
+        pytest.param("mobilenet_v3_large", 7, marks=pytest.mark.slow),
         pytest.param("mobilenet_v2", 1000, marks=pytest.mark.slow),
         pytest.param("mobilenet_v3_small", 3, marks=pytest.mark.slow),
     ],
@@ -150,7 +151,11 @@ def _train_one_sgd_step(torch_model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch, bn, head", [("resnet18", "bn1", "fc"), ("efficientnet_b0", "features.0.1", "classifier.1")]
+    "arch, bn, head",
+    [
+        ("resnet18", "bn1", "fc"),
+        pytest.param("efficientnet_b0", "features.0.1", "classifier.1", marks=pytest.mark.slow),
+    ],
 )
 @pytest.mark.parametrize("given", ["module", "state_dict"])
 def test_a_converted_model_shares_no_memory_with_the_torch_module(arch, bn, head, given):

@@ -9,6 +9,7 @@ export round trip.
 import pytest
 import torch
 import torchvision
+from archs import by_family
 from flax import nnx
 
 import jaxtl.models
@@ -61,7 +62,7 @@ def test_converted_model_matches_torchvision(arch, size):
     assert sum(c.check == "running stats" for c in report.comparisons) == 2 * bn_count
 
 
-@pytest.mark.parametrize("arch", RESNETS + EFFICIENTNETS + MOBILENETS)
+@pytest.mark.parametrize("arch", by_family(RESNETS + EFFICIENTNETS + MOBILENETS))
 def test_batch_norm_eps_and_momentum_are_torchvisions(arch):
     torch_model = torchvision.models.get_model(arch, weights=None)
     jax_model = jaxtl.models.abstract_model(arch)

@@ -2,6 +2,7 @@
 
 import pytest
 import torchvision
+from archs import by_family
 from torchvision.transforms import InterpolationMode
 
 import jaxtl.models
@@ -18,7 +19,7 @@ def test_every_architecture_has_its_torchvision_weights():
         assert weights.default_weights(arch) == enum.DEFAULT.name
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", by_family(ARCHS))
 def test_spec_equals_the_torchvision_enum(arch):
     for member in torchvision.models.get_model_weights(arch):
         spec = weights.get_weight_spec(arch, member.name)

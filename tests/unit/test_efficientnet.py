@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from archs import by_family
 from flax import nnx
 
 import jaxtl.models
@@ -30,7 +31,7 @@ def _abstract(arch):
     return jaxtl.models.abstract_model(arch)
 
 
-@pytest.mark.parametrize("arch", sorted(TORCHVISION_NUM_PARAMS))
+@pytest.mark.parametrize("arch", by_family(sorted(TORCHVISION_NUM_PARAMS)))
 def test_parameter_count_and_settings_equal_torchvision(arch):
     model = _abstract(arch)
     params = nnx.state(model, nnx.Param)

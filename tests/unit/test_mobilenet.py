@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from archs import by_family
 from flax import nnx
 
 import jaxtl.models
@@ -24,7 +25,7 @@ def _shapes(model):
     return {".".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("arch", sorted(TORCHVISION))
+@pytest.mark.parametrize("arch", by_family(sorted(TORCHVISION)))
 def test_parameter_count_and_settings_equal_torchvision(arch):
     model = jaxtl.models.abstract_model(arch)
     num_params, eps, momentum, num_features = TORCHVISION[arch]
@@ -116,6 +117,7 @@ def test_forward_shapes_and_intermediates(arch, pool):
     assert stages == [f"features.{i}" for i in range(len(model.features))] + pool + ["classifier"]
 
 
+@pytest.mark.slow
 def test_classifier_init_is_torchvisions_and_a_fresh_head_resets_the_last_linear_only():
     """The recipe's new head: ``model.classifier[3] = nn.Linear(1280, num_classes)``; classifier.0 is kept."""
     model = jaxtl.models.create("mobilenet_v3_small", num_classes=10, seed=0)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from archs import by_family
 from flax import nnx
 
 import jaxtl.models
@@ -32,7 +33,7 @@ def test_registry_lists_the_whole_resnet_family():
     assert set(TORCHVISION_NUM_PARAMS) <= set(jaxtl.models.list_models())
 
 
-@pytest.mark.parametrize("arch", sorted(TORCHVISION_NUM_PARAMS))
+@pytest.mark.parametrize("arch", by_family(sorted(TORCHVISION_NUM_PARAMS)))
 def test_parameter_count_equals_torchvision(arch):
     model = jaxtl.models.abstract_model(arch)
     params = nnx.state(model, nnx.Param)

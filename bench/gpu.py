@@ -2,8 +2,8 @@
 
 Cases, each timed for both frameworks in alternating rounds after warm-up (medians, ratio jaxtl/torch):
 
-- train: full fine-tuning steps of ResNet50, ResNet18 and EfficientNet-B0 at 224 in bf16 on
-  device-resident synthetic batches. jaxtl: ``make_train_step`` with bf16 compute on float32
+- train: full fine-tuning steps of ResNet50, ResNet18, EfficientNet-B0, ConvNeXt-tiny and ViT-B/16 at 224 in
+  bf16 on device-resident synthetic batches. jaxtl: ``make_train_step`` with bf16 compute on float32
   parameters and BatchNorm statistics, AdamW through ``build_optimizer``, uint8 NHWC batches
   normalised inside the step. PyTorch: ``torch.autocast(bfloat16)``, channels_last, fused AdamW,
   float32 NCHW batches already normalised (its usual input). Then the same PyTorch step under
@@ -99,7 +99,8 @@ class Settings:
 
 
 GPU = Settings(
-    archs=("resnet50", "resnet18", "efficientnet_b0"), batch=256, eval_batch=512, size=224, num_classes=100,
+    archs=("resnet50", "resnet18", "efficientnet_b0", "convnext_tiny", "vit_b_16"), batch=256, eval_batch=512, size=224,
+    num_classes=100,
     steps=20, rounds=5, loader_arch="resnet50", loader_images=2560, workers=min(16, os.cpu_count() or 1),
     compile=True, budget_s=420,
 )  # fmt: skip
@@ -500,7 +501,10 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any backend (for the test suite)")
-    parser.add_argument("--archs", help="comma-separated architectures (default: resnet50,resnet18,efficientnet_b0)")
+    parser.add_argument(
+        "--archs",
+        help="comma-separated architectures (default: resnet50,resnet18,efficientnet_b0,convnext_tiny,vit_b_16)",
+    )
     parser.add_argument("--batch", type=int, help="train batch size (default 256)")
     parser.add_argument("--steps", type=int, help="steps per timed round (default 20)")
     parser.add_argument("--rounds", type=int, help="timed rounds per framework (default 5)")

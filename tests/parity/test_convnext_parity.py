@@ -29,6 +29,9 @@ from jaxtl.models.state_dict import torch_permutations
 
 CONVNEXTS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
 QUICK = {"convnext_tiny"}
+# The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of the
+# smaller members whose gradients are compared, and their float64 copies take 10 GB and more.
+NO_GRADIENTS = {"convnext_small", "convnext_base", "convnext_large"}
 
 
 def _quick_or_slow(arch: str):
@@ -42,10 +45,11 @@ def test_converted_model_matches_torchvision(arch):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 35, 45, generator=generator)  # features 8x11, 4x5, 2x2, 1x1: every stride floors
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
     assert report.passed, report.format()
-    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
-    assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
+    if arch not in NO_GRADIENTS:
+        assert report.worst("gradients").rel_l2 < 1e-9, report.format()
+        assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     # The random model is a meaningful test: branches of order one, logits of order one.
     with torch.no_grad():
         logits = torch_model(x)

@@ -38,6 +38,9 @@ SIZES |= {arch: [(97, 131), (64, 64)] for arch in ("resnet18", "resnet50")}
 SIZES |= {arch: [(33, 41)] for arch in EFFICIENTNETS}
 SIZES |= {arch: [(57, 71)] for arch in ("efficientnet_b0", "efficientnet_v2_s", "efficientnet_v2_l")}
 SIZES |= {"mobilenet_v2": [(57, 71)], "mobilenet_v3_large": [(33, 41)], "mobilenet_v3_small": [(33, 41)]}
+# The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of the
+# smaller members (B0-B5, V2-S) whose gradients are compared, and their float64 copies take 10 GB and more.
+NO_GRADIENTS = {"efficientnet_b6", "efficientnet_b7", "efficientnet_v2_m", "efficientnet_v2_l"}
 CASES = [
     pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
     for arch, sizes in SIZES.items()
@@ -52,12 +55,14 @@ def test_converted_model_matches_torchvision(arch, size):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
     assert report.passed, report.format()
-    # Gradients are compared in float64 (see check_parity): far inside the contract's 1e-4.
-    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
-    # Every parameter and every BN statistic took part.
-    assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
+    if arch not in NO_GRADIENTS:
+        # Gradients are compared in float64 (see check_parity): far inside the contract's 1e-4.
+        assert report.worst("gradients").rel_l2 < 1e-9, report.format()
+        # Every parameter took part.
+        assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
+    # Every BN statistic took part.
     bn_count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_model.modules())
     assert sum(c.check == "running stats" for c in report.comparisons) == 2 * bn_count
 

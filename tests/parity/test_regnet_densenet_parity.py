@@ -35,6 +35,9 @@ SHAPES_ONLY = {"regnet_y_128gf"}
 # RegNetY-400MF: the squeeze-excitation path too, and faster than RegNetX-400MF (16 blocks, not 22).
 QUICK = {("regnet_y_400mf", (33, 41)), ("densenet121", (97, 105))}
 SIZES = {arch: (33, 41) for arch in REGNETS if arch not in SHAPES_ONLY} | {arch: (97, 105) for arch in DENSENETS}
+# The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of the
+# smaller members whose gradients are compared, and their float64 copies take 10 GB and more.
+NO_GRADIENTS = {arch for arch in REGNETS + DENSENETS if not arch.endswith(("400mf", "1_6gf", "densenet121"))}
 CASES = [
     pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
     for arch, size in SIZES.items()
@@ -64,10 +67,11 @@ def test_converted_model_matches_torchvision(arch, size):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
     assert report.passed, report.format()
-    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
-    assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
+    if arch not in NO_GRADIENTS:
+        assert report.worst("gradients").rel_l2 < 1e-9, report.format()
+        assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     bn_count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_model.modules())
     assert sum(c.check == "running stats" for c in report.comparisons) == 2 * bn_count
 

@@ -38,6 +38,9 @@ SWINS = ["swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"]
 # (no shift); window 8: stage 1 pads to 8x16, shifting along W only (a zero shift in torchvision's mask slices).
 # 64x72: maps 16x18 and 8x9, both padded and shifted, for either window. Patch merging pads every odd side.
 QUICK = {("swin_t", (32, 40))}
+# The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of the
+# smaller members whose gradients are compared, and their float64 copies take 10 GB and more.
+NO_GRADIENTS = {"swin_s", "swin_b", "swin_v2_s", "swin_v2_b"}
 SIZES = {arch: [(32, 40)] for arch in SWINS} | {"swin_t": [(32, 40), (64, 72)], "swin_v2_t": [(32, 40), (64, 72)]}
 CASES = [
     pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
@@ -53,10 +56,11 @@ def test_converted_model_matches_torchvision(arch, size):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
     assert report.passed, report.format()
-    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
-    assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
+    if arch not in NO_GRADIENTS:
+        assert report.worst("gradients").rel_l2 < 1e-9, report.format()
+        assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     assert not report.of("running stats")  # no BatchNorm
     with torch.no_grad():  # the random model is a meaningful test: logits of order one
         assert 0.3 < float(torch_model(x).std()) < 3

@@ -35,6 +35,9 @@ from jaxtl.models.vit import VisionTransformer, interpolate_pos_embedding
 
 # (arch, image size of the torchvision model and of the batch); the smallest grid each patch size allows is 2x2
 # (1x1 for the /32 models at 32 would leave the attention nothing to mix).
+# The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of
+# B/16 and B/32 whose gradients are compared, and their float64 copies take 10 GB and more.
+NO_GRADIENTS = {("vit_l_16", 32), ("vit_l_32", 64), ("vit_b_16", 224)}  # B/16 at 224: the same model as at 32
 CASES = [
     pytest.param("vit_b_16", 32, id="vit_b_16-32"),
     pytest.param("vit_b_32", 64, id="vit_b_32-64", marks=pytest.mark.slow),
@@ -78,10 +81,12 @@ def test_converted_model_matches_torchvision(arch, size):
     jax_model = from_torchvision(torch_model, arch)  # its image_size read off the position embeddings
     assert jax_model.image_size == size and jax_model.weight_spec.arch == arch
     x, labels = _batch((size, size))
-    report = check_parity(torch_model, jax_model, arch, x, labels)
+    gradients = (arch, size) not in NO_GRADIENTS
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
-    assert report.worst("gradients").rel_l2 < 1e-9, report.format()
-    assert len(report.of("gradients")) == len(list(torch_model.parameters()))
+    if gradients:
+        assert report.worst("gradients").rel_l2 < 1e-9, report.format()
+        assert len(report.of("gradients")) == len(list(torch_model.parameters()))
     assert report.worst("export logits").max_abs == 0.0, report.format()
 
 

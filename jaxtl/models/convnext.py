@@ -22,7 +22,16 @@ import numpy as np
 from flax import nnx
 
 from jaxtl.models.initializers import trunc_normal_init, zeros_init
-from jaxtl.models.layers import Activation, Conv2d, LayerNorm, Linear, Sequential, StochasticDepth, global_avg_pool
+from jaxtl.models.layers import (
+    Activation,
+    Conv2d,
+    LayerNorm,
+    Linear,
+    Sequential,
+    StochasticDepth,
+    gelu,
+    global_avg_pool,
+)
 from jaxtl.models.protocol import head_module
 from jaxtl.models.registry import register_model
 
@@ -39,11 +48,6 @@ def permute(x: Array) -> Array:
 def flatten(x: Array) -> Array:
     """nn.Flatten(1) of the pooled (N, C, 1, 1) features: jaxtl's pooled features are (N, C) already."""
     return x
-
-
-def gelu(x: Array) -> Array:
-    """nn.GELU(): the exact, erf-based GELU (not the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, rngs: nnx.Rngs, **kwargs) -> Conv2d:

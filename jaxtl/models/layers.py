@@ -227,6 +227,11 @@ class Activation(nnx.Module):
         return self.function(x)
 
 
+def gelu(x: Array) -> Array:
+    """torch.nn.GELU(): the exact, erf-based GELU (``jax.nn.gelu`` defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
 class StochasticDepth(nnx.Dropout):
     """torchvision.ops.StochasticDepth in "row" mode: drops a whole sample's residual branch.
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtl.models.layers import Activation, Conv2d, LayerNorm, Sequential, StochasticDepth, global_avg_pool
+from jaxtl.models.layers import Activation, Conv2d, LayerNorm, Sequential, StochasticDepth, gelu, global_avg_pool
 from jaxtl.models.registry import register_model
 from jaxtl.models.swin_attention import ShiftedWindowAttention, ShiftedWindowAttentionV2, Window, linear
 
@@ -32,11 +32,6 @@ Array = jax.Array
 def permute(x: Array) -> Array:
     """torchvision's Permute([0, 2, 3, 1]) after the patch conv: the identity on channels-last activations."""
     return x
-
-
-def gelu(x: Array) -> Array:
-    """nn.GELU(): the exact, erf-based GELU (not the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
 
 
 def patch_merging_pad(x: Array) -> Array:

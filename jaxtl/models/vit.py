@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxtl.models.building_blocks import NamedSequential
 from jaxtl.models.initializers import normal_init, trunc_normal_init, uniform_init, zeros_init
-from jaxtl.models.layers import Activation, Conv2d, LayerNorm, Linear, Sequential
+from jaxtl.models.layers import Activation, Conv2d, LayerNorm, Linear, Sequential, gelu
 from jaxtl.models.registry import register_model
 
 Array = jax.Array
@@ -37,11 +37,6 @@ _EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
 def xavier_uniform(fan_in: int, fan_out: int):
     """torch ``nn.init.xavier_uniform_``: U(-b, b), b = sqrt(6 / (fan_in + fan_out)), in either layout."""
     return uniform_init(math.sqrt(6.0 / (fan_in + fan_out)))
-
-
-def gelu(x: Array) -> Array:
-    """torch.nn.GELU(): the exact form, x * Phi(x) with erf (not the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
 
 
 def _cubic_matrix(in_size: int, out_size: int, dtype) -> np.ndarray:

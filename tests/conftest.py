@@ -11,8 +11,13 @@ On CPU the suite compiles with XLA's cheap backend options (see _xla_flags): its
 run a few steps on a few pixels, and compiling them at full optimisation was most of its time.
 """
 
+import contextlib
+import ctypes
+import fcntl
+import gc
 import importlib.metadata
 import os
+import sys
 
 import pytest
 
@@ -110,3 +115,58 @@ def isolated_caches(tmp_path, monkeypatch, compilation_cache):
     monkeypatch.setenv("JAXTL_CACHE", str(tmp_path / "jaxtl-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return tmp_path
+
+
+# --- memory: two workers share the machine's 24 GB ----------------------------------------------------------------
+# glibc keeps the heap a large model's tensors were freed from (a worker grew to 9 GB running small tests after the
+# largest parity tests); malloc_trim gives those pages back. The largest tests take a lock, so that two of them
+# never run at once.
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_TRIM_ABOVE = 1 << 30
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    yield
+    if _LIBC is not None and _resident_bytes() > _TRIM_ABOVE:
+        gc.collect()
+        _LIBC.malloc_trim(0)
+
+
+@pytest.fixture
+def memory_heavy(tmp_path_factory):
+    """For a test that peaks at several GB: waits until no other worker runs one (a lock in the session's shared
+    temporary directory), and runs with the memory other tests left behind returned to the system."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    with open(shared / "memory-heavy.lock", "w") as lock, contextlib.ExitStack() as stack:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        yield
+
+
+@pytest.fixture(scope="session")
+def exported_checkpoint(tmp_path_factory):
+    """tests/exported.py's fine-tuned checkpoint, trained once for the whole session: the first worker to need it
+    trains it (under a lock in the shared temporary directory), the others read it. Tests must not change it."""
+    from exported import train_checkpoint
+
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    best = shared / "exported-checkpoint" / "run" / "checkpoints" / "best"
+    with open(shared / "exported-checkpoint.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (best / "meta.json").is_file():
+                train_checkpoint(best.parents[1])
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return best

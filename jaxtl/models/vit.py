@@ -88,9 +88,11 @@ def interpolate_pos_embedding(pos_embedding: Array, grid: tuple[int, int]) -> Ar
 class MultiheadAttention(nnx.Module):
     """torch.nn.MultiheadAttention(batch_first=True) as ViT uses it: self-attention, no mask, bias on.
 
-    The packed projection holds q, k and v in that order (torch's rows of in_proj_weight); q is scaled by
-    1 / sqrt(head_dim) before the product with k, the softmax is taken in float32 at least, and
-    ``attention_dropout`` drops attention weights in train mode, as torch's scaled_dot_product_attention does.
+    The packed projection holds q, k and v in that order (torch's rows of in_proj_weight); the attention is
+    ``jax.nn.dot_product_attention`` (the product of q and k scaled by 1 / sqrt(head_dim), the softmax in float32
+    at least), as torch's is its fused ``scaled_dot_product_attention``. ``attention_dropout`` drops attention
+    weights in train mode, as torch's does; the fused op has no dropout and takes its softmax in float32 even for
+    float64 inputs, so those two cases are written out.
 
     Attributes:
         in_proj_weight: shape (D, 3D) (torch stores (3D, D)).
@@ -117,10 +119,15 @@ class MultiheadAttention(nnx.Module):
         head_dim = d // self.num_heads
         qkv = x @ self.in_proj_weight[...].astype(x.dtype) + self.in_proj_bias[...].astype(x.dtype)
         q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(n, s, self.num_heads, head_dim) for i in range(3))
-        scores = jnp.einsum("nqhc,nkhc->nhqk", q * (1.0 / math.sqrt(head_dim)), k)
-        weights = jax.nn.softmax(scores.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=-1).astype(x.dtype)
-        out = jnp.einsum("nhqk,nkhc->nqhc", self.dropout(weights), v).reshape(n, s, d)
-        return self.out_proj(out)
+        scale = 1.0 / math.sqrt(head_dim)
+        if (self.dropout.deterministic or self.dropout.rate == 0) and x.dtype != jnp.float64:
+            # jax's fused attention op: XLA's implementation by default, which backends may replace with a kernel.
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        else:  # attention dropout, or float64 (the fused op's softmax is float32 always): written out
+            scores = jnp.einsum("nqhc,nkhc->nhqk", q, k, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+            weights = jax.nn.softmax(scores * scale, axis=-1).astype(x.dtype)
+            out = jnp.einsum("nhqk,nkhc->nqhc", self.dropout(weights), v)
+        return self.out_proj(out.reshape(n, s, d))
 
 
 def _mlp_linear(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:

@@ -196,8 +196,12 @@ def test_attention_is_softmax_of_scaled_products():
         probabilities = np.exp(scores - scores.max(-1, keepdims=True))
         heads.append(probabilities / probabilities.sum(-1, keepdims=True) @ v[..., columns])
     expected = attention.out_proj(jnp.asarray(np.concatenate(heads, axis=-1)))
-    np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-6)  # jax.nn.dot_product_attention
     assert isinstance(attention.out_proj, Linear)
+    # With attention dropout in train mode the computation is written out; at a rate that drops nothing it is the same.
+    attention.dropout.rate = 1e-12
+    attention.train()
+    np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_rates_and_bfloat16():

@@ -15,3 +15,12 @@ QUICK_ARCHS = frozenset({
 def by_family(archs) -> list:
     """``archs`` as pytest parameters, those outside :data:`QUICK_ARCHS` marked slow."""
     return [pytest.param(arch, marks=() if arch in QUICK_ARCHS else pytest.mark.slow, id=arch) for arch in archs]
+
+
+# Architectures of more than 60M parameters: their parity tests take the `memory_heavy` fixture (tests/conftest.py),
+# so that two of them never run at once in the test workers.
+LARGE_ARCHS = frozenset({
+    "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", "efficientnet_b7",
+    "efficientnet_v2_l", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf", "regnet_x_32gf", "convnext_base",
+    "convnext_large", "vit_l_16", "vit_l_32", "vit_h_14", "swin_b", "swin_v2_b",
+})  # fmt: skip

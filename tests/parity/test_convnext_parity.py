@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from archs import by_family
+from archs import LARGE_ARCHS, by_family
 from flax import nnx
 
 import jaxtl.models
@@ -39,7 +39,9 @@ def _quick_or_slow(arch: str):
 
 
 @pytest.mark.parametrize("arch", [_quick_or_slow(arch) for arch in CONVNEXTS])
-def test_converted_model_matches_torchvision(arch):
+def test_converted_model_matches_torchvision(arch, request):
+    if arch in LARGE_ARCHS:
+        request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0)
     jax_model = from_torchvision(torch_model, arch)
     generator = torch.Generator().manual_seed(1)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from archs import by_family
+from archs import LARGE_ARCHS, by_family
 from flax import nnx
 from torchvision.models.regnet import BlockParams
 
@@ -61,7 +61,9 @@ def torchvision_meta_model(arch: str, num_classes: int = 1000) -> torch.nn.Modul
 
 
 @pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size):
+def test_converted_model_matches_torchvision(arch, size, request):
+    if arch in LARGE_ARCHS:
+        request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0)
     jax_model = from_torchvision(torch_model, arch)
     generator = torch.Generator().manual_seed(1)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from archs import by_family
+from archs import LARGE_ARCHS, by_family
 from flax import nnx
 from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -78,7 +78,9 @@ def _float64_gradients(model, x, labels):
 
 
 @pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size):
+def test_converted_model_matches_torchvision(arch, size, request):
+    if arch in LARGE_ARCHS:
+        request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0, image_size=size)
     jax_model = from_torchvision(torch_model, arch)  # its image_size read off the position embeddings
     assert jax_model.image_size == size and jax_model.weight_spec.arch == arch

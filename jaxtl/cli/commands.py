@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,53 +51,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _require_torch("export")
-    import dataclasses
+    from jaxtl.artifacts import ArtifactError, model_and_info
 
-    from jaxtl import weights
-
-    is_checkpoint = (Path(args.checkpoint) / "meta.json").is_file()
-    if not is_checkpoint:
-        weights.load_weight_spec(args.checkpoint)  # not converted weights either: fails before torch is imported
-    import torch
-
-    import convert
-    from jaxtl import models
-
-    if is_checkpoint:  # a training checkpoint
-        from jaxtl.train import load_checkpoint
-
-        model, meta = load_checkpoint(args.checkpoint)
-        arch, num_classes = meta.arch, meta.num_classes
-        info = {
-            "arch": arch,
-            "num_classes": num_classes,
-            "classes": list(meta.classes),
-            "class_to_idx": dict(meta.class_to_idx),
-            "preprocessing": dataclasses.asdict(meta.preprocessing),
-            "weights": dict(meta.weights),
-        }
-    else:  # converted weights
-        spec = weights.load_weight_spec(args.checkpoint)
-        model = models.create(spec.arch, weights=args.checkpoint)
-        arch, num_classes = spec.arch, spec.num_classes
-        info = {
-            "arch": spec.arch,
-            "num_classes": spec.num_classes,
-            "categories": spec.categories,
-            "preprocessing": None if spec.preprocessing is None else dataclasses.asdict(spec.preprocessing),
-            "source": spec.source,
-        }
+    if args.format != "stablehlo":
+        if args.precision != "fp32":
+            raise ArtifactError(f"--precision {args.precision} is for --format stablehlo; {args.format} is float32")
+        _require_torch(f"export --format {args.format}")
+    model, info = model_and_info(args.checkpoint)  # not a checkpoint: fails before torch is imported
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(convert.to_torchvision(model), out)
-    sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"exported {arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
-    print(
-        f"  load: torchvision.models.get_model({arch!r}, num_classes={num_classes})"
-        f".load_state_dict(torch.load({str(out)!r}))"
-    )
+    if args.format == "stablehlo":
+        from jaxtl.artifacts.stablehlo import export_stablehlo
+
+        info = export_stablehlo(model, info, out, precision="bfloat16" if args.precision == "bf16" else "float32")
+        print(f"exported {info.arch} to {out}/ (StableHLO, {info.precision}; runs with jax alone, on CPU and CUDA)")
+        print(f"  load: jax.export.deserialize(bytearray(open({str(out / 'model.stablehlo')!r}, 'rb').read()))")
+    elif args.format == "onnx":
+        from convert.artifacts import export_onnx
+
+        info = export_onnx(model, info, out)
+        print(f"exported {info.arch} to {out} (ONNX, the metadata in its metadata_props['jaxtl'])")
+        print(f"  load: onnxruntime.InferenceSession({str(out)!r})")
+    else:
+        from convert.artifacts import export_torchvision
+
+        info = export_torchvision(model, info, out)
+        sidecar = out.with_suffix(".json")
+        print(f"exported {info.arch} to {out} (torchvision state_dict, load with strict=True) and {sidecar}")
+        print(
+            f"  load: torchvision.models.get_model({info.arch!r}, num_classes={info.num_classes})"
+            f".load_state_dict(torch.load({str(out)!r}))"
+        )
+    if args.format != "torchvision":
+        p = info.preprocessing
+        print(
+            f"  input: uint8 RGB (N, {p.crop_size}, {p.crop_size}, 3), resized to {p.resize_size} ({p.interpolation}) "
+            f"and center-cropped; normalised inside the graph. Output: float32 logits (N, {info.num_classes})"
+        )
     return 0
 
 
@@ -196,10 +184,10 @@ def _example_image(config) -> str | None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from jaxtl.artifacts.loading import load_classifier
     from jaxtl.data import load_image
-    from jaxtl.train import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint)
+    predictor = load_classifier(args.checkpoint)
     classes = predictor.classes
     paths, unlisted = _prediction_inputs(args.images)
     failures = unlisted
@@ -266,6 +254,14 @@ def _prediction_inputs(items: list[str]) -> tuple[list[Path], int]:
 
 def _raise(error: OSError) -> None:
     raise error
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jaxtl.demo import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, open_browser=args.open,
+          examples=list(args.examples) or None)  # fmt: skip
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

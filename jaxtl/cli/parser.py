@@ -6,6 +6,7 @@ import argparse
 
 from jaxtl.cli.commands import (
     cmd_convert,
+    cmd_demo,
     cmd_eval,
     cmd_export,
     cmd_inspect,
@@ -62,14 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="export a fine-tuned checkpoint or converted weights to a torchvision state_dict (needs torch)",
-        description="Write a torchvision state_dict (.pth, loadable with strict=True) and a JSON of classes, "
-        "class_to_idx and preprocessing next to it.",
+        help="export a fine-tuned checkpoint or converted weights: StableHLO, ONNX or a torchvision state_dict",
+        description="Write a model for use without jaxtl. stablehlo: a directory with the jax.export serialization "
+        "(runs with jax alone, on CPU and CUDA GPUs) and jaxtl.json; onnx: one .onnx file (onnxruntime), the "
+        "metadata inside; torchvision: a state_dict (.pth, loadable with strict=True) and a .json beside it. Every "
+        "format carries the class names, class_to_idx and the eval preprocessing. The StableHLO and ONNX graphs take "
+        "uint8 RGB crops (N, H, W, 3), the batch size free, and normalise inside; they return float32 logits.",
     )
     export.add_argument(
         "checkpoint", help="a training checkpoint (RUN_DIR/checkpoints/best) or a converted-weights directory"
     )
-    export.add_argument("--out", required=True, help="the .pth file to write")
+    export.add_argument(
+        "--format", choices=("stablehlo", "onnx", "torchvision"), default="torchvision",
+        help="what to write (default torchvision; onnx and torchvision need torch)",
+    )  # fmt: skip
+    export.add_argument("--out", required=True, help="the directory (stablehlo) or file (.onnx, .pth) to write")
+    export.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="stablehlo only: compute in bf16 (the logits stay float32; default fp32)",
+    )  # fmt: skip
     export.set_defaults(run=cmd_export)
 
     parity = commands.add_parser(
@@ -128,16 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="classify images with a checkpoint: top-k class names and probabilities",
-        description="Classify image files (or every image in a directory) with a checkpoint's model, its class names "
-        "and its eval preprocessing. A file that cannot be read gets an error line; the others are still classified. "
+        help="classify images with a checkpoint or an exported model: top-k class names and probabilities",
+        description="Classify image files (or every image in a directory) with a checkpoint's model, or with an "
+        "artifact of `jaxtl export` (a StableHLO directory, an .onnx file, a torchvision .pth), its class names and "
+        "its eval preprocessing. A file that cannot be read gets an error line; the others are still classified. "
         "Exit status: 0 when every file was classified, 1 when some could not be (counted on stderr), 2 when none "
         "could be.",
     )
-    predict.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/quickstart/checkpoints/best")
+    predict.add_argument(
+        "checkpoint", metavar="model",
+        help="a checkpoint directory (runs/quickstart/checkpoints/best) or an exported artifact",
+    )  # fmt: skip
     predict.add_argument("images", nargs="+", help="image files or directories")
     predict.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     predict.set_defaults(run=cmd_predict)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a local web page to try a model: drop an image, see the top classes (pip install 'jaxtl[demo]')",
+        description="Serve a Gradio page on this machine that classifies an image with a checkpoint (or an exported "
+        "artifact), as `jaxtl predict` does, and shows the top classes and their probabilities. Never shared "
+        "beyond --host; Ctrl-C stops it. Its API: gradio_client.Client(URL).predict(handle_file(IMAGE), "
+        "api_name='/predict').",
+    )
+    demo.add_argument("checkpoint", metavar="model", help="a checkpoint directory or an exported artifact")
+    demo.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine)")
+    demo.add_argument("--port", type=int, help="the port (default: the first free one from 7860)")
+    demo.add_argument("--top-k", type=int, default=5, help="classes to show (default 5)")
+    demo.add_argument("--examples", nargs="*", default=(), metavar="IMAGE", help="image files offered as examples")
+    demo.add_argument("--open", action="store_true", help="open the page in the default browser")
+    demo.set_defaults(run=cmd_demo)
 
     evaluate = commands.add_parser(
         "eval",

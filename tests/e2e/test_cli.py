@@ -70,7 +70,7 @@ def test_models_lists_architectures_and_default_weights():
         (["convert", "resnet05", "--weights", "DEFAULT"], "unknown architecture 'resnet05'. Did you mean resnet50"),
         (["convert", "resnet18", "--weights", "IMAGENET1K_V9"], "unknown weights 'IMAGENET1K_V9' for resnet18"),
         (["convert", "resnet18", "--weights", "/missing/file.pth"], "weights file /missing/file.pth does not exist"),
-        (["export", "/missing/dir", "--out", "x.pth"], "/missing/dir is not a jaxtl converted-weights directory"),
+        (["export", "/missing/dir", "--out", "x.pth"], "/missing/dir does not exist; export a training checkpoint"),
         (["parity", "resnet05"], "unknown architecture 'resnet05'"),
     ],
 )
@@ -94,7 +94,7 @@ sys.exit(code)"""
     [
         (["convert", "resnet18", "--weights", "IMAGENET1K_V9"], "unknown weights 'IMAGENET1K_V9'", "torch"),
         (["convert", "resnet18", "--weights", "/missing/file.pth"], "/missing/file.pth does not exist", "torch"),
-        (["export", "/missing/dir", "--out", "x.pth"], "/missing/dir is not a jaxtl converted-weights", "torch"),
+        (["export", "/missing/dir", "--out", "x.pth"], "/missing/dir does not exist; export a training", "torch"),
         (["train", "/missing/run.yaml"], "/missing/run.yaml does not exist", "jax"),
         (["train", "configs/quickstart.yaml", "--set", "optim.lr=-1"], "optim.lr = -1.0 is out of range", "jax"),
         (["train", "--resume", "/missing/run"], "/missing/run is not a jaxtl run directory", "jax"),
@@ -133,6 +133,6 @@ def test_the_compilation_cache_is_bounded_in_jaxtls_cache_unless_jax_is_told_oth
 
 def test_help_describes_every_command():
     result = run("--help")
-    for command in ["models", "convert", "export", "parity"]:
+    for command in ["models", "convert", "export", "parity", "predict", "demo"]:
         assert command in result.stdout
     assert "weights-only" in run("convert", "--help").stdout

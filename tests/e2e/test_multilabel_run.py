@@ -94,6 +94,25 @@ def test_predict_prints_the_classes_over_the_runs_threshold(env, whole, monkeypa
         assert line == f"{path}: {expected} (threshold {predictor.threshold:g})"
 
 
+@pytest.mark.slow
+def test_an_exported_multilabel_model_keeps_its_task_and_threshold(env, whole, monkeypatch, tmp_path):
+    from jaxtl.artifacts import model_and_info
+    from jaxtl.artifacts.loading import load_classifier
+    from jaxtl.artifacts.stablehlo import export_stablehlo
+
+    best = whole / "checkpoints" / "best"
+    predictor = Predictor.from_checkpoint(best)
+    model, info = model_and_info(best)
+    export_stablehlo(model, info, tmp_path / "artifact", platforms=("cpu",))
+    classifier = load_classifier(tmp_path / "artifact")
+    assert classifier.multilabel and classifier.info.task == "multilabel"
+    assert classifier.threshold == predictor.threshold and 0 < predictor.threshold < 1
+    source = _val_source(env, monkeypatch)
+    for index in range(3):
+        image = source.load(index)[0]
+        np.testing.assert_allclose(classifier.probabilities(image), predictor.probabilities(image), atol=1e-6)
+
+
 def _val_source(env, monkeypatch):
     """The run's val split, read from the dataset it generated into its cache."""
     monkeypatch.setenv("JAXTL_CACHE", env["JAXTL_CACHE"])

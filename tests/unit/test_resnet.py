@@ -131,7 +131,7 @@ def test_unknown_architecture_suggests_close_names():
 def test_importing_jaxtl_and_running_a_forward_never_loads_torch():
     code = (
         "import sys, jax.numpy as jnp\n"
-        "import jaxtl, jaxtl.models, jaxtl.weights, jaxtl.cli\n"
+        "import jaxtl, jaxtl.models, jaxtl.weights, jaxtl.cli, jaxtl.artifacts.loading, jaxtl.demo\n"
         "m = jaxtl.models.create('resnet18', num_classes=3)\n"
         "m.eval(); m(jnp.ones((1, 64, 64, 3))).block_until_ready()\n"
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'torchvision', 'tensorflow', 'convert'))\n"

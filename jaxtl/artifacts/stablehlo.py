@@ -1,0 +1,155 @@
+"""StableHLO artifacts: a model's inference function serialized with ``jax.export``, which runs with jax alone.
+
+The artifact is a directory::
+
+    model.stablehlo   jax.export's serialization: images uint8 (batch, H, W, 3) -> logits float32 (batch, C),
+                      the batch dimension symbolic, the weights constants inside, lowered for CPU and CUDA
+    jaxtl.json        the metadata (:class:`jaxtl.artifacts.ArtifactInfo`): classes, preprocessing, task
+
+and is used without jaxtl or flax::
+
+    import json, pathlib, jax
+    root = pathlib.Path("model-stablehlo")
+    exported = jax.export.deserialize(bytearray((root / "model.stablehlo").read_bytes()))
+    info = json.loads((root / "jaxtl.json").read_text())
+    logits = exported.call(images)  # uint8 (N, crop, crop, 3), resized and cropped as info["preprocessing"] says
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtl.artifacts.info import ArtifactError, ArtifactInfo
+from jaxtl.data.transforms import normalize
+
+MODEL_FILE, INFO_FILE = "model.stablehlo", "jaxtl.json"
+PLATFORMS = ("cpu", "cuda")
+PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def inference_function(model: nnx.Module, info: ArtifactInfo, precision: str = "float32"):
+    """``images -> logits``: uint8 (N, H, W, 3) crops to float32 (N, C), the normalisation inside, the model in eval
+    mode with its weights closed over (they become constants of an exported program).
+
+    With ``precision="bfloat16"`` the weights and the normalised images are cast to bf16 for the forward pass, as
+    a bf16 training run's eval step does; the logits are float32 either way.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    graphdef, state = nnx.split(model)
+    if dtype is not None:
+        state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    p = info.preprocessing
+
+    def logits(images: jax.Array) -> jax.Array:
+        x = normalize(images, p.mean, p.std, xp=jnp)
+        if dtype is not None:
+            x = x.astype(dtype)
+        net = nnx.merge(graphdef, state, copy=True)
+        net.eval()
+        return net(x).astype(jnp.float32)
+
+    return logits
+
+
+def export_stablehlo(
+    model: nnx.Module,
+    info: ArtifactInfo,
+    path: str | os.PathLike,
+    *,
+    precision: str = "float32",
+    platforms: Sequence[str] = PLATFORMS,
+) -> ArtifactInfo:
+    """Writes ``model`` as a StableHLO artifact directory at ``path`` (replacing an earlier artifact there).
+
+    Args:
+        model: a jaxtl model (:func:`jaxtl.artifacts.model_and_info`).
+        info: its metadata; the written copy says ``format="stablehlo"`` and ``precision``.
+        path: the directory to write. It is written beside and renamed into place, so that an interrupted
+            export leaves what was there before.
+        precision: ``"float32"`` or ``"bfloat16"``.
+        platforms: what the program is lowered for (jax.export's platform names); one artifact runs on each.
+
+    Returns:
+        The metadata written.
+    """
+    info = info.replace(format="stablehlo", precision=precision)
+    function = inference_function(model, info, precision)
+    (batch,) = jax.export.symbolic_shape("batch")
+    size = info.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+    exported = jax.export.export(jax.jit(function), platforms=tuple(platforms))(images)
+    path = Path(path)
+    if path.exists() and not (path / INFO_FILE).is_file():
+        raise ArtifactError(f"{path} exists and is not a StableHLO artifact; choose another --out or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the artifact from others
+        (staging / MODEL_FILE).write_bytes(exported.serialize())
+        (staging / INFO_FILE).write_text(info.dumps(), encoding="utf-8")
+        if path.exists():  # an earlier artifact: moved aside, then removed once the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info
+
+
+def is_stablehlo_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+class StableHLOArtifact:
+    """A StableHLO artifact, loaded: :meth:`logits` of uint8 crops, :attr:`info` its metadata."""
+
+    def __init__(self, exported: jax.export.Exported, info: ArtifactInfo, path: Path):
+        self.exported, self.info, self.path = exported, info, path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> StableHLOArtifact:
+        path = Path(path)
+        model, meta = path / MODEL_FILE, path / INFO_FILE
+        for required in (model, meta):
+            if not required.is_file():
+                raise ArtifactError(f"{path} is not a StableHLO artifact: {required.name} is missing")
+        info = ArtifactInfo.loads(meta.read_bytes(), str(meta))
+        try:
+            exported = jax.export.deserialize(bytearray(model.read_bytes()))
+        except Exception:  # flatbuffer and MLIR parsers raise many kinds of error on foreign bytes
+            raise ArtifactError(
+                f"{model} cannot be read as a jax.export serialization (damaged, or not one); export it again with "
+                "`jaxtl export CHECKPOINT --format stablehlo`"
+            ) from None
+        platform = jax.default_backend()
+        if platform not in exported.platforms and not (platform == "gpu" and "cuda" in exported.platforms):
+            raise ArtifactError(
+                f"{model} was lowered for {', '.join(exported.platforms)}, not for this machine's {platform}; "
+                "export it again with that platform"
+            )
+        size = info.image_size
+        if exported.in_avals[0].shape[1:] != (size, size, 3) or exported.in_avals[0].dtype != np.uint8:
+            raise ArtifactError(
+                f"{model} takes {exported.in_avals[0]}, not what {meta.name} says (uint8 crops of {size})"
+            )
+        return cls(exported, info, path)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) crops -> float32 (N, C) logits."""
+        return np.asarray(self.exported.call(jnp.asarray(images, jnp.uint8)))

@@ -122,7 +122,7 @@ def isolated_caches(tmp_path, monkeypatch, compilation_cache):
 # largest parity tests); malloc_trim gives those pages back. The largest tests take a lock, so that two of them
 # never run at once.
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-_TRIM_ABOVE = 1 << 30
+_TRIM_ABOVE = 3 << 30  # a worker between tests holds 1-3 GB; trimming (and refaulting) at every test cost minutes
 
 
 def _resident_bytes() -> int:
@@ -134,7 +134,6 @@ def _resident_bytes() -> int:
 def _return_freed_memory():
     yield
     if _LIBC is not None and _resident_bytes() > _TRIM_ABOVE:
-        gc.collect()
         _LIBC.malloc_trim(0)
 
 

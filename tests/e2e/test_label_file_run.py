@@ -43,6 +43,7 @@ def dataset(tmp_path_factory, compilation_cache):
     return root, env
 
 
+@pytest.mark.slow
 def test_a_hostile_label_file_stops_naming_the_row_or_is_skipped_and_counted(dataset):
     root, env = dataset
     train_csv = root / "train.csv"

@@ -66,6 +66,7 @@ def test_a_multilabel_run_killed_mid_epoch_resumes_to_the_uninterrupted_bits(tmp
     assert [last[epoch] for epoch in sorted(last)] == [[r[k] for k in keys] for r in records(whole)]
 
 
+@pytest.mark.slow
 def test_the_records_are_scikit_learns_metrics_of_the_checkpoints_predictions(env, whole, monkeypatch):
     history = records(whole)
     assert [r["phase"] for r in history] == ["head", "head", "all", "all"]
@@ -82,6 +83,7 @@ def test_the_records_are_scikit_learns_metrics_of_the_checkpoints_predictions(en
     assert list(per_class) == list(CLASSES[:3]) and set(per_class["circle"]) == {"ap", "auroc", "f1", "support"}
 
 
+@pytest.mark.slow
 def test_predict_prints_the_classes_over_the_runs_threshold(env, whole, monkeypatch):
     source = _val_source(env, monkeypatch)
     paths = [source.samples[i][0] for i in range(4)]
@@ -123,6 +125,7 @@ def _val_source(env, monkeypatch):
     )["val"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_eval_of_a_multilabel_checkpoint_prints_its_records_metrics_at_its_threshold(env, whole):
     best = whole / "checkpoints" / "best"
     epoch = json.loads((best / "meta.json").read_text())["metrics"]

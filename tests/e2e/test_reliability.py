@@ -117,7 +117,7 @@ def reference(tmp_path_factory, env):
 # --- kill -9, then --resume ---------------------------------------------------------------------------
 
 KILLS = [
-    pytest.param("latest.renamed:2", id="between-the-renames-of-latest"),
+    pytest.param("latest.renamed:2", id="between-the-renames-of-latest", marks=pytest.mark.slow),
     pytest.param("train.step:8", id="mid-epoch", marks=pytest.mark.slow),
     pytest.param("train.eval:2", id="during-eval", marks=pytest.mark.slow),
     pytest.param("latest.arrays:2", id="between-arrays-and-meta", marks=pytest.mark.slow),

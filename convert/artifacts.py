@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from convert.torchvision_state import to_torchvision
-from jaxtl.artifacts.info import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactInfo
+from jaxtl.artifacts.info import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactInfo, check_images, first_lines
 from jaxtl.data.transforms import normalize
 from jaxtl.errors import JaxtlError
 from jaxtl.models.registry import model_options
@@ -144,18 +144,6 @@ class _staging:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def check_images(images, info: ArtifactInfo, source: str) -> np.ndarray:
-    """``images`` as the uint8 (N, H, W, 3) array an artifact takes; ``ValueError`` naming the artifact if not."""
-    images = np.asarray(images)
-    size = info.image_size
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise ValueError(
-            f"{source} takes uint8 images (N, {size}, {size}, 3), resized and center-cropped as its preprocessing "
-            f"says; got {images.dtype} {images.shape}"
-        )
-    return np.ascontiguousarray(images)
-
-
 class TorchvisionArtifact:
     """A torchvision state_dict written by :func:`export_torchvision`, with its JSON sidecar, as a classifier of
     uint8 crops: :meth:`logits` normalises them as torchvision's transforms do and runs torchvision's module."""
@@ -181,7 +169,7 @@ class TorchvisionArtifact:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - pickle, zip and torch errors alike: not a readable file
             raise ArtifactError(
-                f"{path} is not a readable torch file ({type(error).__name__}: {_first_line(error)}); "
+                f"{path} is not a readable torch file ({type(error).__name__}: {first_lines(error)}); "
                 "export the checkpoint again"
             ) from None
         if not (isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
@@ -191,7 +179,7 @@ class TorchvisionArtifact:
         except (RuntimeError, ValueError, KeyError) as error:
             raise ArtifactError(
                 f"{path} does not fit torchvision's {info.arch} with {info.num_classes} classes "
-                f"({type(error).__name__}: {_first_lines(error)})"
+                f"({type(error).__name__}: {first_lines(error, 4)})"
             ) from None
         return cls(module, info, path)
 
@@ -202,12 +190,3 @@ class TorchvisionArtifact:
         x = np.ascontiguousarray(normalize(images, p.mean, p.std).transpose(0, 3, 1, 2))
         with torch.no_grad():
             return self.module(torch.from_numpy(x)).numpy().astype(np.float32, copy=False)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
-
-
-def _first_lines(error: BaseException, count: int = 4) -> str:
-    lines = str(error).strip().splitlines()
-    return " ".join(line.strip() for line in lines[:count]) + (" ..." if len(lines) > count else "")

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from jaxtl.errors import JaxtlError
 from jaxtl.weights import Preprocessing
 
@@ -129,6 +131,25 @@ class ArtifactInfo:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ArtifactError(f"{source}: its jaxtl metadata is not JSON ({error})") from None
         return cls.from_json(data, source)
+
+
+def check_images(images: Any, info: ArtifactInfo, source: str) -> np.ndarray:
+    """``images`` as the C-contiguous uint8 (N, H, W, 3) array an artifact takes; ``ValueError`` naming the artifact
+    (``source``) otherwise."""
+    images = np.asarray(images)
+    size = info.image_size
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"{source} takes uint8 images (N, {size}, {size}, 3), resized and center-cropped as its preprocessing "
+            f"says; got {images.dtype} {images.shape}"
+        )
+    return np.ascontiguousarray(images)
+
+
+def first_lines(error: BaseException, count: int = 1) -> str:
+    """The first ``count`` lines of an error's message, joined: a reader's error quoted in one line of ours."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return " ".join(line.strip() for line in lines[:count]) + (" ..." if len(lines) > count else "")
 
 
 def model_and_info(path: str | Path):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl.artifacts.info import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactInfo
+from jaxtl.artifacts.info import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactInfo, check_images, first_lines
 
 METADATA_KEY = "jaxtl"
 
@@ -56,7 +56,7 @@ class OnnxArtifact:
             session = _session(ort, path, providers)
         except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types: a corrupt or foreign file
             raise ArtifactError(
-                f"{path} is not an ONNX model onnxruntime can load ({_first_line(error)}); if it was exported by "
+                f"{path} is not an ONNX model onnxruntime can load ({first_lines(error)}); if it was exported by "
                 "jaxtl, it is damaged or incomplete: export it again with `jaxtl export --format onnx`"
             ) from None
         metadata = session.get_modelmeta().custom_metadata_map
@@ -83,13 +83,7 @@ class OnnxArtifact:
 
     def logits(self, images) -> np.ndarray:
         """float32 (N, num_classes) logits of uint8 (N, H, W, 3) crops."""
-        images = np.asarray(images)
-        size = self.info.image_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise ValueError(
-                f"{self.path} takes uint8 images (N, {size}, {size}, 3), resized and center-cropped as its "
-                f"preprocessing says; got {images.dtype} {images.shape}"
-            )
+        images = check_images(images, self.info, str(self.path))
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})
         return np.asarray(logits, np.float32)
 
@@ -104,7 +98,3 @@ def _session(ort, path: Path, providers: list[str]):
             raise
         # A CUDA provider whose libraries do not load: the CPU still runs the model (and tells a bad file).
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

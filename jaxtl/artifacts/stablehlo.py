@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtl.artifacts.info import ArtifactError, ArtifactInfo
+from jaxtl.artifacts.info import ArtifactError, ArtifactInfo, check_images
 from jaxtl.data.transforms import normalize
 
 MODEL_FILE, INFO_FILE = "model.stablehlo", "jaxtl.json"
@@ -152,4 +152,4 @@ class StableHLOArtifact:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) crops -> float32 (N, C) logits."""
-        return np.asarray(self.exported.call(jnp.asarray(images, jnp.uint8)))
+        return np.asarray(self.exported.call(check_images(images, self.info, str(self.path))))

@@ -137,13 +137,17 @@ def _return_freed_memory():
         _LIBC.malloc_trim(0)
 
 
+def _shared_tmp(tmp_path_factory):
+    """The session's temporary directory that every xdist worker sees (each worker's own is inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture
 def memory_heavy(tmp_path_factory):
     """For a test that peaks at several GB: waits until no other worker runs one (a lock in the session's shared
     temporary directory), and runs with the memory other tests left behind returned to the system."""
-    root = tmp_path_factory.getbasetemp()
-    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    with open(shared / "memory-heavy.lock", "w") as lock, contextlib.ExitStack() as stack:
+    with open(_shared_tmp(tmp_path_factory) / "memory-heavy.lock", "w") as lock, contextlib.ExitStack() as stack:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
         gc.collect()
@@ -158,8 +162,7 @@ def exported_checkpoint(tmp_path_factory):
     trains it (under a lock in the shared temporary directory), the others read it. Tests must not change it."""
     from exported import train_checkpoint
 
-    root = tmp_path_factory.getbasetemp()
-    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    shared = _shared_tmp(tmp_path_factory)
     best = shared / "exported-checkpoint" / "run" / "checkpoints" / "best"
     with open(shared / "exported-checkpoint.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtl.artifacts.info import ArtifactError, ArtifactInfo, check_images
-from jaxtl.data.transforms import normalize
+from jaxtl.train.evaluate import eval_model_state
+from jaxtl.train.step import eval_logits
 
 MODEL_FILE, INFO_FILE = "model.stablehlo", "jaxtl.json"
 PLATFORMS = ("cpu", "cuda")
@@ -37,27 +38,20 @@ PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def inference_function(model: nnx.Module, info: ArtifactInfo, precision: str = "float32"):
-    """``images -> logits``: uint8 (N, H, W, 3) crops to float32 (N, C), the normalisation inside, the model in eval
-    mode with its weights closed over (they become constants of an exported program).
+    """``images -> logits``: uint8 (N, H, W, 3) crops to float32 (N, C), what the checkpoint's eval step computes
+    (:func:`jaxtl.train.step.eval_logits`: the normalisation inside, eval mode), with the weights closed over (they
+    become constants of an exported program).
 
-    With ``precision="bfloat16"`` the weights and the normalised images are cast to bf16 for the forward pass, as
-    a bf16 training run's eval step does; the logits are float32 either way.
+    With ``precision="bfloat16"`` the parameters and the normalised images are cast to bf16 for the forward pass, as
+    a bf16 training run's eval step does (BatchNorm's running statistics stay float32); the logits are float32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    graphdef, state = nnx.split(model)
-    if dtype is not None:
-        state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    graphdef, state = eval_model_state(model)
     p = info.preprocessing
 
     def logits(images: jax.Array) -> jax.Array:
-        x = normalize(images, p.mean, p.std, xp=jnp)
-        if dtype is not None:
-            x = x.astype(dtype)
-        net = nnx.merge(graphdef, state, copy=True)
-        net.eval()
-        return net(x).astype(jnp.float32)
+        return eval_logits(graphdef, state, images, mean=p.mean, std=p.std, compute_dtype=PRECISIONS[precision])
 
     return logits
 

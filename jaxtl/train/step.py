@@ -247,6 +247,22 @@ def _eval_model_and_inputs(graphdef, state: ModelState, images, mean, std, compu
     return model, x
 
 
+def eval_logits(
+    graphdef: nnx.GraphDef,
+    state: ModelState,
+    images: jax.Array,
+    *,
+    mean,
+    std,
+    compute_dtype=None,
+    forward: Callable[[nnx.Module, jax.Array], jax.Array] = full_model,
+) -> jax.Array:
+    """What the eval step computes for ``images`` (uint8 are normalised): eval mode, parameters and inputs in
+    ``compute_dtype`` if given, the logits at least float32. Exported artifacts trace it too."""
+    model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
+    return _at_least_float32(forward(model, x))
+
+
 def make_features_step(
     graphdef: nnx.GraphDef,
     *,
@@ -294,10 +310,10 @@ def make_eval_step(
         raise ValueError(f"tta={tta!r} is not one of 'none', 'flip'")
 
     def step(state: ModelState, images, labels, mask):
-        model, x = _eval_model_and_inputs(graphdef, state, images, mean, std, compute_dtype)
-        logits = _at_least_float32(forward(model, x))
-        if tta == "flip":  # NHWC: axis 2 is the width
-            mirrored = _at_least_float32(forward(model, x[:, :, ::-1]))
+        options = dict(mean=mean, std=std, compute_dtype=compute_dtype, forward=forward)
+        logits = eval_logits(graphdef, state, images, **options)
+        if tta == "flip":  # NHWC: axis 2 is the width; normalisation is per pixel, so flipping first is the same
+            mirrored = eval_logits(graphdef, state, images[:, :, ::-1], **options)
             if labels.ndim == 2:  # each class's sigmoid probability averaged; the logit of the average
                 p = (jax.nn.sigmoid(logits) + jax.nn.sigmoid(mirrored)) / 2
                 logits = jnp.log(p) - jnp.log1p(-p)

@@ -22,6 +22,7 @@ import torchvision
 from flax import nnx
 
 from convert.torchvision_state import to_torchvision, torch_to_jaxtl_layout
+from jaxtl.arrays import to_device
 from jaxtl.models.names import dotted_name
 
 # (max abs diff, relative L2) per check; None where the contract sets no bound.
@@ -258,7 +259,7 @@ def check_parity(
     """
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    x_nhwc = jnp.asarray(to_nhwc(x))
+    x_nhwc = to_device(to_nhwc(x))
     report = ParityReport(arch, tuple(x_nhwc.shape))
     with jax.default_matmul_precision("highest"):
         expected = _check_forward(report, "eval", torch_model, jax_model, x, x_nhwc)
@@ -328,11 +329,11 @@ def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
     with jax.enable_x64(dtype == torch.float64):
         jax_dtype = jnp.float64 if dtype == torch.float64 else jnp.float32
         floats = nnx.state(candidate, nnx.Any(nnx.Param, nnx.BatchStat))
-        # Cast through numpy: jnp.asarray(a, dtype) compiles one XLA conversion per shape.
-        nnx.update(candidate, jax.tree.map(lambda a: jnp.asarray(np.asarray(a, jax_dtype)), floats))
-        x_nhwc = jnp.asarray(to_nhwc(x.to(dtype)), jax_dtype)
+        # Cast on the host: an eager cast (or jnp.asarray) compiles one XLA program per shape.
+        nnx.update(candidate, jax.tree.map(lambda a: to_device(a, jax_dtype), floats))
+        x_nhwc = to_device(to_nhwc(x.to(dtype)), jax_dtype)
         loss_and_grads = _jax_loss_and_grads(candidate, fast_compile=dtype == torch.float64)
-        _, jax_grads = loss_and_grads(x_nhwc, jnp.asarray(labels.numpy()))
+        _, jax_grads = loss_and_grads(x_nhwc, to_device(labels.numpy()))
         jax_grads = _flat(jax_grads)
     torch_grads = torch_to_jaxtl_layout(candidate, {n: p.grad for n, p in reference.named_parameters()})
     return torch_grads, jax_grads

@@ -34,6 +34,7 @@ from flax import nnx
 
 from convert.parity import Comparison, ComparisonSet, compare, fast_compile_options
 from convert.torchvision_state import torch_to_jaxtl_layout
+from jaxtl.arrays import to_device
 from jaxtl.errors import JaxtlError
 from jaxtl.models.registry import fill_rng_state
 from jaxtl.models.state_dict import state_dict
@@ -630,7 +631,7 @@ def check_training_parity(
     with x64, jax.default_matmul_precision("highest"):
         if float64:
             _cast_floats(candidate, jnp.float64)
-        jax_batches = [(jnp.asarray(_nhwc(x)), jnp.asarray(y.numpy())) for x, y in batches]
+        jax_batches = [(to_device(_nhwc(x)), to_device(y.numpy())) for x, y in batches]
         # The float64 run is a reference: XLA:CPU compiles it 2-3x faster without LLVM's optimisation.
         options = fast_compile_options() if float64 else None
         candidate, jax_losses, jax_held, groups = train_jaxtl(
@@ -667,8 +668,8 @@ def _cast_floats(model: nnx.Module, dtype) -> None:
     """Every floating-point array of ``model`` (parameters, BN statistics) cast to ``dtype`` in place."""
 
     def cast(value):
-        # Through numpy: an eager astype compiles one XLA program per shape (~50 for EfficientNet-B0).
-        return jnp.asarray(np.asarray(value, dtype)) if jnp.issubdtype(value.dtype, jnp.floating) else value
+        # On the host: an eager astype (or jnp.asarray) compiles one XLA program per shape (~50 for EfficientNet-B0).
+        return to_device(value, dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
 
     nnx.update(model, jax.tree.map(cast, nnx.state(model)))
 
@@ -725,7 +726,7 @@ def _compare_eval_logits(
     graphdef, state = split_model(candidate, groups)
     labels = jnp.zeros((images.shape[0],), jnp.int32)
     eval_step = compiled_with(make_eval_step(graphdef), compiler_options)
-    actual, _ = eval_step(state, jnp.asarray(_nhwc(images)), labels, jnp.ones(labels.shape, bool))
+    actual, _ = eval_step(state, to_device(_nhwc(images)), labels, jnp.ones(labels.shape, bool))
     report.comparisons.append(
         compare("eval logits", "logits", expected, np.asarray(actual), report.tolerances["eval logits"])
     )

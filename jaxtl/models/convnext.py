@@ -17,10 +17,10 @@ import dataclasses
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtl.arrays import to_device
 from jaxtl.models.initializers import trunc_normal_init, zeros_init
 from jaxtl.models.layers import (
     Activation,
@@ -85,7 +85,7 @@ class CNBlock(nnx.Module):
             ]
         )
         # torch.ones(dim, 1, 1) * layer_scale: the float32 product, built in numpy (no XLA compile per shape).
-        self.layer_scale = nnx.Param(jnp.asarray(np.ones((dim, 1, 1), np.float32) * np.float32(layer_scale)))
+        self.layer_scale = nnx.Param(to_device(np.ones((dim, 1, 1), np.float32) * np.float32(layer_scale)))
         self.stochastic_depth = StochasticDepth(stochastic_depth_prob, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.arrays import to_device
+
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
 
@@ -53,7 +55,7 @@ def _normal(key: Array, shape: tuple[int, ...], dtype, std: float) -> Array:
     rng = _numpy_generator(key)
     if rng is None:
         return std * jax.random.normal(key, shape, dtype)
-    return jnp.asarray(rng.standard_normal(shape, dtype=np.float64) * std, dtype)
+    return to_device(rng.standard_normal(shape, dtype=np.float64) * std, dtype)
 
 
 def _uniform(key: Array, shape: tuple[int, ...], dtype, bound: float) -> Array:
@@ -62,7 +64,7 @@ def _uniform(key: Array, shape: tuple[int, ...], dtype, bound: float) -> Array:
     rng = _numpy_generator(key)
     if rng is None:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+    return to_device(rng.uniform(-bound, bound, shape), dtype)
 
 
 def kaiming_normal_fan_out(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
@@ -99,7 +101,7 @@ def normal_init(std: float) -> Initializer:
 
 def zeros_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """torch ``nn.init.zeros_``."""
-    return jnp.zeros(shape, dtype) if isinstance(key, jax.core.Tracer) else jnp.asarray(np.zeros(shape), dtype)
+    return jnp.zeros(shape, dtype) if isinstance(key, jax.core.Tracer) else to_device(np.zeros(shape), dtype)
 
 
 def uniform_init(bound: float) -> Initializer:
@@ -129,6 +131,6 @@ def trunc_normal_init(std: float, a: float = -2.0, b: float = 2.0) -> Initialize
         while outside.any():  # redraw the rare values outside [a, b]: the truncated distribution exactly
             values[outside] = rng.standard_normal(int(outside.sum())) * std
             outside = (values < a) | (values > b)
-        return jnp.asarray(values, dtype)
+        return to_device(values, dtype)
 
     return init

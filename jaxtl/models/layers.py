@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtl.arrays import to_device
 from jaxtl.models.batch_norm_ops import batch_norm_train, current_batch_mask, current_batch_norm_groups
 from jaxtl.models.conv_ops import cpu_conv2d, xla_conv2d
 from jaxtl.models.initializers import Initializer, torch_default_uniform
@@ -106,10 +107,10 @@ class BatchNorm2d(nnx.Module):
         self.momentum = momentum
         self.use_running_average = use_running_average
         ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
-        self.weight = nnx.Param(jnp.asarray(ones))  # numpy first: no per-shape XLA compile
-        self.bias = nnx.Param(jnp.asarray(zeros))
-        self.running_mean = nnx.BatchStat(jnp.asarray(zeros))
-        self.running_var = nnx.BatchStat(jnp.asarray(ones))
+        self.weight = nnx.Param(to_device(ones))
+        self.bias = nnx.Param(to_device(zeros))
+        self.running_mean = nnx.BatchStat(to_device(zeros))
+        self.running_var = nnx.BatchStat(to_device(ones))
 
     def __call__(self, x: Array) -> Array:
         """(N, H, W, C) -> (N, H, W, C); in train mode also updates running_mean / running_var."""
@@ -160,8 +161,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, normalized_shape: int, *, eps: float = 1e-5):
         self.normalized_shape = normalized_shape
         self.eps = eps
-        self.weight = nnx.Param(jnp.asarray(np.ones((normalized_shape,), np.float32)))
-        self.bias = nnx.Param(jnp.asarray(np.zeros((normalized_shape,), np.float32)))
+        self.weight = nnx.Param(to_device(np.ones((normalized_shape,), np.float32)))
+        self.bias = nnx.Param(to_device(np.zeros((normalized_shape,), np.float32)))
 
     def __call__(self, x: Array) -> Array:
         """(..., C) -> (..., C)."""

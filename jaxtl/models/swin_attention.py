@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtl.arrays import to_device
 from jaxtl.models.initializers import trunc_normal_init, zeros_init
 from jaxtl.models.layers import Activation, Linear, Sequential
 
@@ -232,7 +233,7 @@ class ShiftedWindowAttentionV2(ShiftedWindowAttention):
     def __init__(self, dim: int, window_size: Window, shift_size: Window, num_heads: int, *, rngs: nnx.Rngs):
         super().__init__(dim, window_size, shift_size, num_heads, rngs=rngs)
         # torch.log(10 * torch.ones(...)): float32 log of float32 10, in numpy (no XLA compile per shape).
-        self.logit_scale = nnx.Param(jnp.asarray(np.full((num_heads, 1, 1), np.log(np.float32(10)), np.float32)))
+        self.logit_scale = nnx.Param(to_device(np.full((num_heads, 1, 1), np.log(np.float32(10)), np.float32)))
         self.cpb_mlp = Sequential(
             [linear(2, 512, rngs), Activation(jax.nn.relu), linear(512, num_heads, rngs, bias=False)]
         )

@@ -9,10 +9,10 @@ first column is zero and its second the binomial weights, which give the same so
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtl.arrays import to_device
 from jaxtl.models.layers import Linear
 from jaxtl.models.protocol import head_module
 from jaxtl.train.features import CachedFeatures
@@ -56,8 +56,8 @@ def set_head(model: nnx.Module, probe: Probe) -> None:
     weight, bias = layer.weight[...], layer.bias[...]
     if weight.shape != probe.weights.shape:
         raise RunError(f"the probe's weights {probe.weights.shape} do not fit the head's {weight.shape}")
-    layer.weight.set_value(jnp.asarray(probe.weights, weight.dtype))
-    layer.bias.set_value(jnp.asarray(probe.bias, bias.dtype))
+    layer.weight.set_value(to_device(probe.weights, weight.dtype))
+    layer.bias.set_value(to_device(probe.bias, bias.dtype))
 
 
 def probe_head(model: nnx.Module, train: CachedFeatures, num_classes: int, C: float) -> tuple[Probe, dict[str, float]]:  # noqa: N803

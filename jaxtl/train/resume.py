@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtl import models
+from jaxtl.arrays import to_device
 from jaxtl.config import ConfigError, config_from_dict
 from jaxtl.models.state_dict import load_state_dict, state_dict
 from jaxtl.train import checkpoint as ckpt
@@ -64,7 +64,7 @@ def unflatten_like(template: Any, leaves: Mapping[str, np.ndarray]) -> Any:
             f"the checkpoint's optimizer state has {len(leaves)} arrays, the config's optimizer {treedef.num_leaves}; "
             "was the config changed since the run started?"
         )
-    return jax.tree.unflatten(treedef, [jnp.asarray(leaves[str(i)]) for i in range(treedef.num_leaves)])
+    return jax.tree.unflatten(treedef, [to_device(leaves[str(i)]) for i in range(treedef.num_leaves)])
 
 
 def load_checkpoint(checkpoint: str | Path, *, average: bool = True) -> tuple[nnx.Module, CheckpointMeta]:

@@ -34,6 +34,8 @@ def weight_file(tmp_path):
     return torch_model, path
 
 
+# Two processes; the quick subset runs `jaxtl convert` in test_weight_layouts and the export in test_export_onnx.
+@pytest.mark.slow
 def test_convert_then_export_gives_back_the_same_torchvision_model(tmp_path, weight_file):
     torch_model, path = weight_file
     out = tmp_path / "converted"

@@ -13,6 +13,9 @@ from jaxtl.config import ConfigError, load_config
 from jaxtl.models.state_dict import state_dict
 from jaxtl.train import Callback, RunError, fit, load_checkpoint
 
+# An uninterrupted, an interrupted and a resumed run compile the same train and eval steps.
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+
 README = Path(__file__).parents[2] / "README.md"
 
 

@@ -13,8 +13,9 @@ from jaxtl.config import ConfigError, load_config
 from jaxtl.models.state_dict import state_dict
 from jaxtl.train import Callback, RunError, fit, load_checkpoint
 
-# An uninterrupted, an interrupted and a resumed run compile the same train and eval steps.
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+# For the tests whose uninterrupted, interrupted and resumed runs compile the same train and eval steps (keying and
+# writing an entry costs more than it saves for a program compiled once).
+shares_compiled_steps = pytest.mark.usefixtures("persistent_compilation_cache")
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -70,6 +71,7 @@ def test_the_readme_example_trains_with_functions_as_freezing(example):
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_a_run_interrupted_mid_phase_resumes_bitwise_and_keeps_frozen_parameters(example, tmp_path):
     _, namespace = example
     config, freezing = dict(namespace["config"]), namespace["freezing"]
@@ -214,6 +216,7 @@ def test_label_smoothing_and_balanced_class_weights_train_and_cannot_change_on_r
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_early_stopping_ends_a_phase_or_the_run_and_resumes_bitwise(example, tmp_path):
     _, namespace = example
     freezing = namespace["freezing"]
@@ -252,6 +255,7 @@ def test_early_stopping_ends_a_phase_or_the_run_and_resumes_bitwise(example, tmp
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_mixing_accumulation_and_the_weight_average_train_and_resume_bitwise(example, tmp_path):
     """Mixup/CutMix, two accumulated micro-batches per step and the EMA together: killed inside an epoch and
     resumed, the run ends with the weights and the average an uninterrupted one ends with."""
@@ -288,6 +292,7 @@ def test_mixing_accumulation_and_the_weight_average_train_and_resume_bitwise(exa
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_reduce_on_plateau_lowers_each_groups_lr_per_phase_and_resumes_bitwise(example, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -383,6 +388,7 @@ def test_a_linear_probe_phase_needs_a_head_only_unaugmented_phase_of_one_epoch(t
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_gradual_unfreezing_until_plateau_moves_on_when_validation_stalls_and_resumes_bitwise(tmp_path):
     """phases.N.until: plateau: each phase ends once val_acc1 stalls (here: never improves by more than 1, so after
     its second epoch), the next layers unfreeze, and a run killed inside the second phase resumes bitwise."""
@@ -443,6 +449,7 @@ def test_runs_with_the_same_frozen_backbone_share_the_features_on_disk_and_train
 
 
 @pytest.mark.slow
+@shares_compiled_steps
 def test_a_run_stopped_inside_a_phase_on_cached_features_writes_its_best_and_starts_again_on_resume(tmp_path):
     """On cached features the checkpoints wait for the phase's end; a run that stops inside the phase writes the best
     epoch it has, and --resume, finding no latest, starts the run again and ends bitwise as an uninterrupted one."""

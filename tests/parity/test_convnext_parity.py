@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from archs import LARGE_ARCHS, by_family
+from archs import LARGE_ARCHS, by_family, parity_params
 from flax import nnx
 
 import jaxtl.models
@@ -34,12 +34,11 @@ QUICK = {"convnext_tiny"}
 NO_GRADIENTS = {"convnext_small", "convnext_base", "convnext_large"}
 
 
-def _quick_or_slow(arch: str):
-    return pytest.param(arch, marks=() if arch in QUICK else pytest.mark.slow, id=arch)
+CASES = parity_params([(arch,) for arch in CONVNEXTS], quick={(arch,) for arch in QUICK}, no_gradients=NO_GRADIENTS)
 
 
-@pytest.mark.parametrize("arch", [_quick_or_slow(arch) for arch in CONVNEXTS])
-def test_converted_model_matches_torchvision(arch, request):
+@pytest.mark.parametrize("arch, gradients", CASES)
+def test_converted_model_matches_torchvision(arch, gradients, request):
     if arch in LARGE_ARCHS:
         request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0)
@@ -47,9 +46,9 @@ def test_converted_model_matches_torchvision(arch, request):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 35, 45, generator=generator)  # features 8x11, 4x5, 2x2, 1x1: every stride floors
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
-    if arch not in NO_GRADIENTS:
+    if gradients:
         assert report.worst("gradients").rel_l2 < 1e-9, report.format()
         assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     # The random model is a meaningful test: branches of order one, logits of order one.

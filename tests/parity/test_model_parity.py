@@ -9,7 +9,7 @@ export round trip.
 import pytest
 import torch
 import torchvision
-from archs import LARGE_ARCHS, by_family
+from archs import LARGE_ARCHS, by_family, parity_params
 from flax import nnx
 
 import jaxtl.models
@@ -48,15 +48,13 @@ NO_GRADIENTS = {
     "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
     "efficientnet_v2_m", "efficientnet_v2_l",
 }  # fmt: skip
-CASES = [
-    pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
-    for arch, sizes in SIZES.items()
-    for size in sizes
-]
+CASES = parity_params(
+    [(arch, size) for arch, sizes in SIZES.items() for size in sizes], quick=QUICK, no_gradients=NO_GRADIENTS
+)
 
 
-@pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size, request):
+@pytest.mark.parametrize("arch, size, gradients", CASES)
+def test_converted_model_matches_torchvision(arch, size, gradients, request):
     if arch in LARGE_ARCHS:
         request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0)
@@ -64,9 +62,9 @@ def test_converted_model_matches_torchvision(arch, size, request):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
-    if arch not in NO_GRADIENTS:
+    if gradients:
         # Gradients are compared in float64 (see check_parity): far inside the contract's 1e-4.
         assert report.worst("gradients").rel_l2 < 1e-9, report.format()
         # Every parameter took part.

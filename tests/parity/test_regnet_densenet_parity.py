@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from archs import LARGE_ARCHS, by_family
+from archs import LARGE_ARCHS, by_family, parity_params
 from flax import nnx
 from torchvision.models.regnet import BlockParams
 
@@ -38,10 +38,7 @@ SIZES = {arch: (33, 41) for arch in REGNETS if arch not in SHAPES_ONLY} | {arch:
 # The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of the
 # smaller members whose gradients are compared, and their float64 copies take 10 GB and more.
 NO_GRADIENTS = {arch for arch in REGNETS + DENSENETS if not arch.endswith(("400mf", "1_6gf", "densenet121"))}
-CASES = [
-    pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
-    for arch, size in SIZES.items()
-]
+CASES = parity_params(SIZES.items(), quick=QUICK, no_gradients=NO_GRADIENTS)
 
 
 def torchvision_meta_model(arch: str, num_classes: int = 1000) -> torch.nn.Module:
@@ -60,8 +57,8 @@ def torchvision_meta_model(arch: str, num_classes: int = 1000) -> torch.nn.Modul
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-@pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size, request):
+@pytest.mark.parametrize("arch, size, gradients", CASES)
+def test_converted_model_matches_torchvision(arch, size, gradients, request):
     if arch in LARGE_ARCHS:
         request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0)
@@ -69,9 +66,9 @@ def test_converted_model_matches_torchvision(arch, size, request):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
-    if arch not in NO_GRADIENTS:
+    if gradients:
         assert report.worst("gradients").rel_l2 < 1e-9, report.format()
         assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     bn_count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_model.modules())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from archs import LARGE_ARCHS, by_family
+from archs import LARGE_ARCHS, by_family, parity_params
 from flax import nnx
 from torchvision.models import swin_transformer as tv_swin
 
@@ -42,15 +42,13 @@ QUICK = {("swin_t", (32, 40))}
 # smaller members whose gradients are compared, and their float64 copies take 10 GB and more.
 NO_GRADIENTS = {"swin_s", "swin_b", "swin_v2_s", "swin_v2_b"}
 SIZES = {arch: [(32, 40)] for arch in SWINS} | {"swin_t": [(32, 40), (64, 72)], "swin_v2_t": [(32, 40), (64, 72)]}
-CASES = [
-    pytest.param(arch, size, marks=() if (arch, size) in QUICK else pytest.mark.slow, id=f"{arch}-{size[0]}x{size[1]}")
-    for arch, sizes in SIZES.items()
-    for size in sizes
-]
+CASES = parity_params(
+    [(arch, size) for arch, sizes in SIZES.items() for size in sizes], quick=QUICK, no_gradients=NO_GRADIENTS
+)
 
 
-@pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size, request):
+@pytest.mark.parametrize("arch, size, gradients", CASES)
+def test_converted_model_matches_torchvision(arch, size, gradients, request):
     if arch in LARGE_ARCHS:
         request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0, calibration_shape=size)
@@ -58,9 +56,9 @@ def test_converted_model_matches_torchvision(arch, size, request):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, *size, generator=generator)
     labels = torch.randint(0, 10, (2,), generator=generator)
-    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=arch not in NO_GRADIENTS)
+    report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
-    if arch not in NO_GRADIENTS:
+    if gradients:
         assert report.worst("gradients").rel_l2 < 1e-9, report.format()
         assert sum(c.check == "gradients" for c in report.comparisons) == len(list(torch_model.parameters()))
     assert not report.of("running stats")  # no BatchNorm

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from archs import LARGE_ARCHS, by_family
+from archs import LARGE_ARCHS, by_family, parity_params
 from flax import nnx
 from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -40,13 +40,11 @@ from jaxtl.models.vit import VisionTransformer, interpolate_pos_embedding
 # The largest members: float64 gradients left out (check_parity(gradients=False)); their blocks are those of
 # B/16 and B/32 whose gradients are compared, and their float64 copies take 10 GB and more.
 NO_GRADIENTS = {("vit_l_16", 32), ("vit_l_32", 64), ("vit_b_16", 224)}  # B/16 at 224: the same model as at 32
-CASES = [
-    pytest.param("vit_b_16", 32, id="vit_b_16-32"),
-    pytest.param("vit_b_32", 64, id="vit_b_32-64", marks=pytest.mark.slow),
-    pytest.param("vit_l_16", 32, id="vit_l_16-32", marks=pytest.mark.slow),
-    pytest.param("vit_l_32", 64, id="vit_l_32-64", marks=pytest.mark.slow),
-    pytest.param("vit_b_16", 224, id="vit_b_16-224", marks=pytest.mark.slow),
-]
+CASES = parity_params(
+    [("vit_b_16", 32), ("vit_b_32", 64), ("vit_l_16", 32), ("vit_l_32", 64), ("vit_b_16", 224)],
+    quick={("vit_b_16", 32)},
+    no_gradients=NO_GRADIENTS,
+)
 SIZES = {"vit_b_16": (224, 384), "vit_b_32": (224,), "vit_l_16": (224, 512), "vit_l_32": (224,), "vit_h_14": (224, 518)}
 
 
@@ -77,15 +75,14 @@ def _float64_gradients(model, x, labels):
         return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
 
 
-@pytest.mark.parametrize("arch, size", CASES)
-def test_converted_model_matches_torchvision(arch, size, request):
+@pytest.mark.parametrize("arch, size, gradients", CASES)
+def test_converted_model_matches_torchvision(arch, size, gradients, request):
     if arch in LARGE_ARCHS:
         request.getfixturevalue("memory_heavy")
     torch_model = randomized_torchvision_model(arch, num_classes=10, seed=0, image_size=size)
     jax_model = from_torchvision(torch_model, arch)  # its image_size read off the position embeddings
     assert jax_model.image_size == size and jax_model.weight_spec.arch == arch
     x, labels = _batch((size, size))
-    gradients = (arch, size) not in NO_GRADIENTS
     report = check_parity(torch_model, jax_model, arch, x, labels, gradients=gradients)
     assert report.passed, report.format()
     if gradients:

@@ -18,6 +18,7 @@ import gc
 import importlib.metadata
 import os
 import sys
+import time
 
 import pytest
 
@@ -143,13 +144,22 @@ def _shared_tmp(tmp_path_factory):
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
+_WAITS = "memory-heavy-waits.log"
+_WAITS_KEY = pytest.StashKey[list]()
+
+
 @pytest.fixture
-def memory_heavy(tmp_path_factory):
+def memory_heavy(tmp_path_factory, request):
     """For a test that peaks at several GB: waits until no other worker runs one (a lock in the session's shared
-    temporary directory), and runs with the memory other tests left behind returned to the system."""
-    with open(_shared_tmp(tmp_path_factory) / "memory-heavy.lock", "w") as lock, contextlib.ExitStack() as stack:
+    temporary directory), and runs with the memory other tests left behind returned to the system. The time each
+    test waited is summed at the end of the session (the lock keeps a worker idle meanwhile)."""
+    shared = _shared_tmp(tmp_path_factory)
+    with open(shared / "memory-heavy.lock", "w") as lock, contextlib.ExitStack() as stack:
+        start = time.monotonic()
         fcntl.flock(lock, fcntl.LOCK_EX)
         stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        with open(shared / _WAITS, "a") as waits:
+            waits.write(f"{time.monotonic() - start:.2f} {request.node.nodeid}\n")
         gc.collect()
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
@@ -172,3 +182,24 @@ def exported_checkpoint(tmp_path_factory):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return best
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    """Reads the memory_heavy lock's waits before the temporary directory is removed (tmp_path_retention_policy)."""
+    config = session.config
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller reads the shared log
+        return
+    log = config._tmp_path_factory.getbasetemp() / _WAITS
+    lines = log.read_text().splitlines() if log.is_file() else []
+    config.stash[_WAITS_KEY] = [float(line.split(" ", 1)[0]) for line in lines]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How long the memory_heavy lock kept tests waiting (a worker is idle meanwhile)."""
+    waits = config.stash.get(_WAITS_KEY, [])
+    if waits:
+        terminalreporter.write_line(
+            f"memory_heavy: {len(waits)} tests took the lock, {sum(w > 0.5 for w in waits)} waited for it: "
+            f"{sum(waits):.0f} s in all, the longest {max(waits):.0f} s"
+        )

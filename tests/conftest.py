@@ -190,7 +190,7 @@ def pytest_sessionfinish(session):
     config = session.config
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller reads the shared log
         return
-    log = config._tmp_path_factory.getbasetemp() / _WAITS
+    log = _shared_tmp(config._tmp_path_factory) / _WAITS
     lines = log.read_text().splitlines() if log.is_file() else []
     config.stash[_WAITS_KEY] = [float(line.split(" ", 1)[0]) for line in lines]
 

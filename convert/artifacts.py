@@ -11,10 +11,11 @@ dynamic batch nor ResNet's max pooling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,36 @@ __all__ = ["TorchvisionArtifact", "export_onnx", "export_torchvision", "torchvis
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+@contextlib.contextmanager
+def _without_random_init() -> Iterator[None]:
+    """``torch.nn.init``'s functions leave their tensor as it is, for a module whose every parameter is loaded next.
+
+    torchvision's builders fill each parameter with random values (1-2 s for a ConvNeXt-L or ViT-L on one core)
+    through ``torch.nn.init``, and every module's ``reset_parameters`` does through the same functions.
+    """
+    names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def torchvision_module(arch: str, state: Mapping[str, torch.Tensor], num_classes: int) -> torch.nn.Module:
-    """torchvision's ``arch`` with ``state`` loaded (``strict=True``), in eval mode.
+    """torchvision's ``arch`` holding ``state``'s tensors (loaded with ``strict=True``), float32, in eval mode.
 
     The builder's options beyond ``num_classes`` (a ViT's ``image_size``) are those ``state``'s shapes imply.
+    The module is built without torchvision's random init, which the strict load replaces whole, and takes the
+    tensors themselves (``assign=True``): change them and the module changes.
     Raises ``ValueError`` (unknown architecture) or ``RuntimeError`` (keys or shapes that do not fit).
     """
-    module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **model_options(arch, state))
-    module.load_state_dict(state, strict=True)
-    return module.eval()
+    with _without_random_init():
+        module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **model_options(arch, state))
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.float().eval()
 
 
 class _UInt8Classifier(torch.nn.Module):

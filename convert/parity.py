@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from flax import nnx
 
+from convert.artifacts import torchvision_module
 from convert.torchvision_state import to_torchvision, torch_to_jaxtl_layout
 from jaxtl.arrays import to_device
 from jaxtl.models.names import dotted_name
@@ -340,13 +341,10 @@ def _gradients(torch_model, jax_model, x, labels, dtype: torch.dtype):
 
 
 def _check_export(report: ParityReport, torch_model, jax_model, arch: str, x, expected: np.ndarray) -> None:
-    # torchvision's ViTs are built for one image size: the length of their position embeddings.
-    vit = isinstance(torch_model, torchvision.models.VisionTransformer)
-    size = {"image_size": torch_model.image_size} if vit else {}
-    exported = torchvision.models.get_model(arch, weights=None, num_classes=_num_classes(torch_model), **size)
-    exported.load_state_dict(to_torchvision(jax_model), strict=True)
+    # Strict load into torchvision's own module (a ViT's image size is the one its position embeddings imply).
+    exported = torchvision_module(arch, to_torchvision(jax_model), _num_classes(torch_model))
     with torch.no_grad():
-        report.comparisons.append(compare("export logits", "logits", expected, exported.eval()(x).numpy()))
+        report.comparisons.append(compare("export logits", "logits", expected, exported(x).numpy()))
 
 
 def _locate_divergence(mode: str, torch_model, jax_model, x: torch.Tensor, x_nhwc: jax.Array) -> list[str]:

@@ -145,7 +145,16 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
         num_classes = _head_width(arch, state)
         if num_classes is None:
             continue
-        model = _abstract_model(arch, num_classes, _options(arch, state))
+        options = _options(arch, state)
+        # All but the head's last layer against the build at 1000 classes, which every candidate has (cached):
+        # most candidates fail there, without a build at the state's class count.
+        template = _abstract_model(arch, 1000, options)
+        head = _head_weight_key(template).removesuffix("weight")
+        try:
+            check_state_dict(template, torch_to_jaxtl_layout(template, state), source="", ignore_prefixes=(head,))
+        except WeightsMismatchError:
+            continue
+        model = _abstract_model(arch, num_classes, options)
         try:
             check_state_dict(model, torch_to_jaxtl_layout(model, state), source="the state_dict")
             check_torch_buffers(model, state, source="the state_dict")

@@ -11,6 +11,7 @@ import torchvision
 from flax import nnx
 
 from convert import from_torchvision, infer_arch, to_torchvision
+from convert.artifacts import torchvision_module
 from convert.parity import to_nhwc
 from convert.random_models import randomized_torchvision_model
 from jaxtl import weights
@@ -209,3 +210,45 @@ def test_a_converted_model_carries_a_weight_spec():
     known = weights.get_weight_spec("resnet18", "IMAGENET1K_V1")
     model = from_torchvision(randomized_torchvision_model("resnet18", num_classes=1000), "resnet18", spec=known)
     assert model.weight_spec == known
+
+
+# One architecture of each family: RegNet computes its widths and Swin its relative position index with torch ops
+# while it builds, ViT and Swin fill parameters outside torch.nn.init.
+ONE_OF_EACH = [
+    pytest.param(arch, options, marks=() if arch in {"regnet_y_400mf", "swin_v2_t"} else pytest.mark.slow, id=arch)
+    for arch, options in [
+        ("resnet18", {}), ("efficientnet_b0", {}), ("mobilenet_v3_small", {}), ("regnet_y_400mf", {}),
+        ("densenet121", {}), ("convnext_tiny", {}), ("vit_b_32", {"image_size": 64}), ("swin_t", {}), ("swin_v2_t", {}),
+    ]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch, options", ONE_OF_EACH)
+def test_the_export_module_built_without_random_init_computes_what_a_loaded_torchvision_model_does(arch, options):
+    init = dict(vars(torch.nn.init))
+    torch.manual_seed(2)
+    state = torchvision.models.get_model(arch, weights=None, num_classes=7, **options).state_dict()
+    module = torchvision_module(arch, state, 7)
+    assert dict(vars(torch.nn.init)) == init  # torch's init functions are its own again
+    assert not module.training
+    loaded = torchvision.models.get_model(arch, weights=None, num_classes=7, **options)
+    loaded.load_state_dict(state, strict=True)
+    assert module.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(module.buffers(), loaded.buffers(), strict=True))  # computed too
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(module(x), loaded.eval()(x))
+
+
+def test_the_export_module_takes_float16_weights_as_float32_and_restores_init_when_the_load_fails():
+    init = dict(vars(torch.nn.init))
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    module = torchvision_module("resnet18", half, 3)
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    assert torch.equal(module.fc.weight, half["fc.weight"].float())
+    state.pop("fc.bias")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"fc.bias\""):
+        torchvision_module("resnet18", state, 3)
+    assert dict(vars(torch.nn.init)) == init

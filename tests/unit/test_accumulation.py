@@ -82,6 +82,7 @@ def test_accumulated_micro_batches_equal_one_large_batch_without_train_mode_batc
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("persistent_compilation_cache")  # its three runs compile one step program
 def test_padding_rows_and_an_empty_micro_batch_change_nothing(pair):
     """The batch's last rows padding (micro-batches are rows i, i + k, ...: rows 6 and 7 are micro-batches 2 and 3's
     second rows) equals the batch without them."""

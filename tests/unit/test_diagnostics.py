@@ -340,7 +340,8 @@ def run_config(tmp_path, weights, name):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, persistent_compilation_cache):
+    """The uninterrupted run, its steps compiled through the cache that the interrupted and resumed runs read."""
     directory = tmp_path_factory.mktemp("diagnostics")
     weights = save_pretrained(directory / "weights", seed=5)
     result = fit("configs/quickstart.yaml", overrides=run_config(directory, weights, "whole"), log=lambda line: None)

@@ -20,8 +20,9 @@ from jaxtl.models.state_dict import state_dict
 
 
 def _eval_logits(jax_model, x):
+    """Eval-mode logits, compiled as one program (eagerly, each of an EfficientNet's ops compiles its own)."""
     jax_model.eval()
-    return np.asarray(jax_model(jnp.asarray(to_nhwc(x))))
+    return np.asarray(nnx.jit(lambda model, images: model(images))(jax_model, jnp.asarray(to_nhwc(x))))
 
 
 def test_from_a_module_and_from_its_state_dict_agree():

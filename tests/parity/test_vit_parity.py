@@ -55,8 +55,9 @@ def _batch(size, *, seed=1, num_classes=10):
 
 
 def _eval_logits(model, x):
+    """Eval-mode logits, compiled as one program (eagerly, each op compiles its own)."""
     model.eval()
-    return np.asarray(model(jnp.asarray(to_nhwc(x))))
+    return np.asarray(nnx.jit(lambda model, images: model(images))(model, jnp.asarray(to_nhwc(x))))
 
 
 def _float64_gradients(model, x, labels):

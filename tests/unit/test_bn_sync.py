@@ -122,7 +122,8 @@ def test_on_eight_cpu_devices_each_device_normalises_its_own_rows(reference, tmp
     """The batch sharded over 8 devices with bn_groups=8 (a second process: the device count is fixed at start)."""
     rank0, _, _ = reference
     out = tmp_path / "ours.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")  # fmt: skip
     code = (
         "import sys, numpy as np, jax; sys.path.insert(0, sys.argv[2]); import test_bn_sync as t; "
         "assert jax.device_count() == 8; _, m, b = t.setup(); "

@@ -168,7 +168,8 @@ def test_accumulated_micro_batches_report_the_norms_of_the_whole_batchs_gradient
 
 def test_on_two_devices_the_batch_sharded_over_them_gives_the_same_norms(stepped):
     """A second process: the device count is fixed when jax starts."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")  # fmt: skip
     code = (
         "import sys, json, jax; sys.path[:0] = sys.argv[1:]; import test_diagnostics as t; "
         "from jaxtl.data import data_sharding; assert jax.device_count() == 2; "

@@ -106,7 +106,7 @@ GPU = Settings(
 )  # fmt: skip
 SMOKE = Settings(
     archs=("resnet18",), batch=4, eval_batch=4, size=32, num_classes=5, steps=2, rounds=2,
-    loader_arch="resnet18", loader_images=16, workers=2, compile=False, budget_s=600,
+    loader_arch="resnet18", loader_images=5, workers=2, compile=False, budget_s=600,
 )  # fmt: skip
 
 

@@ -39,7 +39,9 @@ def _without_random_init() -> Iterator[None]:
     """``torch.nn.init``'s functions leave their tensor as it is, for a module whose every parameter is loaded next.
 
     torchvision's builders fill each parameter with random values (1-2 s for a ConvNeXt-L or ViT-L on one core)
-    through ``torch.nn.init``, and every module's ``reset_parameters`` does through the same functions.
+    through ``torch.nn.init``, and every module's ``reset_parameters`` does through the same functions. The
+    functions are replaced in the module itself: a torch module built in another thread meanwhile is not
+    initialised either.
     """
     names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
     saved = {name: getattr(torch.nn.init, name) for name in names}

@@ -198,6 +198,14 @@ def _jax_forward(model: nnx.Module) -> Callable:
     return lambda x: forward(state, x)
 
 
+def eval_logits(model: nnx.Module, x: torch.Tensor) -> np.ndarray:
+    """``model``'s eval-mode logits of the NCHW batch ``x``, computed as one compiled program (called eagerly, each
+    of a model's ops compiles its own). Leaves ``model`` in eval mode."""
+    model.eval()
+    logits, _ = _jax_forward(model)(to_device(to_nhwc(x)))
+    return np.asarray(logits)
+
+
 # XLA:CPU spends most of a float64 gradient's compile in LLVM optimisation and the fusion
 # emitters; the reference computation at a few pixels does not need either (compile 2-3x faster).
 _FAST_COMPILE_CPU = {

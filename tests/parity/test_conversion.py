@@ -12,17 +12,11 @@ from flax import nnx
 
 from convert import from_torchvision, infer_arch, to_torchvision
 from convert.artifacts import torchvision_module
-from convert.parity import to_nhwc
+from convert.parity import eval_logits
 from convert.random_models import randomized_torchvision_model
 from jaxtl import weights
 from jaxtl.errors import WeightsMismatchError
 from jaxtl.models.state_dict import state_dict
-
-
-def _eval_logits(jax_model, x):
-    """Eval-mode logits, compiled as one program (eagerly, each of an EfficientNet's ops compiles its own)."""
-    jax_model.eval()
-    return np.asarray(nnx.jit(lambda model, images: model(images))(jax_model, jnp.asarray(to_nhwc(x))))
 
 
 def test_from_a_module_and_from_its_state_dict_agree():
@@ -48,7 +42,7 @@ def test_a_square_head_is_transposed_by_type_not_by_shape():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = torch_model(x).numpy()
-    actual = _eval_logits(from_torchvision(torch_model, "resnet18"), x)
+    actual = eval_logits(from_torchvision(torch_model, "resnet18"), x)
     np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -182,7 +176,7 @@ def test_a_converted_model_shares_no_memory_with_the_torch_module(arch, bn, head
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = before.eval()(x).numpy()
-    np.testing.assert_allclose(_eval_logits(jax_model, x), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(eval_logits(jax_model, x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_an_exported_state_dict_shares_no_memory_with_the_jaxtl_model():

@@ -28,7 +28,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 import convert
 import jaxtl.models
-from convert.parity import check_parity, compare, to_nhwc
+from convert.parity import check_parity, compare, eval_logits, to_nhwc
 from convert.random_models import randomized_torchvision_model
 from convert.torchvision_state import from_torchvision, infer_arch, to_torchvision, torch_to_jaxtl_layout
 from convert.train_parity import run_training_parity
@@ -53,12 +53,6 @@ def _batch(size, *, seed=1, num_classes=10):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, *size, generator=generator)
     return x, torch.randint(0, num_classes, (2,), generator=generator)
-
-
-def _eval_logits(model, x):
-    """Eval-mode logits, compiled as one program (eagerly, each op compiles its own)."""
-    model.eval()
-    return np.asarray(nnx.jit(lambda model, images: model(images))(model, jnp.asarray(to_nhwc(x))))
 
 
 def _float64_gradients(model, x, labels):
@@ -164,7 +158,7 @@ def test_small_configurations_match_torchvision(config):
     x, labels = _batch((config["image_size"],) * 2, num_classes=6)
     with torch.no_grad():
         expected = reference(x).numpy()
-    assert compare("eval logits", "logits", expected, _eval_logits(model, x)).passed
+    assert compare("eval logits", "logits", expected, eval_logits(model, x)).passed
     reference64 = copy.deepcopy(reference).double()
     F.cross_entropy(reference64(x.double()), labels).backward()
     torch_grads = torch_to_jaxtl_layout(model, {n: p.grad for n, p in reference64.named_parameters()})
@@ -188,7 +182,7 @@ def test_a_model_on_another_grid_equals_torchvision_with_interpolated_embeddings
     x, labels = _batch((160, 160))
     with torch.no_grad():
         expected = reference.eval()(x).numpy()
-    result = compare("eval logits", "logits", expected, _eval_logits(jax_model, x))
+    result = compare("eval logits", "logits", expected, eval_logits(jax_model, x))
     assert result.passed, result
     reference64 = reference.double()
     params = {n: p.detach().double().requires_grad_() for n, p in torch_model.named_parameters()}
@@ -222,7 +216,7 @@ def test_a_state_dict_of_another_image_size_converts_and_loads(tmp_path):
     x, _ = _batch((384, 384))
     with torch.no_grad():
         expected = torch_model(x[:1]).numpy()
-    assert compare("eval logits", "logits", expected, _eval_logits(model, x[:1])).passed
+    assert compare("eval logits", "logits", expected, eval_logits(model, x[:1])).passed
     torch.save(state, tmp_path / "vit_b_16_384.pth")
     converted = convert.convert_weights("vit_b_16", tmp_path / "vit_b_16_384.pth", out=tmp_path / "converted")
     created = jaxtl.models.create("vit_b_16", weights=converted)
@@ -257,7 +251,7 @@ def test_vit_h_14_logits_and_export(memory_heavy):
     digests = _digests(torch_model.state_dict())
     del torch_model
     gc.collect()
-    result = compare("eval logits", "logits", expected, _eval_logits(jax_model, x))
+    result = compare("eval logits", "logits", expected, eval_logits(jax_model, x))
     assert result.passed, result
     exported = to_torchvision(jax_model)
     del jax_model

@@ -5,13 +5,13 @@ its run directory once (from the first process), and resume after both processes
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
 
 import numpy as np
 import pytest
+from devices import host_devices_env
 from test_train import CONFIGS, JAXTL, arrays, metrics, train
 from tiny import TINY
 
@@ -32,7 +32,7 @@ def two_processes(run_dir, *extra, resume=False, fault=None, expect=(0, 0)):
     ``expect`` holds each process's allowed exit statuses (or one status).
     """
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    env = host_devices_env(2)
     if fault:
         env["JAXTL_TEST_FAULT"] = fault
     if resume:
@@ -61,7 +61,7 @@ def two_processes(run_dir, *extra, resume=False, fault=None, expect=(0, 0)):
 
 @pytest.mark.slow
 def test_two_processes_compute_what_one_process_with_all_devices_computes(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
+    env = host_devices_env(4)
     one = train(tmp_path / "one", "quickstart.yaml", *PHASES, env=env)
     assert "on 4 device(s), 2 phase(s)" in one.stdout
 

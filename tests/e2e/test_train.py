@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import host_devices_env
 from tiny import TINY
 
 JAXTL = [sys.executable, "-m", "jaxtl.cli"]
@@ -221,7 +222,7 @@ def test_feature_caching_equals_training_through_the_frozen_backbone(tmp_path, p
 
 @pytest.mark.slow
 def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+    env = host_devices_env(8)
     overrides = ("data.batch_size=8", "data.eval_batch_size=8", "phases.0.epochs=1", "phases.1.epochs=1")
     eight = train(tmp_path / "eight", "quickstart.yaml", *overrides, env=env)
     assert "on 8 device(s)" in eight.stdout

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import host_devices_env
 
 REPLICAS, ROWS, SIZE, STEPS = 8, 2, 64, 2
 
@@ -122,15 +122,15 @@ def test_on_eight_cpu_devices_each_device_normalises_its_own_rows(reference, tmp
     """The batch sharded over 8 devices with bn_groups=8 (a second process: the device count is fixed at start)."""
     rank0, _, _ = reference
     out = tmp_path / "ours.npz"
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+    env = host_devices_env(8, JAX_PLATFORMS="cpu")
     code = (
-        "import sys, numpy as np, jax; sys.path.insert(0, sys.argv[2]); import test_bn_sync as t; "
+        "import sys, numpy as np, jax; sys.path[:0] = sys.argv[2:]; import test_bn_sync as t; "
         "assert jax.device_count() == 8; _, m, b = t.setup(); "
         "np.savez(sys.argv[1], **t.jaxtl_steps(m, b, 8, shard=True))"
     )
     root = Path(__file__).parents[2]
-    result = subprocess.run([sys.executable, "-c", code, str(out), str(Path(__file__).parent)], cwd=root, env=env,
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # the test module and tests/ (its helpers)
+    result = subprocess.run([sys.executable, "-c", code, str(out), *paths], cwd=root, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ours = dict(np.load(out))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import host_devices_env
 from flax import nnx
 from tiny import TINY
 
@@ -168,8 +168,7 @@ def test_accumulated_micro_batches_report_the_norms_of_the_whole_batchs_gradient
 
 def test_on_two_devices_the_batch_sharded_over_them_gives_the_same_norms(stepped):
     """A second process: the device count is fixed when jax starts."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+    env = host_devices_env(2, JAX_PLATFORMS="cpu")
     code = (
         "import sys, json, jax; sys.path[:0] = sys.argv[1:]; import test_diagnostics as t; "
         "from jaxtl.data import data_sharding; assert jax.device_count() == 2; "
